@@ -1,0 +1,154 @@
+"""Meta checkpoint directories: `params.json`, `consolidated.NN.pth` shards, and loading them
+into a model without a second copy of the weights."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+from torch import nn
+
+from llama.model import ModelArgs, Transformer
+
+# Keys some released checkpoints carry that are not parameters.
+IGNORED_KEYS = ("rope.freqs",)
+
+PARAMS_FILE = "params.json"
+
+
+def read_params(ckpt_dir: str) -> Dict:
+    """Read `ckpt_dir/params.json`.
+
+    Raises:
+        FileNotFoundError: if the directory or the file is missing.
+        ValueError: if the file is not a JSON object of known ModelArgs fields with the
+            required ones (dim, n_layers, n_heads) present.
+    """
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(
+            f"checkpoint directory {ckpt_dir!r} does not exist: pass --ckpt_dir pointing to a "
+            "downloaded model folder (e.g. CodeLlama-7b/)"
+        )
+    path = os.path.join(ckpt_dir, PARAMS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: every checkpoint directory needs its params.json")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-download it") from err
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object of model hyper-parameters")
+    known = set(ModelArgs.__dataclass_fields__)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown fields {unknown}; known fields are {sorted(known)}")
+    missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
+    if missing:
+        raise ValueError(f"{path} lacks the required fields {missing}")
+    return params
+
+
+def shard_paths(ckpt_dir: str) -> List[Path]:
+    """The checkpoint's `*.pth` files in shard order.
+
+    Raises:
+        FileNotFoundError: if there is none.
+    """
+    paths = sorted(Path(ckpt_dir).glob("*.pth"))
+    if not paths:
+        raise FileNotFoundError(
+            f"no *.pth checkpoint files in {ckpt_dir!r}: expected consolidated.00.pth ... "
+            "(check the download finished)"
+        )
+    return paths
+
+
+def load_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """Memory-map one shard's state dict (no pickled code is run, no tensor is copied).
+
+    Raises:
+        ValueError: naming the file if it is truncated, corrupt or not a state dict.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged zip/pickle
+        raise ValueError(
+            f"cannot read checkpoint shard {path}: {err}. The file is truncated or corrupt: "
+            "re-download it and check it with `md5sum -c checklist.chk`"
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint shard {path} does not hold a state dict of tensors")
+    return state
+
+
+@contextlib.contextmanager
+def _without_weight_init() -> Iterator[None]:
+    """Build modules with parameters on the meta device and fairscale's random init skipped.
+
+    fairscale allocates weights with the legacy `torch.Tensor(...)` constructor, which ignores the
+    meta device; with its initialisation skipped those buffers are never touched (so never
+    resident) and are replaced when the checkpoint is assigned.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+def empty_model(args: ModelArgs) -> Transformer:
+    """A Transformer whose parameters hold no data yet (and no KV cache)."""
+    with _without_weight_init():
+        return Transformer(args)
+
+
+def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Check that `state_dict` has exactly the model's keys with the model's (per-rank) shapes.
+
+    Raises:
+        ValueError: naming the first few missing, unexpected or wrongly shaped tensors.
+    """
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    problems = []
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]
+    ]
+    if missing:
+        problems.append(f"missing keys {_first_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_first_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {_first_few(wrong)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {source} does not match params.json and the model-parallel size: "
+            + "; ".join(problems)
+        )
+
+
+def _first_few(items: List[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def assign_weights(
+    model: nn.Module, state_dict: Dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Make the model's parameters the checkpoint's tensors, converted to `dtype` on `device`.
+
+    A memory-mapped tensor that already has the right dtype and device is used as it is, so
+    the weights exist once in memory (backed by the page cache) and not twice.
+    """
+    converted = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    model.load_state_dict(converted, strict=True, assign=True)
+    for param in model.parameters():
+        param.requires_grad_(False)

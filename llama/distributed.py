@@ -1,0 +1,126 @@
+"""Process groups, model parallelism and every device/dtype choice of the engine, in one place."""
+
+import os
+import socket
+import sys
+from typing import Optional, Tuple, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def compute_device() -> torch.device:
+    """The device this process computes on: its rank-local GPU when CUDA is there, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    """The model dtype: `dtype` if given, else bf16 where the device supports it, else fp16 on
+    GPU and fp32 on CPU.
+
+    Raises:
+        ValueError: for a dtype name other than "float32", "bfloat16" or "float16".
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int, int]:
+    """Start the process group and fairscale model parallelism unless already started.
+
+    Under torchrun the group comes from the environment; in a plain `python` process a
+    one-rank group is created on a free local port. The backend is nccl with CUDA, else gloo.
+    `model_parallel_size` defaults to the world size.
+
+    Returns:
+        (model-parallel rank, model-parallel world size) of this process.
+
+    Raises:
+        ValueError: if `model_parallel_size` does not divide the world size, or differs from the
+            size of an already initialised model-parallel group.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if cuda_available() else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_local_port()}", rank=0, world_size=1
+            )
+    if cuda_available():
+        torch.cuda.set_device(compute_device())
+    world_size = dist.get_world_size()
+    if fs_init.model_parallel_is_initialized():
+        current = fs_init.get_model_parallel_world_size()
+        if model_parallel_size is not None and model_parallel_size != current:
+            raise ValueError(
+                f"model parallelism is already initialised with size {current} in this process; "
+                f"cannot build with model_parallel_size={model_parallel_size}"
+            )
+    else:
+        size = world_size if model_parallel_size is None else model_parallel_size
+        if size < 1 or world_size % size != 0:
+            raise ValueError(
+                f"model_parallel_size={size} must be >= 1 and divide the number of processes "
+                f"({world_size}); launch with torchrun --nproc_per_node {size}"
+            )
+        fs_init.initialize_model_parallel(size)
+    return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
+def silence_non_zero_ranks() -> None:
+    """Send stdout of every rank but the first to /dev/null, so output is printed once."""
+    if dist.is_initialized() and dist.get_rank() > 0 and sys.stdout is sys.__stdout__:
+        sys.stdout = open(os.devnull, "w")
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on `device` (GPU free memory, or the host's MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

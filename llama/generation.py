@@ -1,0 +1,464 @@
+"""`Llama`: build a model from a checkpoint, then complete, infill and chat.
+
+The public methods keep the names, arguments and result dictionaries of the reference
+release; new abilities are keyword arguments it did not have.
+"""
+
+import time
+from typing import List, Optional, Tuple, TypedDict, Union
+
+import torch
+
+from llama import checkpoint, distributed
+from llama.model import ModelArgs, Transformer
+from llama.prompts import (
+    UNSAFE_ERROR,
+    Dialog,
+    Message,
+    infilling_prompt_tokens,
+    instruct_prompt_tokens,
+    is_unsafe,
+    require_infilling,
+    split_fill_me,
+    turn_prompt_tokens,
+    validate_dialog,
+)
+from llama.tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class Llama:
+    """A loaded model and its tokenizer."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        *,
+        seed: int = 1,
+        dtype: Union[None, str, torch.dtype] = None,
+    ) -> "Llama":
+        """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
+
+        Starts the process group and fairscale model parallelism if needed (under torchrun, or
+        as a one-rank group in a plain process), seeds every rank identically, silences stdout
+        of ranks > 0, memory-maps this rank's shard into the model and allocates the KV cache
+        for `max_batch_size` sequences of `max_seq_len` tokens.
+
+        Args:
+            ckpt_dir: folder with `params.json` and `consolidated.NN.pth` (one per rank).
+            tokenizer_path: the SentencePiece `tokenizer.model`.
+            max_seq_len: longest prompt + generation, in tokens.
+            max_batch_size: sequences generated at once (more prompts run in successive batches).
+            model_parallel_size: number of ranks the model is split over (default: world size).
+            seed: random seed, the same on every rank (sampling must agree across ranks).
+            dtype: "bfloat16", "float16" or "float32"; default bf16 where supported, else
+                fp16 on GPU, fp32 on CPU.
+
+        Raises:
+            FileNotFoundError: missing directory, params.json, shards or tokenizer.
+            ValueError: invalid sizes, params, shards, vocabulary, parallel split, or a KV cache
+                that does not fit in memory; the message names the file or number to fix.
+        """
+        started = time.perf_counter()
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+
+        params = checkpoint.read_params(ckpt_dir)
+        mp_rank, mp_size = distributed.init_model_parallel(model_parallel_size)
+        distributed.silence_non_zero_ranks()
+        torch.manual_seed(seed)
+        device = distributed.compute_device()
+        model_dtype = distributed.resolve_dtype(dtype, device)
+
+        tokenizer = Tokenizer(tokenizer_path)
+        args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
+        shards = checkpoint.shard_paths(ckpt_dir)
+        if len(shards) != mp_size:
+            raise ValueError(
+                f"{ckpt_dir} holds {len(shards)} shard(s) but the model-parallel size is {mp_size}: "
+                f"run with torchrun --nproc_per_node {len(shards)}"
+            )
+        _check_cache_fits(args, mp_size, model_dtype, device)
+
+        state_dict = checkpoint.load_shard(shards[mp_rank])
+        model = checkpoint.empty_model(args)
+        checkpoint.check_state_dict(model, state_dict, str(shards[mp_rank]))
+        checkpoint.assign_weights(model, state_dict, model_dtype, device)
+        del state_dict
+        model.allocate_cache(model_dtype, device)
+        model.eval()
+
+        n_params = sum(p.numel() for p in model.parameters()) * mp_size
+        size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+        print(
+            f"Loaded {size}-parameter model from {ckpt_dir} (MP={mp_size}, "
+            f"{str(model_dtype).removeprefix('torch.')}, {device}) in "
+            f"{time.perf_counter() - started:.2f} s"
+        )
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token: Optional[int] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate a continuation of each prompt.
+
+        Greedy at `temperature == 0`, else nucleus sampling of softmax(logits / temperature)
+        with `top_p`. Each sequence stops at `stop_token` (default EOS) or EOS, after
+        `max_gen_len` tokens, or at `max_seq_len`; the stop token is not returned. More prompts
+        than `max_batch_size` run in successive batches. A prompt's greedy result does not
+        depend on the other prompts in its batch.
+
+        Returns:
+            (tokens, logprobs): per prompt, the generated ids (preceded by the prompt with
+            `echo`) and, with `logprobs`, each returned token's log-probability under the
+            model (0.0 for the first prompt token), else None.
+
+        Raises:
+            ValueError: if a prompt is empty or leaves no room to generate within max_seq_len.
+        """
+        params = self.model.params
+        for index, prompt in enumerate(prompt_tokens):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty: it needs at least one token (e.g. BOS)")
+            if len(prompt) >= params.max_seq_len:
+                raise ValueError(
+                    f"prompt {index} is {len(prompt)} tokens long, which leaves no room to generate "
+                    f"within max_seq_len={params.max_seq_len}: shorten it or build with a larger "
+                    "max_seq_len"
+                )
+        stop_ids = {self.tokenizer.eos_id, self.tokenizer.eos_id if stop_token is None else stop_token}
+        out_tokens: List[List[int]] = []
+        out_logprobs: List[List[float]] = []
+        for first in range(0, len(prompt_tokens), params.max_batch_size):
+            batch = prompt_tokens[first : first + params.max_batch_size]
+            tokens, token_logprobs = self._generate_batch(
+                batch, max_gen_len, temperature, top_p, logprobs, echo, stop_ids
+            )
+            out_tokens += tokens
+            out_logprobs += token_logprobs
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _generate_batch(
+        self,
+        prompts: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+        stop_ids: set,
+    ) -> Tuple[List[List[int]], List[List[float]]]:
+        """One batch of at most max_batch_size prompts: see `generate`."""
+        model, device = self.model, self.device
+        max_seq_len = model.params.max_seq_len
+        lengths = [len(p) for p in prompts]
+        # Tokens each row may generate: never past max_seq_len.
+        budgets = [min(max_gen_len, max_seq_len - n) for n in lengths]
+        steps = max(budgets)
+        stop = torch.tensor(sorted(stop_ids), device=device)
+
+        # Prefill: each prompt on its own cache row, so rows never see each other's padding.
+        last_logits, prompt_logprobs = [], []
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            need_all = logprobs and echo
+            logits = model(ids, 0, last_only=not need_all, row_offset=row)
+            if need_all:
+                lp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+                prompt_logprobs.append([0.0] + lp.tolist())
+            last_logits.append(logits[:, -1])
+        logits = torch.cat(last_logits)
+
+        generated, generated_lp = [], []
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        budget_t = torch.tensor(budgets, device=device)
+        for step in range(steps):
+            next_token = _sample(logits, temperature, top_p)
+            generated.append(next_token)
+            if logprobs:
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
+                generated_lp.append(lp)
+            done |= torch.isin(next_token, stop) | (budget_t <= step + 1)
+            if step + 1 == steps or bool(done.all()):
+                break
+            # Row r feeds its newest token at position lengths[r] + step; finished rows are
+            # clamped inside the cache and their output ignored.
+            positions = [min(n + step, max_seq_len - 1) for n in lengths]
+            logits = model(next_token[:, None], positions, last_only=True)[:, -1]
+
+        gen = torch.stack(generated, dim=1).tolist()
+        gen_lp = torch.stack(generated_lp, dim=1).tolist() if logprobs else None
+        out_tokens, out_logprobs = [], []
+        for row, prompt in enumerate(prompts):
+            toks = gen[row][: budgets[row]]
+            cut = next((i for i, t in enumerate(toks) if t in stop_ids), len(toks))
+            toks = toks[:cut]
+            row_lp = gen_lp[row][:cut] if logprobs else []
+            if echo:
+                toks = list(prompt) + toks
+                row_lp = (prompt_logprobs[row] if logprobs else []) + row_lp
+            out_tokens.append(toks)
+            out_logprobs.append(row_lp)
+        return out_tokens, out_logprobs
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _max_gen_len(self, max_gen_len: Optional[int]) -> int:
+        if max_gen_len is None:
+            return self.model.params.max_seq_len - 1
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        return max_gen_len
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Continue each prompt.
+
+        Returns:
+            per prompt `{"generation": str}`, plus `"tokens"` (pieces) and `"logprobs"` when
+            `logprobs`; with `echo` the prompt is part of the generation.
+
+        Raises:
+            ValueError: see `generate`.
+        """
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, token_logprobs = self.generate(
+            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo
+        )
+        return [
+            self._prediction({"generation": self.tokenizer.decode(t)}, t, token_logprobs, i)
+            for i, t in enumerate(tokens)
+        ]
+
+    def text_infilling(
+        self,
+        prefixes: Optional[List[str]] = None,
+        suffixes: Optional[List[str]] = None,
+        temperature: float = 0.0,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+        *,
+        prompts: Optional[List[str]] = None,
+    ) -> List[InfillingPrediction]:
+        """Fill in the code between each prefix and suffix.
+
+        Either `prefixes` and `suffixes`, or `prompts` that each contain one `<FILL_ME>` marker
+        (as in the Hugging Face port). Generation stops at `▁<EOT>`.
+
+        Returns:
+            per pair `{"generation": middle, "full_text": prefix + middle + suffix}`, plus
+            `"tokens"` and `"logprobs"` when `logprobs`.
+
+        Raises:
+            ValueError: if the model cannot infill, the inputs are inconsistent, a prompt has
+                no or several `<FILL_ME>` markers, or a prompt is too long.
+        """
+        if prompts is not None:
+            if prefixes is not None or suffixes is not None:
+                raise ValueError("pass either prompts with <FILL_ME> or prefixes and suffixes, not both")
+            prefixes, suffixes = split_fill_me(prompts)
+        if prefixes is None or suffixes is None:
+            raise ValueError("text_infilling needs prefixes and suffixes (or prompts with <FILL_ME>)")
+        if len(prefixes) != len(suffixes):
+            raise ValueError(
+                f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes: pass one of each per infill"
+            )
+        require_infilling(self.tokenizer)
+        prompt_tokens = [
+            infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
+            for prefix, suffix in zip(prefixes, suffixes)
+        ]
+        tokens, token_logprobs = self.generate(
+            prompt_tokens,
+            self._max_gen_len(max_gen_len),
+            temperature,
+            top_p,
+            logprobs,
+            echo=False,
+            stop_token=self.tokenizer.eot_id,
+        )
+        results = []
+        for i, (t, prefix, suffix) in enumerate(zip(tokens, prefixes, suffixes)):
+            middle = self.tokenizer.decode_infilling(t)
+            prediction = {"generation": middle, "full_text": prefix + middle + suffix}
+            results.append(self._prediction(prediction, t, token_logprobs, i))
+        return results
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer the last user message of each dialog.
+
+        Uses the turn-based format when the tokenizer has `<step>` (70B Instruct), the
+        Instruct `[INST]` format otherwise. A dialog containing special tags is answered with
+        the reference's error content; the other dialogs are still answered.
+
+        Returns:
+            per dialog `{"generation": {"role": "assistant", "content": str}}` (plus
+            `"destination": "user"` in the turn format), and `"tokens"`/`"logprobs"` when
+            `logprobs`.
+
+        Raises:
+            ValueError: naming the dialog and message whose role is out of order, or a prompt
+                that is too long.
+        """
+        turns = self.tokenizer.step_id is not None
+        for index, dialog in enumerate(dialogs):
+            validate_dialog(dialog, index)
+        unsafe = [is_unsafe(dialog) for dialog in dialogs]
+        format_dialog = turn_prompt_tokens if turns else instruct_prompt_tokens
+        safe_rows = [i for i, flagged in enumerate(unsafe) if not flagged]
+        prompt_tokens = [format_dialog(self.tokenizer, dialogs[i]) for i in safe_rows]
+        tokens, token_logprobs = self.generate(
+            prompt_tokens,
+            self._max_gen_len(max_gen_len),
+            temperature,
+            top_p,
+            logprobs,
+            stop_token=self.tokenizer.step_id if turns else None,
+        )
+        by_dialog = dict(zip(safe_rows, range(len(safe_rows))))
+        results = []
+        for i in range(len(dialogs)):
+            if i in by_dialog:
+                t = tokens[by_dialog[i]]
+                content = self.tokenizer.decode(t)
+                lp = [token_logprobs[by_dialog[i]]] if logprobs else None
+            else:
+                t, content, lp = [], UNSAFE_ERROR, [[]]
+            message: Message = {"role": "assistant", "content": content}
+            if turns:
+                message["destination"] = "user"
+            results.append(self._prediction({"generation": message}, t, lp, 0))
+        return results
+
+    def _prediction(self, prediction: dict, tokens: List[int], token_logprobs, index: int) -> dict:
+        """Add `tokens` (pieces) and `logprobs` to a result when log-probabilities were asked for."""
+        if token_logprobs is not None:
+            prediction["tokens"] = [self.tokenizer.token_piece(x) for x in tokens]
+            prediction["logprobs"] = token_logprobs[index]
+        return prediction
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return sample_top_p(probs, top_p)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches `p`.
+
+    Args:
+        probs: [batch, vocab] probabilities.
+        p: nucleus mass; p -> 0 keeps only the most likely token (greedy).
+
+    Returns:
+        [batch] sampled token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, choice)[:, 0]
+
+
+def _model_args(
+    params: dict, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, mp_size: int, ckpt_dir: str
+) -> ModelArgs:
+    """ModelArgs from params.json, checked against the tokenizer and the model-parallel size."""
+    args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+    if args.vocab_size is None or args.vocab_size <= 0:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise ValueError(
+            f"the tokenizer {tokenizer.model_path} has {tokenizer.n_words} pieces but "
+            f"{ckpt_dir}/params.json says vocab_size={args.vocab_size}: use the tokenizer.model "
+            "that came with this checkpoint"
+        )
+    if args.dim % args.n_heads != 0:
+        raise ValueError(f"params.json: dim={args.dim} is not divisible by n_heads={args.n_heads}")
+    if args.n_heads % args.kv_heads != 0:
+        raise ValueError(
+            f"params.json: n_heads={args.n_heads} is not a multiple of n_kv_heads={args.kv_heads}"
+        )
+    for name, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+        if count % mp_size != 0:
+            raise ValueError(
+                f"{name}={count} is not divisible by the model-parallel size {mp_size}: "
+                f"use a number of processes that divides {count}"
+            )
+    return args
+
+
+def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's KV cache (keys and values of every layer)."""
+    per_token = 2 * args.n_layers * (args.kv_heads // mp_size) * args.head_dim
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return per_token * args.max_batch_size * args.max_seq_len * itemsize
+
+
+def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    needed = kv_cache_bytes(args, mp_size, dtype)
+    available = distributed.available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} "
+            f"needs {needed / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
+            "free: lower max_seq_len or max_batch_size"
+        )

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="codellama",
+    version="0.1.0",
+    description="An inference engine for Code Llama checkpoints: completion, infilling and chat, on CPU and GPU",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["llama", "llama.*"]),
+    install_requires=(ROOT / "requirements.txt").read_text().split(),
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf"],
+        "bench": ["transformers>=4.40", "psutil"],
+        "dev": ["black", "ruff"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
