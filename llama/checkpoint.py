@@ -49,6 +49,16 @@ def read_params(ckpt_dir: str) -> Dict:
     missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
     if missing:
         raise ValueError(f"{path} lacks the required fields {missing}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        value = params.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        ):
+            raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
     return params
 
 
@@ -90,20 +100,29 @@ def _without_weight_init() -> Iterator[None]:
     """Build modules with parameters on the meta device and fairscale's random init skipped.
 
     fairscale allocates weights with the legacy `torch.Tensor(...)` constructor, which ignores the
-    meta device; with its initialisation skipped those buffers are never touched (so never
-    resident) and are replaced when the checkpoint is assigned.
+    meta device: each such buffer is swapped for a meta tensor as it is wrapped in a Parameter
+    (the untouched CPU buffer is freed at once and never becomes resident).
     """
-    original = fs_layers._initialize_affine_weight
+    original_init, original_parameter = fs_layers._initialize_affine_weight, fs_layers.Parameter
+
+    def meta_parameter(data: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+        return nn.Parameter(torch.empty(data.shape, dtype=data.dtype, device="meta"), requires_grad)
+
     fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    fs_layers.Parameter = meta_parameter
     try:
         with torch.device("meta"):
             yield
     finally:
-        fs_layers._initialize_affine_weight = original
+        fs_layers._initialize_affine_weight = original_init
+        fs_layers.Parameter = original_parameter
 
 
 def empty_model(args: ModelArgs) -> Transformer:
-    """A Transformer whose parameters hold no data yet (and no KV cache)."""
+    """A Transformer whose parameters are on the meta device (no memory) and with no KV cache.
+
+    Needs fairscale model parallelism initialised: the parameters have this rank's shapes.
+    """
     with _without_weight_init():
         return Transformer(args)
 

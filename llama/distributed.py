@@ -1,7 +1,6 @@
 """Process groups, model parallelism and every device/dtype choice of the engine, in one place."""
 
 import os
-import socket
 import sys
 from typing import Optional, Tuple, Union
 
@@ -56,17 +55,11 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _free_local_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int, int]:
     """Start the process group and fairscale model parallelism unless already started.
 
     Under torchrun the group comes from the environment; in a plain `python` process a
-    one-rank group is created on a free local port. The backend is nccl with CUDA, else gloo.
+    one-rank group is created in memory (no port). The backend is nccl with CUDA, else gloo.
     `model_parallel_size` defaults to the world size.
 
     Returns:
@@ -76,16 +69,17 @@ def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int,
         ValueError: if `model_parallel_size` does not divide the world size, or differs from the
             size of an already initialised model-parallel group.
     """
+    if cuda_available():
+        # Before the process group starts: nccl binds each rank to the current device.
+        torch.cuda.set_device(compute_device())
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{_free_local_port()}", rank=0, world_size=1
-            )
-    if cuda_available():
-        torch.cuda.set_device(compute_device())
+            # A plain `python script.py`: a one-rank group whose rendezvous stays in this
+            # process (an in-memory store), so no port is opened and none can collide.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world_size = dist.get_world_size()
     if fs_init.model_parallel_is_initialized():
         current = fs_init.get_model_parallel_world_size()
