@@ -60,6 +60,15 @@ class Tokenizer:
         self._sp_no_dummy_prefix.LoadFromSerializedProto(
             self.sp_model.serialized_model_proto() + _NO_DUMMY_PREFIX_OVERRIDE
         )
+        # That equivalence needs the normaliser to keep whitespace as it is (Llama's does). One
+        # that strips or collapses it would lose the leading space of a suffix: then refuse
+        # rather than return different ids.
+        probe = "x = 1"
+        no_lead_ids = self._sp_no_dummy_prefix.encode(" " + probe)
+        self._infilling_exact = (
+            no_lead_ids == self.sp_model.encode(probe)
+            and self._sp_no_dummy_prefix.decode(no_lead_ids) == " " + probe
+        )
 
     def piece_id(self, piece: str) -> Optional[int]:
         """The id of `piece`, or None if the vocabulary does not contain it."""
@@ -88,9 +97,30 @@ class Tokenizer:
         return self.sp_model.id_to_piece(token_id)
 
     def encode_infilling(self, s: str) -> List[int]:
-        """Encode `s` without the dummy leading space (the infilling suffix encoding)."""
+        """Encode `s` without the dummy leading space (the infilling suffix encoding).
+
+        Raises:
+            TypeError: if `s` is not a str.
+            ValueError: if this tokenizer's normaliser changes whitespace, so that no exact
+                encoding without the leading space exists.
+        """
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        self._require_exact_infilling()
         return self._sp_no_dummy_prefix.encode(s)
 
     def decode_infilling(self, ids: List[int]) -> str:
-        """Decode ids keeping a leading space that `decode` would drop (infilled middles)."""
+        """Decode ids keeping a leading space that `decode` would drop (infilled middles).
+
+        Raises:
+            ValueError: as `encode_infilling`.
+        """
+        self._require_exact_infilling()
         return self._sp_no_dummy_prefix.decode(list(ids))
+
+    def _require_exact_infilling(self) -> None:
+        if not self._infilling_exact:
+            raise ValueError(
+                f"the tokenizer {self.model_path} normalises whitespace, so text cannot be encoded "
+                "or decoded exactly without its leading space: it cannot be used for infilling"
+            )
