@@ -139,10 +139,10 @@ class Llama:
         """Generate a continuation of each prompt.
 
         Greedy at `temperature == 0`, else nucleus sampling of softmax(logits / temperature)
-        with `top_p`. Each sequence stops at `stop_token` (default EOS) or EOS, after
-        `max_gen_len` tokens, or at `max_seq_len`; the stop token is not returned. More prompts
-        than `max_batch_size` run in successive batches. A prompt's greedy result does not
-        depend on the other prompts in its batch.
+        with `top_p`. Each sequence stops at `stop_token` (default EOS; like the reference,
+        only that token stops it), after `max_gen_len` tokens, or at `max_seq_len`; the stop
+        token is not returned. More prompts than `max_batch_size` run in successive batches.
+        A prompt's greedy result does not depend on the other prompts in its batch.
 
         Returns:
             (tokens, logprobs): per prompt, the generated ids (preceded by the prompt with
@@ -150,7 +150,8 @@ class Llama:
             model (0.0 for the first prompt token), else None.
 
         Raises:
-            ValueError: if a prompt is empty or leaves no room to generate within max_seq_len.
+            ValueError: if a prompt is empty or leaves no room to generate within max_seq_len,
+                or max_gen_len is negative.
         """
         params = self.model.params
         for index, prompt in enumerate(prompt_tokens):
@@ -162,7 +163,9 @@ class Llama:
                     f"within max_seq_len={params.max_seq_len}: shorten it or build with a larger "
                     "max_seq_len"
                 )
-        stop_ids = {self.tokenizer.eos_id, self.tokenizer.eos_id if stop_token is None else stop_token}
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
         out_tokens: List[List[int]] = []
         out_logprobs: List[List[float]] = []
         for first in range(0, len(prompt_tokens), params.max_batch_size):
@@ -222,8 +225,8 @@ class Llama:
             positions = [min(n + step, max_seq_len - 1) for n in lengths]
             logits = model(next_token[:, None], positions, last_only=True)[:, -1]
 
-        gen = torch.stack(generated, dim=1).tolist()
-        gen_lp = torch.stack(generated_lp, dim=1).tolist() if logprobs else None
+        gen = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
+        gen_lp = torch.stack(generated_lp, dim=1).tolist() if generated_lp else [[] for _ in prompts]
         out_tokens, out_logprobs = [], []
         for row, prompt in enumerate(prompts):
             toks = gen[row][: budgets[row]]
