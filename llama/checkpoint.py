@@ -1,16 +1,18 @@
-"""Meta checkpoint directories: `params.json`, `consolidated.NN.pth` shards, and loading them
-into a model without a second copy of the weights."""
+"""Checkpoint directories (Meta `params.json` + `consolidated.NN.pth` shards, or a Hugging Face
+`config.json` + safetensors folder), and loading one model-parallel rank's part of them into a
+model without a second copy of the weights."""
 
 import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple, Union
 
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 from torch import nn
 
+from llama import hf_format, sharding
 from llama.model import ModelArgs, Transformer
 
 # Keys some released checkpoints carry that are not parameters.
@@ -20,7 +22,7 @@ PARAMS_FILE = "params.json"
 
 
 def read_params(ckpt_dir: str) -> Dict:
-    """Read `ckpt_dir/params.json`.
+    """Read `ckpt_dir/params.json` (or, for a Hugging Face folder, the equivalent of its config.json).
 
     Raises:
         FileNotFoundError: if the directory or the file is missing.
@@ -33,6 +35,8 @@ def read_params(ckpt_dir: str) -> Dict:
             "downloaded model folder (e.g. CodeLlama-7b/)"
         )
     path = os.path.join(ckpt_dir, PARAMS_FILE)
+    if not os.path.isfile(path) and hf_format.is_hf_dir(ckpt_dir):
+        return hf_format.params_from_config(hf_format.read_config(ckpt_dir), ckpt_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: every checkpoint directory needs its params.json")
     try:
@@ -171,3 +175,85 @@ def assign_weights(
     model.load_state_dict(converted, strict=True, assign=True)
     for param in model.parameters():
         param.requires_grad_(False)
+
+
+class MetaCheckpoint:
+    """The memory-mapped `consolidated.NN.pth` shards of a Meta checkpoint, read as whole tensors
+    or as any model-parallel rank's part (for any number of ranks)."""
+
+    def __init__(self, ckpt_dir: str):
+        self.source = ckpt_dir
+        self.paths = shard_paths(ckpt_dir)
+        self.shards = [load_shard(path) for path in self.paths]
+        self._keys = [k for k in self.shards[0] if k not in IGNORED_KEYS]
+        for path, shard in zip(self.paths[1:], self.shards[1:]):
+            keys = [k for k in shard if k not in IGNORED_KEYS]
+            if sorted(keys) != sorted(self._keys):
+                raise ValueError(
+                    f"checkpoint shard {path} holds other tensors than {self.paths[0]}: the shards do not "
+                    "belong to one checkpoint"
+                )
+
+    def keys(self) -> List[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """Shape of the whole (unsharded) tensor."""
+        return sharding.full_shape(key, [shard[key].shape for shard in self.shards])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.shards[0][key].dtype
+
+    def read(self, key: str, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Rank `rank` of `world_size`'s part of `key` (the whole tensor for world_size=1)."""
+        return sharding.rank_part(key, [shard[key] for shard in self.shards], rank, world_size)
+
+
+Checkpoint = Union[MetaCheckpoint, hf_format.HFCheckpoint]
+
+
+def open_checkpoint(ckpt_dir: str) -> Checkpoint:
+    """Open a Meta checkpoint, or a Hugging Face one when the folder has config.json and
+    safetensors weights but no params.json.
+
+    Raises:
+        FileNotFoundError, ValueError: see `shard_paths`, `load_shard` and `hf_format.HFCheckpoint`.
+    """
+    if not os.path.isfile(os.path.join(ckpt_dir, PARAMS_FILE)) and hf_format.is_hf_dir(ckpt_dir):
+        return hf_format.HFCheckpoint(ckpt_dir)
+    return MetaCheckpoint(ckpt_dir)
+
+
+def check_splittable(ckpt: Checkpoint, params: Dict, world_size: int) -> None:
+    """Check that every tensor of `ckpt` (and the heads of `params`) split into `world_size`
+    model-parallel parts.
+
+    Raises:
+        ValueError: naming the first tensor (with its shape) or head count that does not divide.
+    """
+    args = ModelArgs(**params)
+    for name, count in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+        if count % world_size != 0:
+            raise ValueError(
+                f"{name}={count} of {ckpt.source} is not divisible by the model-parallel size {world_size}: "
+                f"use a model-parallel size that divides {count}"
+            )
+    for key in ckpt.keys():
+        sharding.rank_range(key, ckpt.shape(key), 0, world_size)
+
+
+def load_rank_state_dict(ckpt_dir: str, params: Dict, rank: int, world_size: int) -> Dict[str, torch.Tensor]:
+    """Model-parallel rank `rank` of `world_size`'s state dict, from a checkpoint saved with any
+    number of shards (or in Hugging Face layout).
+
+    Only the slices this rank holds are read; when the checkpoint was saved for `world_size`
+    ranks the tensors are the memory-mapped shard's own (no copy).
+
+    Raises:
+        FileNotFoundError: missing shards or weight files.
+        ValueError: unreadable shards, or a tensor that cannot be split into `world_size` parts
+            (the message names the tensor and the sizes).
+    """
+    ckpt = open_checkpoint(ckpt_dir)
+    check_splittable(ckpt, params, world_size)
+    return {key: ckpt.read(key, rank, world_size) for key in ckpt.keys()}

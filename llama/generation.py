@@ -63,11 +63,13 @@ class Llama:
 
         Starts the process group and fairscale model parallelism if needed (under torchrun, or
         as a one-rank group in a plain process), seeds every rank identically, silences stdout
-        of ranks > 0, memory-maps this rank's shard into the model and allocates the KV cache
+        of ranks > 0, memory-maps this rank's slices into the model and allocates the KV cache
         for `max_batch_size` sequences of `max_seq_len` tokens.
 
         Args:
-            ckpt_dir: folder with `params.json` and `consolidated.NN.pth` (one per rank).
+            ckpt_dir: folder with `params.json` and `consolidated.NN.pth` shards saved for any
+                model-parallel size (resharded on load: each rank reads only its slices), or a
+                Hugging Face folder with `config.json` and safetensors weights.
             tokenizer_path: the SentencePiece `tokenizer.model`.
             max_seq_len: longest prompt + generation, in tokens.
             max_batch_size: sequences generated at once (more prompts run in successive batches).
@@ -96,17 +98,11 @@ class Llama:
 
         tokenizer = Tokenizer(tokenizer_path)
         args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
-        shards = checkpoint.shard_paths(ckpt_dir)
-        if len(shards) != mp_size:
-            raise ValueError(
-                f"{ckpt_dir} holds {len(shards)} shard(s) but the model-parallel size is {mp_size}: "
-                f"run with torchrun --nproc_per_node {len(shards)}"
-            )
         _check_cache_fits(args, mp_size, model_dtype, device)
 
-        state_dict = checkpoint.load_shard(shards[mp_rank])
+        state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
         model = checkpoint.empty_model(args)
-        checkpoint.check_state_dict(model, state_dict, str(shards[mp_rank]))
+        checkpoint.check_state_dict(model, state_dict, ckpt_dir)
         checkpoint.assign_weights(model, state_dict, model_dtype, device)
         del state_dict
         model.allocate_cache(model_dtype, device)
