@@ -157,6 +157,10 @@ def params_from_config(config: dict, source: str) -> dict:
     ]
     if missing:
         raise ValueError(f"{source} lacks the fields {missing} of a Llama config.json")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
     if config.get("model_type", "llama") != "llama":
         raise ValueError(f"{source} describes a {config['model_type']!r} model, not a Llama model")
     rope = config.get("rope_parameters") or {}
