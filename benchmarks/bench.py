@@ -1,0 +1,646 @@
+"""Speed and memory of this engine next to Hugging Face transformers, on this machine.
+
+Creates (or reuses, in a cache folder) random-weight Meta checkpoints, then measures both
+engines in one run, alternating them case by case, and reports medians:
+
+- decode tokens/s at batch 1 and 4 (prompt 128, greedy), prefill tokens/s of a 512-token
+  prompt and its time to first token, an uneven batch (prompts 16, 64, 256, 512) end to end;
+- load time and peak RSS, each engine in a fresh process;
+- the machine's memory-read bandwidth and bf16 matmul throughput, and each result as a
+  percentage of the bound they imply.
+
+Writes a markdown table (default `benchmarks/RESULTS.md`). Needs the `bench` extra
+(`pip install -e .[bench]`: transformers, psutil). Run `python benchmarks/bench.py --help`.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from llama.model import ModelArgs  # noqa: E402
+
+VOCAB = 32016
+EOS_ID = 2
+
+# Geometries: TinyLlama-1.1B (the size the targets are stated for) and a small one for quick runs.
+MODELS: Dict[str, dict] = {
+    "tinyllama": dict(
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        vocab_size=VOCAB,
+        multiple_of=256,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+    "small": dict(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        multiple_of=256,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+}
+EXPECTED_FFN = {"tinyllama": 5632}
+
+CASES = ("decode1", "decode4", "prefill", "uneven", "load")
+UNEVEN_LENGTHS = (16, 64, 256, 512)
+PREFILL_LEN = 512
+DECODE_PROMPT = 128
+MAX_SEQ_LEN = 1024
+MAX_BATCH = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint and tokenizer
+
+
+def ensure_checkpoint(cache_dir: Path, model: str) -> Path:
+    """A random bf16 Meta checkpoint of geometry `model` in `cache_dir/model` (made once)."""
+    ckpt = cache_dir / model
+    params = MODELS[model]
+    if (ckpt / "consolidated.00.pth").exists() and (ckpt / "params.json").exists():
+        if json.loads((ckpt / "params.json").read_text()) == params:
+            ensure_tokenizer(ckpt)
+            return ckpt
+    ckpt.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs(**params)
+    if model in EXPECTED_FFN and args.ffn_hidden_dim != EXPECTED_FFN[model]:
+        raise ValueError(f"{model}: FFN size {args.ffn_hidden_dim} != {EXPECTED_FFN[model]}")
+    print(f"creating a random {model} checkpoint in {ckpt} ...", file=sys.stderr)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: Optional[float] = None) -> torch.Tensor:
+        scale = shape[-1] ** -0.5 if scale is None else scale
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    hd, hidden, dim = args.head_dim, args.ffn_hidden_dim, args.dim
+    sd = {"tok_embeddings.weight": rand(VOCAB, dim, scale=1.0)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = rand(args.n_heads * hd, dim)
+        sd[p + "attention.wk.weight"] = rand(args.kv_heads * hd, dim)
+        sd[p + "attention.wv.weight"] = rand(args.kv_heads * hd, dim)
+        sd[p + "attention.wo.weight"] = rand(dim, args.n_heads * hd)
+        sd[p + "feed_forward.w1.weight"] = rand(hidden, dim)
+        sd[p + "feed_forward.w2.weight"] = rand(dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = rand(hidden, dim)
+        sd[p + "attention_norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
+        sd[p + "ffn_norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
+    sd["norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
+    output = rand(VOCAB, dim, scale=2 * dim**-0.5)
+    output[EOS_ID] = 0  # EOS never wins the argmax: every run generates exactly the tokens asked for
+    sd["output.weight"] = output
+    tmp = ckpt / "consolidated.00.pth.tmp"
+    torch.save(sd, tmp)
+    tmp.rename(ckpt / "consolidated.00.pth")
+    (ckpt / "params.json").write_text(json.dumps(params))
+    ensure_tokenizer(ckpt)
+    return ckpt
+
+
+def ensure_tokenizer(ckpt: Path) -> Path:
+    """A SentencePiece model with exactly VOCAB pieces (a few real ones, the rest placeholders).
+
+    Generation works on token ids; the tokenizer only has to exist with the checkpoint's size.
+    """
+    path = ckpt / "tokenizer.model"
+    if path.exists():
+        return path
+    import sentencepiece as spm
+
+    corpus = ckpt / "corpus.txt"
+    corpus.write_text(Path(__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    n_real = 400
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(ckpt / "tokenizer"),
+        vocab_size=VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        user_defined_symbols=[f"<extra_{i}>" for i in range(VOCAB - 3 - 256 - n_real)],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    size = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    if size != VOCAB:
+        path.unlink()
+        raise RuntimeError(f"benchmark tokenizer has {size} pieces, expected {VOCAB}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+
+
+class Engine:
+    """Greedy generation of exactly `new_tokens` tokens per prompt."""
+
+    name = ""
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        raise NotImplementedError
+
+
+class CodeLlamaEngine(Engine):
+    def __init__(self, ckpt: Path, name: str = "codellama", compile: bool = False):
+        from llama import Llama
+
+        self.name = name
+        kwargs = {"compile": True} if compile else {}
+        self.llama = Llama.build(
+            str(ckpt), str(ckpt / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH, dtype="bfloat16", **kwargs
+        )
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
+        return tokens
+
+
+def meta_to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """Rename Meta keys to Hugging Face Llama keys; wq/wk rows go to the rotate-half layout."""
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        rows, cols = w.shape
+        return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    out = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        out[h + "self_attn.q_proj.weight"] = permute(sd[m + "attention.wq.weight"], args.n_heads)
+        out[h + "self_attn.k_proj.weight"] = permute(sd[m + "attention.wk.weight"], args.kv_heads)
+        out[h + "self_attn.v_proj.weight"] = sd[m + "attention.wv.weight"]
+        out[h + "self_attn.o_proj.weight"] = sd[m + "attention.wo.weight"]
+        out[h + "mlp.gate_proj.weight"] = sd[m + "feed_forward.w1.weight"]
+        out[h + "mlp.up_proj.weight"] = sd[m + "feed_forward.w3.weight"]
+        out[h + "mlp.down_proj.weight"] = sd[m + "feed_forward.w2.weight"]
+        out[h + "input_layernorm.weight"] = sd[m + "attention_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[m + "ffn_norm.weight"]
+    return out
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, ckpt: Path):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        params = json.loads((ckpt / "params.json").read_text())
+        args = ModelArgs(**params)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=args.dim,
+            intermediate_size=args.ffn_hidden_dim,
+            num_hidden_layers=args.n_layers,
+            num_attention_heads=args.n_heads,
+            num_key_value_heads=args.kv_heads,
+            rms_norm_eps=args.norm_eps,
+            rope_theta=args.rope_theta,
+            max_position_embeddings=MAX_SEQ_LEN,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=EOS_ID,
+            pad_token_id=0,
+            attn_implementation="sdpa",
+            dtype=torch.bfloat16,
+        )
+        sd = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model.load_state_dict(meta_to_hf_state_dict(sd, args), strict=False, assign=True)
+        # Buffers (rotary inverse frequencies) are not in the state dict: recompute them on the CPU.
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        self.model = model.to(torch.bfloat16).eval()
+        self.model.generation_config.pad_token_id = 0
+
+    @torch.inference_mode()
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding, as generate expects
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[row, longest - len(prompt) :] = 1
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=EOS_ID,
+            pad_token_id=0,
+        )
+        return out[:, longest:].tolist()
+
+
+def make_engine(name: str, ckpt: Path) -> Engine:
+    if name == "codellama":
+        return CodeLlamaEngine(ckpt)
+    if name == "codellama-compile":
+        return CodeLlamaEngine(ckpt, name, compile=True)
+    if name == "transformers":
+        return TransformersEngine(ckpt)
+    raise ValueError(f"unknown engine {name!r}; use codellama, codellama-compile or transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine bounds
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def memory_read_bandwidth(repeats: int) -> float:
+    """Bytes/s of summing a 1 GiB fp32 tensor (best of `repeats`): a plain streaming read."""
+    x = torch.ones(2**28, dtype=torch.float32)
+    x.sum()
+    best = min(timed(x.sum) for _ in range(max(3, repeats)))
+    return x.numel() * 4 / best
+
+
+def bf16_matmul_flops(repeats: int, dim: int) -> float:
+    """FLOP/s of a prefill-shaped bf16 matmul (512 x dim times dim x 4 dim, best of `repeats`)."""
+    a = torch.randn(PREFILL_LEN, dim).to(torch.bfloat16)
+    w = torch.randn(4 * dim, dim).to(torch.bfloat16)
+    torch.nn.functional.linear(a, w)
+    best = min(timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(max(3, repeats)))
+    return 2 * PREFILL_LEN * dim * 4 * dim / best
+
+
+@dataclass
+class Workload:
+    """What one token costs on this model: bytes read while decoding, FLOPs while prefilling."""
+
+    args: ModelArgs
+
+    @property
+    def matmul_params(self) -> int:
+        a = self.args
+        per_layer = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.kv_heads) + 3 * a.dim * a.ffn_hidden_dim
+        return a.n_layers * per_layer + a.vocab_size * a.dim
+
+    def decode_bytes(self, batch: int, context: int) -> int:
+        """Bytes read for one decode step: every matmul weight once, plus each row's KV cache."""
+        a = self.args
+        kv = 2 * a.n_layers * a.kv_heads * a.head_dim * context * 2
+        return 2 * self.matmul_params + batch * kv
+
+    def prefill_flops(self, tokens: int) -> int:
+        return 2 * self.matmul_params * tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def random_prompts(lengths: Sequence[int], seed: int) -> List[List[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, VOCAB, (n - 1,), generator=gen).tolist() for n in lengths]
+
+
+def run_case(engine: Engine, prompts: List[List[int]], new_tokens: int) -> float:
+    start = time.perf_counter()
+    out = engine.generate(prompts, new_tokens)
+    elapsed = time.perf_counter() - start
+    lengths = [len(t) for t in out]
+    if lengths != [new_tokens] * len(prompts):
+        raise RuntimeError(f"{engine.name} generated {lengths} tokens, expected {new_tokens} per prompt")
+    return elapsed
+
+
+def measure_round(engine: Engine, cases: Sequence[str], new_tokens: int, seed: int) -> Dict[str, float]:
+    """One timing of every in-process case for one engine."""
+    r: Dict[str, float] = {}
+    if "decode1" in cases or "decode4" in cases:
+        for batch in (1, 4):
+            if f"decode{batch}" not in cases:
+                continue
+            prompts = random_prompts([DECODE_PROMPT] * batch, seed)
+            first = run_case(engine, prompts, 1)
+            total = run_case(engine, prompts, new_tokens)
+            r[f"decode{batch}"] = batch * (new_tokens - 1) / max(total - first, 1e-9)
+    if "prefill" in cases:
+        ttft = run_case(engine, random_prompts([PREFILL_LEN], seed), 1)
+        r["ttft"] = ttft
+        r["prefill"] = PREFILL_LEN / ttft
+    if "uneven" in cases:
+        r["uneven"] = run_case(engine, random_prompts(UNEVEN_LENGTHS, seed), new_tokens)
+        r["longest"] = run_case(engine, random_prompts([max(UNEVEN_LENGTHS)], seed), new_tokens)
+        r["uneven_ratio"] = r["uneven"] / r["longest"]
+    return r
+
+
+def agreement(engines: List[Engine], seed: int, n: int = 16) -> Optional[str]:
+    """How many of the first `n` greedy tokens the engines agree on (a check of the conversion)."""
+    if len(engines) < 2:
+        return None
+    prompt = random_prompts([DECODE_PROMPT], seed)
+    outs = [e.generate(prompt, n)[0] for e in engines]
+    same = next((i for i in range(n) if any(o[i] != outs[0][i] for o in outs)), n)
+    return f"{same}/{n}"
+
+
+LOAD_CHILD = "--load-child"
+
+
+def load_child(engine: str, ckpt: Path, threads: int) -> None:
+    """In a fresh process: time the load, then one short generation; print JSON to stdout."""
+    torch.set_num_threads(threads)
+    shard = ckpt / "consolidated.00.pth"
+    buf = bytearray(1 << 24)
+    start = time.perf_counter()
+    with open(shard, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    read_s = time.perf_counter() - start
+    import psutil
+
+    import llama  # noqa: F401  (imported libraries are not part of the load)
+
+    if engine == "transformers":
+        import transformers  # noqa: F401
+    rss_before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    eng = make_engine(engine, ckpt)
+    load_s = time.perf_counter() - start
+    rss_load = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    run_case(eng, random_prompts([DECODE_PROMPT], 0), 8)
+    first_gen_s = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            dict(
+                read_s=read_s,
+                load_s=load_s,
+                first_gen_s=first_gen_s,
+                rss_before_load=rss_before,
+                rss_after_load=rss_load,
+                peak_rss=peak,
+                peak_rss_growth=peak - rss_before,
+            )
+        )
+    )
+
+
+def measure_load(engine: str, ckpt: Path, threads: int) -> Dict[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, __file__, LOAD_CHILD, engine, str(ckpt), str(threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load measurement of {engine} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def pct(value: Optional[float], bound: Optional[float]) -> str:
+    return "-" if value is None or not bound else f"{100 * value / bound:.0f}%"
+
+
+def machine() -> str:
+    model, cores = platform.processor() or "unknown CPU", os.cpu_count()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        model = info.get("Model name", model).strip()
+        flags = info.get("Flags", "")
+        model += " (avx512_bf16)" if "avx512_bf16" in flags else ""
+    except OSError:
+        pass
+    return f"{model}, {cores} cores"
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        import transformers
+
+        parts.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def report(
+    argv: List[str],
+    opts: argparse.Namespace,
+    engines: List[str],
+    results: Dict[str, Dict[str, float]],
+    loads: Dict[str, Dict[str, float]],
+    bandwidth: float,
+    flops: float,
+    work: Workload,
+    weight_bytes: int,
+    kv_bytes: int,
+    agree: Optional[str],
+) -> str:
+    mine = next((e for e in engines if e.startswith("codellama")), engines[0])
+    peer = "transformers" if "transformers" in engines else None
+    new = opts.new_tokens
+    avg_context = DECODE_PROMPT + new // 2
+    bounds = {
+        "decode1": bandwidth / work.decode_bytes(1, avg_context),
+        "decode4": 4 * bandwidth / work.decode_bytes(4, avg_context),
+        "prefill": flops / work.prefill_flops(1),
+        "ttft": work.prefill_flops(PREFILL_LEN) / flops,
+    }
+    rows = [
+        ("decode tok/s, batch 1 (prompt 128)", "decode1", 1, True),
+        ("decode tok/s, batch 4 (prompt 128)", "decode4", 1, True),
+        (f"prefill tok/s ({PREFILL_LEN}-token prompt)", "prefill", 0, True),
+        (f"time to first token, {PREFILL_LEN}-token prompt (s)", "ttft", 2, False),
+        ("uneven batch 16/64/256/512 end to end (s)", "uneven", 2, False),
+        ("longest prompt (512) alone end to end (s)", "longest", 2, False),
+        ("uneven batch / longest alone", "uneven_ratio", 2, False),
+    ]
+    header = ["case"] + engines + ([f"{mine} / {peer}"] if peer and mine != peer else []) + ["bound"]
+    header += [f"{e} % of bound" for e in engines]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, key, digits, higher_better in rows:
+        values = [results.get(e, {}).get(key) for e in engines]
+        if all(v is None for v in values):
+            continue
+        cells = [label] + [fmt(v, digits) for v in values]
+        if peer and mine != peer:
+            a, b = results.get(mine, {}).get(key), results.get(peer, {}).get(key)
+            ratio = None if a is None or b is None else (a / b if higher_better else b / a)
+            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        bound = bounds.get(key)
+        cells.append(fmt(bound, digits))
+        if key == "ttft":
+            cells += [pct(bound, v) for v in values]
+        else:
+            cells += [pct(v, bound) for v in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    if loads:
+        gib = 2**30
+        for label, key, scale, digits in (
+            ("load time (s)", "load_s", 1, 2),
+            ("load + first 8 tokens (s)", "first_gen_s", 1, 2),
+            ("RSS after load (GiB)", "rss_after_load", gib, 2),
+            ("peak RSS (GiB)", "peak_rss", gib, 2),
+            ("peak RSS - RSS before load (GiB)", "peak_rss_growth", gib, 2),
+        ):
+            values = [loads[e][key] / scale if e in loads else None for e in engines]
+            if key == "first_gen_s":
+                values = [None if e not in loads else (loads[e]["load_s"] + loads[e][key]) for e in engines]
+            cells = [label] + [fmt(v, digits) for v in values]
+            if peer and mine != peer:
+                cells.append("-")
+            if key == "load_s":
+                read = min(v["read_s"] for v in loads.values())
+                cells.append(f"read shard {read:.2f}")
+                cells += [f"{v / read:.1f}x read" if v is not None else "-" for v in values]
+            elif key in ("peak_rss", "rss_after_load", "peak_rss_growth"):
+                bound = (weight_bytes + kv_bytes) / gib
+                cells.append(f"weights+KV {bound:.2f}")
+                cells += [pct(v, bound) if v is not None else "-" for v in values]
+            else:
+                cells += ["-"] * (1 + len(engines))
+            lines.append("| " + " | ".join(cells) + " |")
+
+    out = [
+        "# Benchmark results",
+        "",
+        f"- Command: `python benchmarks/bench.py {' '.join(argv)}`",
+        f"- Machine: {machine()}; {versions()}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Model: random-weight `{opts.model}` geometry ({work.matmul_params / 1e9:.2f}B matmul "
+        f"parameters), bf16, {opts.threads} threads; greedy; {new} new tokens per prompt; median of "
+        f"{opts.repeats} rounds, engines alternating within each round.",
+        f"- Measured bounds: memory read {bandwidth / 1e9:.1f} GB/s (1 GiB fp32 sum); bf16 matmul "
+        f"{flops / 1e9:.0f} GFLOP/s ({PREFILL_LEN}x{work.args.dim} by {work.args.dim}x{4 * work.args.dim}). "
+        f"Decode bound = bandwidth / (bf16 weight bytes + KV bytes at the mean context of "
+        f"{avg_context}) per step; prefill bound = matmul throughput / (2 x matmul params) per token.",
+    ]
+    if agree:
+        out.append(f"- Greedy agreement between engines (first tokens of a 128-token prompt): {agree}.")
+    out += ["", *lines, ""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == LOAD_CHILD:
+        load_child(argv[1], Path(argv[2]), int(argv[3]))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(MODELS), default="tinyllama", help="checkpoint geometry")
+    parser.add_argument(
+        "--engines",
+        default="codellama,transformers",
+        help="comma-separated: codellama, codellama-compile, transformers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every engine")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    opts = parser.parse_args(argv)
+    engines = [e.strip() for e in opts.engines.split(",") if e.strip()]
+    cases = [c.strip() for c in opts.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
+    if opts.repeats < 1 or opts.new_tokens < 2:
+        parser.error("--repeats must be >= 1 and --new-tokens >= 2")
+
+    torch.set_num_threads(opts.threads)
+    ckpt = ensure_checkpoint(opts.cache_dir, opts.model)
+    args = ModelArgs(**MODELS[opts.model])
+    work = Workload(args)
+
+    loads: Dict[str, Dict[str, float]] = {}
+    if "load" in cases:
+        for name in engines:
+            loads[name] = measure_load(name, ckpt, opts.threads)
+            print(f"load {name}: {loads[name]}", file=sys.stderr)
+
+    bandwidth = memory_read_bandwidth(opts.repeats)
+    flops = bf16_matmul_flops(opts.repeats, args.dim)
+    in_process = [c for c in cases if c != "load"]
+    results: Dict[str, Dict[str, float]] = {e: {} for e in engines}
+    agree = None
+    if in_process:
+        live = [make_engine(name, ckpt) for name in engines]
+        for engine in live:  # warm-up: page in the weights, compile, build kernels
+            run_case(engine, random_prompts([DECODE_PROMPT], 1), 4)
+        agree = agreement(live, seed=1)
+        samples: Dict[str, Dict[str, List[float]]] = {e: {} for e in engines}
+        bw_samples, flop_samples = [bandwidth], [flops]
+        for round_index in range(opts.repeats):
+            order = live if round_index % 2 == 0 else live[::-1]
+            for engine in order:
+                for key, value in measure_round(
+                    engine, in_process, opts.new_tokens, seed=round_index
+                ).items():
+                    samples[engine.name].setdefault(key, []).append(value)
+                    print(f"round {round_index} {engine.name} {key} {value:.3f}", file=sys.stderr)
+            bw_samples.append(memory_read_bandwidth(1))
+            flop_samples.append(bf16_matmul_flops(1, args.dim))
+            gc.collect()
+        results = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
+        bandwidth, flops = max(bw_samples), max(flop_samples)
+
+    weight_bytes = sum(
+        t.numel() * 2
+        for t in torch.load(
+            ckpt / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True
+        ).values()
+    )
+    kv_bytes = 2 * args.n_layers * args.kv_heads * args.head_dim * MAX_BATCH * MAX_SEQ_LEN * 2
+    text = report(argv, opts, engines, results, loads, bandwidth, flops, work, weight_bytes, kv_bytes, agree)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
