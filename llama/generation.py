@@ -376,7 +376,7 @@ class Llama:
                 content = self.tokenizer.decode(t)
                 lp = [token_logprobs[by_dialog[i]]] if logprobs else None
             else:
-                t, content, lp = [], UNSAFE_ERROR, [[]]
+                t, content, lp = [], UNSAFE_ERROR, ([[]] if logprobs else None)
             message: Message = {"role": "assistant", "content": content}
             if turns:
                 message["destination"] = "user"
