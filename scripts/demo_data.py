@@ -177,3 +177,19 @@ def dedent_lines(text: str, indent: str) -> Optional[str]:
 def instruction_request(function: Function) -> str:
     """The user message of an instruction pair: write this function, described by its docstring."""
     return f"Write a Python function `{function.signature}`: {function.summary()}"
+
+
+def tail_lines(text: str, budget: int) -> str:
+    """The last `budget` characters of `text`, starting at a line start."""
+    if len(text) <= budget:
+        return text
+    cut = text.find("\n", len(text) - budget)
+    return "" if cut < 0 else text[cut + 1 :]
+
+
+def head_lines(text: str, budget: int) -> str:
+    """The first `budget` characters of `text`, ending at a line end."""
+    if len(text) <= budget:
+        return text
+    cut = text.rfind("\n", 0, budget)
+    return "" if cut < 0 else text[: cut + 1]

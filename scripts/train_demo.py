@@ -39,10 +39,12 @@ from scripts.demo_data import (  # noqa: E402
     Function,
     dedent_lines,
     find_functions,
+    head_lines,
     instruction_request,
     read_source,
     split_corpus,
     stdlib_dir,
+    tail_lines,
 )
 
 CHECKPOINT_FILES = ["params.json", "consolidated.00.pth", "tokenizer.model"]
@@ -141,8 +143,8 @@ class Batches:
             middle = text[start:end]
             prefix_budget, suffix_budget = self.rng.randint(0, 1200), self.rng.randint(0, 700)
             for _attempt in range(4):
-                prefix = _tail_lines(text[:start], prefix_budget)
-                suffix = _head_lines(text[end:], suffix_budget)
+                prefix = tail_lines(text[:start], prefix_budget)
+                suffix = head_lines(text[end:], suffix_budget)
                 suffix_first = self.rng.random() < 0.5
                 tokens = (
                     infilling_prompt_tokens(self.tok, prefix, suffix, suffix_first=suffix_first)
@@ -182,22 +184,6 @@ def instruction_pair_tokens(tokenizer: Tokenizer, request: str, answer: str) -> 
     if tokens[-len(last_turn) :] != last_turn:
         raise RuntimeError("unexpected Instruct prompt layout")
     return tokens[: -len(last_turn)]
-
-
-def _tail_lines(text: str, budget: int) -> str:
-    """The last `budget` characters of `text`, starting at a line start."""
-    if len(text) <= budget:
-        return text
-    cut = text.find("\n", len(text) - budget)
-    return "" if cut < 0 else text[cut + 1 :]
-
-
-def _head_lines(text: str, budget: int) -> str:
-    """The first `budget` characters of `text`, ending at a line end."""
-    if len(text) <= budget:
-        return text
-    cut = text.rfind("\n", 0, budget)
-    return "" if cut < 0 else text[: cut + 1]
 
 
 def init_weights(model: Transformer, n_layers: int) -> None:
@@ -269,15 +255,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--vocab_size", type=int, default=3000)
     parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--n_layers", type=int, default=6)
+    parser.add_argument("--n_layers", type=int, default=4)
     parser.add_argument("--n_heads", type=int, default=6)
     parser.add_argument("--n_kv_heads", type=int, default=2)
     parser.add_argument("--seq_len", type=int, default=320)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2.5e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--save_every", type=int, default=300, help="also save every N steps")
+    parser.add_argument("--save_every", type=int, default=100, help="also save every N steps")
     args = parser.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         parser.error("--steps and --minutes must be positive")
