@@ -1,0 +1,47 @@
+"""One rank of the model-parallel test: run under `torchrun --nproc_per_node 2`.
+
+Usage: parallel_worker.py JOB.json. The job names the checkpoints, the tokenizer, the prompts
+and an output folder; each rank saves what it computed to `rank{N}.pt` there, for the test to
+compare with a single-process run.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+
+def main(job_path: str) -> None:
+    torch.set_num_threads(1)
+    with open(job_path) as f:
+        job = json.load(f)
+    rank = int(os.environ["RANK"])
+    result = {"errors": {}}
+
+    from llama import Llama
+
+    # Checkpoints whose heads cannot be split over two ranks must be refused with the reason.
+    for name, ckpt_dir in job["indivisible"].items():
+        try:
+            Llama.build(ckpt_dir, job["tokenizer"], max_seq_len=32, max_batch_size=1, dtype="float32")
+        except ValueError as err:
+            result["errors"][name] = str(err)
+
+    generator = Llama.build(
+        job["ckpt_dir"], job["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32", seed=7
+    )
+    print(f"stdout of rank {rank}", flush=True)
+    result["shapes"] = {k: tuple(v.shape) for k, v in generator.model.state_dict().items()}
+
+    with torch.inference_mode():
+        tokens = torch.tensor(job["forward_tokens"])
+        result["forward_logits"] = generator.model(tokens, 0)
+    result["greedy"] = generator.generate(job["prompts"], max_gen_len=12, temperature=0.0, logprobs=True)
+    result["completion"] = generator.text_completion(job["texts"], temperature=0.0, max_gen_len=8)
+    result["sampled"] = generator.generate(job["prompts"], max_gen_len=12, temperature=1.0, top_p=0.95)[0]
+    torch.save(result, os.path.join(job["out_dir"], f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
