@@ -18,7 +18,7 @@ import torch
 
 from llama import Llama
 from llama.model import ModelArgs
-from tests.tiny import random_state_dict, tiny_params, write_checkpoint
+from tests.tiny import random_state_dict, split_dim, tiny_params, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -108,25 +108,14 @@ def mp1(mp_run, tokenizer_path):
 def test_each_rank_holds_its_spec_shard(mp_run):
     """Per-rank parameter shapes follow SPEC.md's split dims (halves of the full tensors)."""
     full = mp_run["full"]
-    split = {  # SPEC.md: which dim fairscale splits; norms are replicated
-        "tok_embeddings.weight": 1,
-        "output.weight": 0,
-        "attention.wq.weight": 0,
-        "attention.wk.weight": 0,
-        "attention.wv.weight": 0,
-        "attention.wo.weight": 1,
-        "feed_forward.w1.weight": 0,
-        "feed_forward.w3.weight": 0,
-        "feed_forward.w2.weight": 1,
-    }
     for rank in mp_run["ranks"]:
         shapes = rank["shapes"]
         assert set(shapes) == set(full)
         for key, shape in shapes.items():
             expected = list(full[key].shape)
-            dims = [dim for suffix, dim in split.items() if key.endswith(suffix)]
-            if dims:
-                expected[dims[0]] //= 2
+            dim = split_dim(key)  # SPEC.md's split dim; None for the replicated norms
+            if dim is not None:
+                expected[dim] //= 2
             assert list(shape) == expected, key
         assert shapes["norm.weight"] == tuple(full["norm.weight"].shape)
 
