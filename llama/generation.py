@@ -150,15 +150,7 @@ class Llama:
                 or max_gen_len is negative.
         """
         params = self.model.params
-        for index, prompt in enumerate(prompt_tokens):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty: it needs at least one token (e.g. BOS)")
-            if len(prompt) >= params.max_seq_len:
-                raise ValueError(
-                    f"prompt {index} is {len(prompt)} tokens long, which leaves no room to generate "
-                    f"within max_seq_len={params.max_seq_len}: shorten it or build with a larger "
-                    "max_seq_len"
-                )
+        self._check_prompt_lengths(prompt_tokens)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
@@ -235,6 +227,21 @@ class Llama:
             out_tokens.append(toks)
             out_logprobs.append(row_lp)
         return out_tokens, out_logprobs
+
+    def _check_prompt_lengths(
+        self, prompt_tokens: List[List[int]], names: Optional[List[str]] = None
+    ) -> None:
+        """Raise ValueError naming the first prompt that is empty or leaves no room to generate."""
+        max_seq_len = self.model.params.max_seq_len
+        for index, prompt in enumerate(prompt_tokens):
+            name = names[index] if names is not None else f"prompt {index}"
+            if len(prompt) == 0:
+                raise ValueError(f"{name} is empty: it needs at least one token (e.g. BOS)")
+            if len(prompt) >= max_seq_len:
+                raise ValueError(
+                    f"{name} is {len(prompt)} tokens long, which leaves no room to generate "
+                    f"within max_seq_len={max_seq_len}: shorten it or build with a larger max_seq_len"
+                )
 
     @property
     def device(self) -> torch.device:
@@ -360,6 +367,7 @@ class Llama:
         format_dialog = turn_prompt_tokens if turns else instruct_prompt_tokens
         safe_rows = [i for i, flagged in enumerate(unsafe) if not flagged]
         prompt_tokens = [format_dialog(self.tokenizer, dialogs[i]) for i in safe_rows]
+        self._check_prompt_lengths(prompt_tokens, [f"dialog {i}" for i in safe_rows])
         tokens, token_logprobs = self.generate(
             prompt_tokens,
             self._max_gen_len(max_gen_len),

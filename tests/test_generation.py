@@ -431,6 +431,15 @@ def test_too_long_prompt_names_index_length_and_limit(generator, sp):
     with pytest.raises(ValueError, match=r"prompt 0 is 64 tokens long.*max_seq_len=64"):
         generator.generate([[BOS] * 64], 4)
     assert len(generator.generate([[BOS] * 63], 4, temperature=0, stop_token=-1)[0][0]) == 1
+    # Chat names the dialog, counting the refused ones too.
+    dialogs = [
+        [{"role": "user", "content": "[INST]"}],
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": too_long}],
+    ]
+    n = len(sp.encode(f"[INST] {too_long.strip()} [/INST]")) + 1
+    with pytest.raises(ValueError, match=rf"dialog 2 is {n} tokens long.*max_seq_len=64"):
+        generator.chat_completion(dialogs, max_gen_len=4)
 
 
 @pytest.mark.parametrize(
