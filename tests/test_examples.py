@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import example_completion
 import example_infilling
@@ -31,8 +32,11 @@ def checkpoints(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def generator(checkpoints, tokenizer_path):
-    """The oracle: the Python API on the MP=1 checkpoint, in fp32."""
-    return Llama.build(str(checkpoints[1]), str(tokenizer_path), 512, 4, dtype="float32")
+    """The oracle: the Python API on the MP=1 checkpoint, in fp32, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Llama.build(str(checkpoints[1]), str(tokenizer_path), 512, 4, dtype="float32")
+    torch.set_num_threads(threads)
 
 
 def run_example(script, *args, nproc=None, cwd=ROOT):

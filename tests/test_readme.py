@@ -3,6 +3,9 @@
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +39,37 @@ def test_test_extra_has_what_the_tests_import():
     extra = re.search(r'"test":\s*\[(.*?)\]', setup).group(1)
     for package in ("pytest", "transformers"):
         assert f'"{package}' in extra, f"setup.py's test extra lacks {package}"
+
+
+def python_api_blocks():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_python_api_examples_run(checkpoint_dir, tokenizer_path, capsys, one_thread):
+    """The README's API snippets, run in order on a tiny checkpoint in place of CodeLlama-7b."""
+    blocks = python_api_blocks()
+    code = "\n".join(blocks)
+    for method in ("Llama.build", "text_completion", "text_infilling", "<FILL_ME>", "chat_completion"):
+        assert method in code, f"the README's Python API section shows no {method}"
+    code = code.replace('"CodeLlama-7b/tokenizer.model"', repr(str(tokenizer_path)))
+    code = code.replace('"CodeLlama-7b/"', repr(str(checkpoint_dir)))
+    # Shorter generations keep the test fast; the calls are otherwise as written.
+    code = re.sub(r"max_gen_len=\d+", "max_gen_len=8", code).replace("max_seq_len=512", "max_seq_len=160")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "Loaded" in printed
+    # The last printed value is the chat reply; the <FILL_ME> example printed its full text.
+    assert 'def add(a, b):\n    """' in printed
+    assert namespace["results"][0]["generation"]["role"] == "assistant"
