@@ -5,6 +5,7 @@ model without a second copy of the weights."""
 import contextlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple, Union
 
@@ -87,12 +88,17 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     Raises:
         ValueError: naming the file if it is truncated, corrupt or not a state dict.
     """
+    fix = "re-download it and check it with `md5sum -c checklist.chk`"
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; a cut-off download loses the archive's index at the end.
+        raise ValueError(
+            f"checkpoint shard {path} is not a complete PyTorch archive (truncated or corrupt): {fix}"
+        )
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged zip/pickle
         raise ValueError(
-            f"cannot read checkpoint shard {path}: {err}. The file is truncated or corrupt: "
-            "re-download it and check it with `md5sum -c checklist.chk`"
+            f"cannot read checkpoint shard {path} ({err}): it is truncated or corrupt: {fix}"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint shard {path} does not hold a state dict of tensors")
