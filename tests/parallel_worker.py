@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+import torch.distributed
 
 
 def main(job_path: str) -> None:
@@ -41,6 +42,9 @@ def main(job_path: str) -> None:
     result["completion"] = generator.text_completion(job["texts"], temperature=0.0, max_gen_len=8)
     result["sampled"] = generator.generate(job["prompts"], max_gen_len=12, temperature=1.0, top_p=0.95)[0]
     torch.save(result, os.path.join(job["out_dir"], f"rank{rank}.pt"))
+    # Leave together: a rank that exits while its peer still talks to it aborts the peer.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

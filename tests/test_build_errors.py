@@ -252,6 +252,8 @@ def test_dtype_keyword(checkpoint_dir, tokenizer_path, name, dtype):
     generator = build(checkpoint_dir, tokenizer_path, dtype=name)
     assert {p.dtype for p in generator.model.parameters()} == {dtype}
     assert generator.model.layers[0].attention.cache_k.dtype == dtype
+    with torch.inference_mode():
+        assert generator.model(torch.tensor([[1, 5, 9]]), 0).dtype == torch.float32  # logits always fp32
     tokens, logprobs = greedy(generator)
     assert len(tokens[0]) > 0 and all(lp <= 0 for lp in logprobs[0])
     reference_tokens, _ = greedy(build(checkpoint_dir, tokenizer_path, dtype="float32"))
@@ -277,6 +279,9 @@ def test_default_dtype(checkpoint_dir, tokenizer_path, monkeypatch):
     assert distributed.resolve_dtype(None, cpu) == torch.float32
     assert distributed.resolve_dtype(None, gpu) == torch.float16
     assert distributed.resolve_dtype("float16", cpu) == torch.float16
+    assert distributed.resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unsupported dtype torch.int8"):
+        distributed.resolve_dtype(torch.int8, cpu)
 
 
 # ---------------------------------------------------------------------------------------------
