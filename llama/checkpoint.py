@@ -248,6 +248,58 @@ def check_splittable(ckpt: Checkpoint, params: Dict, world_size: int) -> None:
         sharding.rank_range(key, ckpt.shape(key), 0, world_size)
 
 
+def full_shapes(params: Dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every whole (unsharded) tensor of the model `params` describes."""
+    args = ModelArgs(**params)
+    q, kv, hidden = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (vocab_size, args.dim), "norm.weight": (args.dim,)}
+    for i in range(args.n_layers):
+        layer = {
+            "attention.wq.weight": (q, args.dim),
+            "attention.wk.weight": (kv, args.dim),
+            "attention.wv.weight": (kv, args.dim),
+            "attention.wo.weight": (args.dim, q),
+            "feed_forward.w1.weight": (hidden, args.dim),
+            "feed_forward.w2.weight": (args.dim, hidden),
+            "feed_forward.w3.weight": (hidden, args.dim),
+            "attention_norm.weight": (args.dim,),
+            "ffn_norm.weight": (args.dim,),
+        }
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes["output.weight"] = (vocab_size, args.dim)
+    return shapes
+
+
+def check_full_shapes(ckpt: Checkpoint, params: Dict) -> None:
+    """Check that `ckpt` holds exactly the tensors `params` describes, with their shapes (the
+    vocabulary size is taken from the embedding when params leave it unset).
+
+    Raises:
+        ValueError: naming the first few missing, unexpected or wrongly shaped tensors.
+    """
+    vocab_size = params.get("vocab_size") or -1
+    if vocab_size <= 0 and "tok_embeddings.weight" in ckpt.keys():
+        vocab_size = ckpt.shape("tok_embeddings.weight")[0]
+    expected = full_shapes(params, vocab_size)
+    found = {key: tuple(ckpt.shape(key)) for key in ckpt.keys()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [
+        f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_first_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_first_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {_first_few(wrong)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {ckpt.source} does not match its model parameters: " + "; ".join(problems)
+        )
+
+
 def load_rank_state_dict(ckpt_dir: str, params: Dict, rank: int, world_size: int) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank` of `world_size`'s state dict, from a checkpoint saved with any
     number of shards (or in Hugging Face layout).

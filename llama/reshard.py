@@ -42,11 +42,12 @@ def write_meta_checkpoint(
         `out_dir`.
 
     Raises:
-        ValueError: if a tensor or the head counts cannot be split into `mp` parts (naming them),
-            or `out_dir` is not empty and `force` is off.
+        ValueError: if the tensors do not match `params`, a tensor or the head counts cannot be
+            split into `mp` parts (naming them), or `out_dir` is not empty and `force` is off.
     """
     if not isinstance(mp, int) or mp < 1:
         raise ValueError(f"--mp must be a positive integer, got {mp!r}")
+    checkpoint.check_full_shapes(ckpt, params)
     checkpoint.check_splittable(ckpt, params, mp)
     keys = ckpt.keys()
     with staged_output_dir(out_dir, force=force, source_dir=ckpt.source) as staging:
