@@ -145,6 +145,15 @@ def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], sour
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     found = {k: tuple(v.shape) for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    problems = _shape_problems(expected, found)
+    if problems:
+        raise ValueError(
+            f"checkpoint {source} does not match params.json and the model-parallel size: {problems}"
+        )
+
+
+def _shape_problems(expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tuple[int, ...]]) -> str:
+    """The first few missing, unexpected and wrongly shaped keys, or "" if the shapes agree."""
     problems = []
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -157,11 +166,7 @@ def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], sour
         problems.append(f"unexpected keys {_first_few(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes {_first_few(wrong)}")
-    if problems:
-        raise ValueError(
-            f"checkpoint {source} does not match params.json and the model-parallel size: "
-            + "; ".join(problems)
-        )
+    return "; ".join(problems)
 
 
 def _first_few(items: List[str], n: int = 5) -> str:
@@ -282,22 +287,9 @@ def check_full_shapes(ckpt: Checkpoint, params: Dict) -> None:
         vocab_size = ckpt.shape("tok_embeddings.weight")[0]
     expected = full_shapes(params, vocab_size)
     found = {key: tuple(ckpt.shape(key)) for key in ckpt.keys()}
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_first_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors {_first_few(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes {_first_few(wrong)}")
+    problems = _shape_problems(expected, found)
     if problems:
-        raise ValueError(
-            f"checkpoint {ckpt.source} does not match its model parameters: " + "; ".join(problems)
-        )
+        raise ValueError(f"checkpoint {ckpt.source} does not match its model parameters: {problems}")
 
 
 def load_rank_state_dict(ckpt_dir: str, params: Dict, rank: int, world_size: int) -> Dict[str, torch.Tensor]:
