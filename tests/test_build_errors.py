@@ -245,6 +245,17 @@ def test_build_twice_in_one_process(checkpoint_dir, tokenizer_path):
     )
 
 
+def test_build_seeds_sampling(checkpoint_dir, tokenizer_path):
+    """build(seed=...) fixes the sampled tokens (what keeps model-parallel ranks in step)."""
+
+    def sampled(seed):
+        generator = build(checkpoint_dir, tokenizer_path, seed=seed)
+        return generator.generate([[1, 5, 9, 14]] * 2, max_gen_len=16, temperature=1.0, top_p=1.0)[0]
+
+    assert sampled(3) == sampled(3)
+    assert sampled(3) != sampled(4)
+
+
 @pytest.mark.parametrize(
     "name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]
 )
