@@ -30,6 +30,8 @@ def run_group(nproc: int, tokenizer_path: Path, out: Path, items: list) -> dict:
 def test_resharding_for_two_and_four_processes(tmp_path, tokenizer_path):
     _, _, dirs = write_layouts(tmp_path, tokenizer_path, mps=(1, 2))
     hf = to_hf(str(dirs[1]), tmp_path / "hf", max_shard_size="200KB", progress=False)
+    # multiple_of=2 gives an FFN hidden size of 170, which 4 processes cannot split.
+    _, _, odd = write_layouts(tmp_path / "odd", tokenizer_path, mps=(1,), multiple_of=2)
     items = [
         (2, "saved with 2 shards", dirs[2]),
         (2, "1 -> 2 on load", dirs[1]),
@@ -38,10 +40,13 @@ def test_resharding_for_two_and_four_processes(tmp_path, tokenizer_path):
         (4, "2 -> 4 on load", dirs[2]),
         (4, "2 -> 4 by llama.reshard", reshard(str(dirs[2]), str(tmp_path / "r4"), 4, progress=False)),
         (4, "Hugging Face on load", hf),
+        (4, "unsplittable", odd[1]),
     ]
     results = run_group(4, tokenizer_path, tmp_path / "out.pt", items)
+    error = results.pop("unsplittable (MP=4)")["error"]
+    assert "cannot split tensor layers.0.feed_forward.w1.weight of shape (170, 64) into 4" in error
 
     reference = probe(Llama.build(str(dirs[1]), str(tokenizer_path), 32, 2, dtype="float32"))
-    assert len(results) == len(items)
+    assert len(results) == len(items) - 1
     for name, result in results.items():
         assert_same_outputs(result, reference, name)
