@@ -38,6 +38,12 @@ def read_params(ckpt_dir: str) -> Dict:
     path = os.path.join(ckpt_dir, PARAMS_FILE)
     if not os.path.isfile(path) and hf_format.is_hf_dir(ckpt_dir):
         return hf_format.params_from_config(hf_format.read_config(ckpt_dir), ckpt_dir)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(ckpt_dir, hf_format.CONFIG_FILE)):
+        raise FileNotFoundError(
+            f"{ckpt_dir} has a Hugging Face config.json but no {hf_format.SINGLE_FILE} or "
+            f"{hf_format.INDEX_FILE}: only safetensors weights are read (re-save the model with "
+            "save_pretrained(..., safe_serialization=True))"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: every checkpoint directory needs its params.json")
     try:

@@ -83,6 +83,10 @@ def to_hf(
         ValueError: unreadable shards, a bad size, or a non-empty `out_dir` without `force`.
     """
     max_bytes = parse_size(max_shard_size)
+    if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int):
+        raise ValueError(f"max_position_embeddings must be an integer, got {max_position_embeddings!r}")
+    if max_position_embeddings < 1:
+        raise ValueError(f"max_position_embeddings must be positive, got {max_position_embeddings}")
     params = checkpoint.read_params(ckpt_dir)
     ckpt = checkpoint.open_checkpoint(ckpt_dir)
     keys = ckpt.keys()

@@ -272,8 +272,9 @@ class HFCheckpoint:
                 if name.endswith(_HF_IGNORED_SUFFIXES):
                     continue
                 self._location[meta_name(name)] = (path, name)
-        if "output.weight" not in self._location and self.config.get("tie_word_embeddings"):
-            self._location["output.weight"] = self._location.get("tok_embeddings.weight")
+        tied = self.config.get("tie_word_embeddings")
+        if "output.weight" not in self._location and tied and "tok_embeddings.weight" in self._location:
+            self._location["output.weight"] = self._location["tok_embeddings.weight"]
 
     def _weight_files(self) -> List[Path]:
         root = Path(self.source)
