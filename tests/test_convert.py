@@ -208,3 +208,17 @@ def test_help_lists_both_directions(capsys):
     with pytest.raises(SystemExit):
         main(["to-hf", "--help"])
     assert "--max_shard_size" in capsys.readouterr().out
+
+
+def test_a_hugging_face_folder_without_safetensors_is_named(tmp_path, tokenizer_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        Llama.build(str(tmp_path), str(tokenizer_path), 32, 2)
+
+
+def test_bad_max_position_embeddings_is_refused(layouts, tmp_path):
+    _, _, dirs = layouts
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        to_hf(str(dirs[1]), tmp_path / "hf", max_position_embeddings=0, progress=False)
+    assert not (tmp_path / "hf").exists()
