@@ -1,5 +1,6 @@
 """Process groups, model parallelism and every device/dtype choice of the engine, in one place."""
 
+import atexit
 import os
 import sys
 from typing import Optional, Tuple, Union
@@ -80,6 +81,7 @@ def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int,
             # A plain `python script.py`: a one-rank group whose rendezvous stays in this
             # process (an in-memory store), so no port is opened and none can collide.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(_leave_process_group)
     world_size = dist.get_world_size()
     if fs_init.model_parallel_is_initialized():
         current = fs_init.get_model_parallel_world_size()
@@ -97,6 +99,14 @@ def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int,
             )
         fs_init.initialize_model_parallel(size)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
+def _leave_process_group() -> None:
+    # A rank that exits with its gloo group still open can abort in the C++ destructors
+    # ("terminate called without an active exception") while its peers are still exiting:
+    # close the group we opened before the interpreter tears down.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def silence_non_zero_ranks() -> None:
