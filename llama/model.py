@@ -15,7 +15,13 @@ from fairscale.nn.model_parallel.layers import (
     ParallelEmbedding,
     RowParallelLinear,
 )
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
 from torch import nn
+
+from llama import kernels
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -99,6 +105,30 @@ def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class ColumnLinear(ColumnParallelLinear):
+    """fairscale's column-parallel linear layer (inference only), multiplying with `kernels.linear`.
+
+    The input is already replicated on every rank, so only the optional gather remains.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear(x, self.weight)
+        if self.gather_output and fs_init.get_model_parallel_world_size() > 1:
+            out = gather_from_model_parallel_region(out)
+        return out
+
+
+class RowLinear(RowParallelLinear):
+    """fairscale's row-parallel linear layer (inference only, input already split by rank),
+    multiplying with `kernels.linear`, then summing the ranks' partial results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear(x, self.weight)
+        if fs_init.get_model_parallel_world_size() > 1:
+            out = reduce_from_model_parallel_region(out)
+        return out
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with a preallocated KV cache."""
 
@@ -109,16 +139,16 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = args.kv_heads // mp
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
-        self.wq = ColumnParallelLinear(
+        self.wq = ColumnLinear(
             args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
         )
-        self.wk = ColumnParallelLinear(
+        self.wk = ColumnLinear(
             args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
         )
-        self.wv = ColumnParallelLinear(
+        self.wv = ColumnLinear(
             args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
         )
-        self.wo = RowParallelLinear(
+        self.wo = RowLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init
         )
         self.cache_k: Optional[torch.Tensor] = None
@@ -173,9 +203,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w1 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w2 = RowLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.w3 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -211,7 +241,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
+        self.output = ColumnLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
         if torch.empty(0).device.type != "meta":
             self.allocate_cache(torch.get_default_dtype(), torch.empty(0).device)
 

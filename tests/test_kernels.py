@@ -1,0 +1,146 @@
+"""The AVX512-BF16 decode kernel against an fp32 recomputation, and its fallback to torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import distributed, kernels
+from llama.model import ModelArgs, Transformer
+from tests.tiny import random_state_dict, tiny_params
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.kernel_available(), reason="this CPU has no AVX512-BF16 (the kernel is never used here)"
+)
+
+
+@pytest.fixture(autouse=True)
+def kernels_enabled():
+    kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(True)
+
+
+def bf16_pair(rows: int, n_out: int, n_in: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n_in, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n_out, n_in, generator=g) * n_in**-0.5).to(torch.bfloat16)
+    return x, w
+
+
+def assert_within_bf16_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """`out` is the exact product of the bf16 inputs, rounded once to bf16 (half an ulp, 2**-8
+    relative), up to fp32 accumulation error."""
+    exact = F.linear(x.double(), w.double())
+    magnitude = F.linear(x.double().abs(), w.double().abs())
+    allowed = exact.abs() * 2**-8 + magnitude * 1e-6
+    error = (out.double() - exact).abs()
+    assert out.dtype == torch.bfloat16
+    assert (error <= allowed).all(), f"max excess error {(error - allowed).max().item():.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, kernels.MAX_ROWS + 1))
+@pytest.mark.parametrize("n_out,n_in", [(64, 2048), (37, 100), (300, 96), (1, 31), (9, 32)])
+def test_kernel_is_the_bf16_product(rows, n_out, n_in):
+    # Shapes cover: many full 32-wide steps, a masked tail, output counts that are not a
+    # multiple of the row block, and a single output row.
+    x, w = bf16_pair(rows, n_out, n_in, seed=rows)
+    assert kernels.kernel_applies(x, w)
+    assert_within_bf16_rounding(kernels.linear(x, w), x, w)
+
+
+@needs_kernel
+def test_kernel_keeps_leading_dims_and_reads_non_contiguous_input():
+    x, w = bf16_pair(6, 48, 64)
+    x3 = x.view(2, 3, 64)
+    out = kernels.linear(x3, w)
+    assert out.shape == (2, 3, 48)
+    assert_within_bf16_rounding(out.view(6, 48), x, w)
+    strided = torch.cat([x, x], dim=1)[:, ::2]  # a non-contiguous view with the same values
+    assert_within_bf16_rounding(kernels.linear(strided, w), strided.contiguous(), w)
+
+
+@needs_kernel
+def test_kernel_agrees_with_torch_bf16_matmul():
+    x, w = bf16_pair(1, 512, 1024, seed=3)
+    ours, torch_bf16 = kernels.linear(x, w).float(), F.linear(x, w).float()
+    torch.testing.assert_close(ours, torch_bf16, rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+def test_kernel_result_does_not_depend_on_the_thread_count():
+    x, w = bf16_pair(2, 257, 320)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear(x, w)
+        torch.set_num_threads(2)
+        two = kernels.linear(x, w)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)  # each output is one thread's sum: no order change
+
+
+def test_fallback_is_exactly_torch():
+    x, w = bf16_pair(4, 40, 64)
+    kernels.set_enabled(False)
+    assert not kernels.kernel_applies(x, w)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float32", "too_many_rows", "requires_grad", "transposed_weight"],
+)
+def test_kernel_not_used_outside_its_domain(case):
+    x, w = bf16_pair(kernels.MAX_ROWS + 1 if case == "too_many_rows" else 2, 24, 64)
+    if case == "float32":
+        x, w = x.float(), w.float()
+    if case == "requires_grad":
+        w.requires_grad_(True)
+    if case == "transposed_weight":
+        w = w.t().contiguous().t()
+    assert not kernels.kernel_applies(x, w)
+    assert torch.equal(kernels.linear(x, w).detach(), F.linear(x, w).detach())
+
+
+def test_gradients_flow_through_the_fallback():
+    x, w = bf16_pair(1, 8, 32)
+    w = w.float().requires_grad_(True)
+    kernels.linear(x.float(), w).sum().backward()
+    torch.testing.assert_close(w.grad, x.float().expand(8, 32))
+
+
+def bf16_model(seed: int = 0) -> Transformer:
+    distributed.init_model_parallel()
+    params = tiny_params(vocab_size=300, dim=96, n_heads=6, n_kv_heads=2, n_layers=2, multiple_of=32)
+    args = ModelArgs(max_seq_len=32, max_batch_size=4, **params)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed))
+    model.to(torch.bfloat16).allocate_cache(torch.bfloat16, "cpu")
+    return model.eval()
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_model_decode_with_kernel_matches_torch_path():
+    """Prefill (torch matmuls) then per-row decode steps (kernel): same logits as with torch only."""
+    model = bf16_model()
+    tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(3, 300, (3, 4), generator=torch.Generator().manual_seed(2))
+
+    def run(use_kernel: bool) -> torch.Tensor:
+        kernels.set_enabled(use_kernel)
+        model.allocate_cache(torch.bfloat16, "cpu")
+        outs = [model(tokens, 0, last_only=True)]
+        for i in range(steps.shape[1]):
+            positions = [6 + i, 6 + i, 6 + i]
+            outs.append(model(steps[:, i : i + 1], positions, last_only=True))
+        return torch.cat(outs, dim=1)
+
+    with_kernel, torch_only = run(True), run(False)
+    # bf16 activations: the two paths differ by bf16 rounding of intermediate products.
+    scale = torch_only.abs().max()
+    assert (with_kernel - torch_only).abs().max() <= 0.05 * scale
