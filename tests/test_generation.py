@@ -1,13 +1,14 @@
 """Llama.generate and the text/chat methods on tiny fp32 checkpoints.
 
 Two kinds of model:
-- the random checkpoint of `checkpoint_dir`, checked against a plain float64 recomputation of
-  the Llama forward pass written here from the published architecture;
+- the random checkpoint of `checkpoint_dir`, checked against the model tests' independent
+  recomputation of the Llama forward pass, run in float64;
 - a "chain" checkpoint whose weights are crafted so that the next token depends only on the last
   one, following `chain_next` below: the tokens each sequence generates, and where it stops, are
   then known in advance.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -17,11 +18,11 @@ from typing import List
 
 import pytest
 import torch
-import torch.nn.functional as F
 from sentencepiece import SentencePieceProcessor
 
 from llama import Llama
 from llama.model import ModelArgs
+from tests.test_model import ref_logits
 from tests.tiny import make_checkpoint, random_state_dict, tiny_params, write_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,39 +39,8 @@ def load_full_checkpoint(ckpt_dir: Path):
 
 
 def reference_logits(params: dict, sd: dict, tokens: List[int]) -> torch.Tensor:
-    """Llama 2 forward pass over a whole sequence in float64: [len(tokens), vocab]."""
-    dim, n_heads = params["dim"], params["n_heads"]
-    n_kv = params.get("n_kv_heads") or n_heads
-    hd, n = dim // n_heads, len(tokens)
-    freqs = params["rope_theta"] ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs)
-    rotation = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [n, 1, hd/2]
-
-    def rope(t):  # rotate the pairs (2i, 2i+1) of each head
-        pairs = torch.view_as_complex(t.reshape(n, t.shape[1], hd // 2, 2).contiguous())
-        return torch.view_as_real(pairs * rotation).reshape(t.shape)
-
-    def rms_norm(t, weight):
-        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + params["norm_eps"]) * weight
-
-    causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
-    x = sd["tok_embeddings.weight"][torch.tensor(tokens)]
-    for layer in range(params["n_layers"]):
-        w = {k.split(f"layers.{layer}.", 1)[1]: v for k, v in sd.items() if k.startswith(f"layers.{layer}.")}
-        h = rms_norm(x, w["attention_norm.weight"])
-        q = rope((h @ w["attention.wq.weight"].T).view(n, n_heads, hd))
-        k = rope((h @ w["attention.wk.weight"].T).view(n, n_kv, hd)).repeat_interleave(n_heads // n_kv, 1)
-        v = (h @ w["attention.wv.weight"].T).view(n, n_kv, hd).repeat_interleave(n_heads // n_kv, 1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / hd**0.5 + causal
-        attention = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n, dim)
-        x = x + attention @ w["attention.wo.weight"].T
-        h = rms_norm(x, w["ffn_norm.weight"])
-        x = (
-            x
-            + (F.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T))
-            @ w["feed_forward.w2.weight"].T
-        )
-    return rms_norm(x, sd["norm.weight"]) @ sd["output.weight"].T
+    """Llama 2 forward pass over a whole sequence (the model tests' recomputation): [len, vocab]."""
+    return ref_logits(sd, ModelArgs(**params), torch.tensor(tokens))
 
 
 def reference_logprobs(params, sd, prompt: List[int], generated: List[int]) -> List[float]:
@@ -534,3 +504,64 @@ def test_empty_prompt_lists_do_not_touch_the_model(chain, monkeypatch):
     ]
     with pytest.raises(AssertionError, match="the model ran"):
         chain.text_completion(["x"], max_gen_len=1)
+
+
+# ----------------------------------------------------------------------------- drop-in API
+
+
+def test_public_signatures_match_the_reference():
+    def head(method, count):
+        parameters = list(inspect.signature(method).parameters.values())[1 : count + 1]
+        return [(p.name, p.default) for p in parameters]
+
+    empty = inspect.Parameter.empty
+    assert head(Llama.generate, 7) == [
+        ("prompt_tokens", empty),
+        ("max_gen_len", empty),
+        ("temperature", 0.6),
+        ("top_p", 0.9),
+        ("logprobs", False),
+        ("echo", False),
+        ("stop_token", None),
+    ]
+    assert head(Llama.text_completion, 6) == [
+        ("prompts", empty),
+        ("temperature", 0.6),
+        ("top_p", 0.9),
+        ("max_gen_len", None),
+        ("logprobs", False),
+        ("echo", False),
+    ]
+    infilling = head(Llama.text_infilling, 7)
+    assert [name for name, _ in infilling] == [
+        "prefixes",
+        "suffixes",
+        "temperature",
+        "top_p",
+        "max_gen_len",
+        "logprobs",
+        "suffix_first",
+    ]
+    assert infilling[2:] == [
+        ("temperature", 0.0),
+        ("top_p", 0.9),
+        ("max_gen_len", None),
+        ("logprobs", False),
+        ("suffix_first", False),
+    ]
+    assert head(Llama.chat_completion, 5) == [
+        ("dialogs", empty),
+        ("temperature", 0.6),
+        ("top_p", 0.9),
+        ("max_gen_len", None),
+        ("logprobs", False),
+    ]
+    # Anything added after the reference's arguments is keyword-only.
+    for method, count in (
+        (Llama.generate, 7),
+        (Llama.text_completion, 6),
+        (Llama.text_infilling, 7),
+        (Llama.chat_completion, 5),
+    ):
+        extra = list(inspect.signature(method).parameters.values())[count + 1 :]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
