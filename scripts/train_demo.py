@@ -252,6 +252,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="number of optimizer steps")
     budget.add_argument("--minutes", type=float, help="wall-time budget; steps are set from measured speed")
+    parser.add_argument(
+        "--init_from",
+        default=None,
+        help="start from this checkpoint folder (its params.json, weights and tokenizer) instead of scratch",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--vocab_size", type=int, default=3000)
     parser.add_argument("--dim", type=int, default=192)
@@ -286,7 +291,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"{len(held_out)} held out",
         flush=True,
     )
-    train_tokenizer(texts, out_dir / "tokenizer.model", args.vocab_size)
+    init_dir = None if args.init_from is None else Path(args.init_from)
+    if init_dir is None:
+        train_tokenizer(texts, out_dir / "tokenizer.model", args.vocab_size)
+    elif init_dir.resolve() != out_dir.resolve():
+        shutil.copyfile(init_dir / "tokenizer.model", out_dir / "tokenizer.model")
     tokenizer = Tokenizer(str(out_dir / "tokenizer.model"))
     batches = Batches(tokenizer, texts, args.seq_len, args.seed)
     n_tokens = sum(map(len, batches.windows))
@@ -297,19 +306,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
 
     init_model_parallel(1)
-    params = {
-        "dim": args.dim,
-        "n_layers": args.n_layers,
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads,
-        "vocab_size": tokenizer.n_words,
-        "multiple_of": 32,
-        "ffn_dim_multiplier": None,
-        "norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-    }
+    if init_dir is not None:
+        params = json.loads((init_dir / "params.json").read_text())
+    else:
+        params = {
+            "dim": args.dim,
+            "n_layers": args.n_layers,
+            "n_heads": args.n_heads,
+            "n_kv_heads": args.n_kv_heads,
+            "vocab_size": tokenizer.n_words,
+            "multiple_of": 32,
+            "ffn_dim_multiplier": None,
+            "norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+        }
     model = Transformer(ModelArgs(**params, max_batch_size=1, max_seq_len=1))
-    init_weights(model, args.n_layers)
+    if init_dir is None:
+        init_weights(model, params["n_layers"])
+    else:
+        state = torch.load(init_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
+        model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+        print(f"continuing from the weights in {init_dir}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters {params}", flush=True)
 
