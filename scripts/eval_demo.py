@@ -36,15 +36,16 @@ from scripts.demo_data import (  # noqa: E402
     tail_lines,
 )
 
-MAX_HEADER_TOKENS = 96
-MAX_BODY_TOKENS = 128
+MAX_HEADER_TOKENS = 128
+MAX_BODY_TOKENS = 160
 
 
-def body_until_dedent(generation: str) -> str:
-    """The generated lines up to (not including) the first non-blank line at column 0."""
+def body_until_dedent(generation: str, def_indent: str = "") -> str:
+    """The generated lines up to (not including) the first non-blank line indented no deeper
+    than the `def` (where the function has ended)."""
     kept = []
     for line in generation.splitlines(keepends=True):
-        if line.strip() and not line[0].isspace():
+        if line.strip() and len(line) - len(line.lstrip()) <= len(def_indent):
             break
         kept.append(line)
     return "".join(kept)
@@ -195,8 +196,17 @@ def evaluate(ckpt_dir: str, limit: int, seq_len: int, max_gen_len: int, batch_si
             suffix_first=suffix_first,
         )
         middles = [r["generation"] for r in infills]
+        # Strict: the whole middle the model wrote before `▁<EOT>`. Cut: the middle up to where
+        # the function ends, the rule the completion rate uses.
         results[name] = _share(
             function_parses(item.header, dedent_lines(middle, item.function.indent) or "")
+            for item, middle in zip(items, middles)
+        )
+        results[name.replace("_parse_rate", "_cut_parse_rate")] = _share(
+            function_parses(
+                item.header,
+                dedent_lines(body_until_dedent(middle, item.function.indent), item.function.indent) or "",
+            )
             for item, middle in zip(items, middles)
         )
         if not suffix_first:
@@ -243,9 +253,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument("--ckpt_dir", default="models/demo")
     parser.add_argument("--out_json", default=None, help="also write the results here")
-    parser.add_argument("--max_functions", type=int, default=64)
+    parser.add_argument("--max_functions", type=int, default=100)
     parser.add_argument("--seq_len", type=int, default=320, help="the length the model was trained on")
-    parser.add_argument("--max_gen_len", type=int, default=160)
+    parser.add_argument("--max_gen_len", type=int, default=176)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

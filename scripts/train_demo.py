@@ -10,7 +10,8 @@ built with `llama.prompts.instruct_prompt_tokens`). Writes a Meta-format checkpo
     python scripts/train_demo.py --out models/demo --minutes 40
 
 With `--minutes` the number of steps is chosen from the speed of the first steps and printed;
-rerun with `--steps N` (same seed) to repeat a run exactly.
+rerun with `--steps N` (same seed) to repeat a run exactly. `--init_from DIR` continues from a
+checkpoint folder this script wrote (same tokenizer and shapes, fresh optimizer and schedule).
 """
 
 import argparse
