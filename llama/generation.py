@@ -146,11 +146,11 @@ class Llama:
             model (0.0 for the first prompt token), else None.
 
         Raises:
-            ValueError: if a prompt is empty or leaves no room to generate within max_seq_len,
-                or max_gen_len is negative.
+            ValueError: if a prompt is empty, holds an id outside the vocabulary or leaves no
+                room to generate within max_seq_len, or max_gen_len is negative.
         """
         params = self.model.params
-        self._check_prompt_lengths(prompt_tokens)
+        self._check_prompts(prompt_tokens)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
@@ -228,15 +228,20 @@ class Llama:
             out_logprobs.append(row_lp)
         return out_tokens, out_logprobs
 
-    def _check_prompt_lengths(
-        self, prompt_tokens: List[List[int]], names: Optional[List[str]] = None
-    ) -> None:
-        """Raise ValueError naming the first prompt that is empty or leaves no room to generate."""
-        max_seq_len = self.model.params.max_seq_len
+    def _check_prompts(self, prompt_tokens: List[List[int]], names: Optional[List[str]] = None) -> None:
+        """Raise ValueError naming the first prompt that is empty, holds an id outside the
+        vocabulary, or leaves no room to generate."""
+        max_seq_len, vocab_size = self.model.params.max_seq_len, self.model.params.vocab_size
         for index, prompt in enumerate(prompt_tokens):
             name = names[index] if names is not None else f"prompt {index}"
             if len(prompt) == 0:
                 raise ValueError(f"{name} is empty: it needs at least one token (e.g. BOS)")
+            bad = [t for t in prompt if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name} holds token id {bad[0]}, outside the vocabulary of {vocab_size} "
+                    "(ids must come from this model's tokenizer)"
+                )
             if len(prompt) >= max_seq_len:
                 raise ValueError(
                     f"{name} is {len(prompt)} tokens long, which leaves no room to generate "
@@ -367,7 +372,7 @@ class Llama:
         format_dialog = turn_prompt_tokens if turns else instruct_prompt_tokens
         safe_rows = [i for i, flagged in enumerate(unsafe) if not flagged]
         prompt_tokens = [format_dialog(self.tokenizer, dialogs[i]) for i in safe_rows]
-        self._check_prompt_lengths(prompt_tokens, [f"dialog {i}" for i in safe_rows])
+        self._check_prompts(prompt_tokens, [f"dialog {i}" for i in safe_rows])
         tokens, token_logprobs = self.generate(
             prompt_tokens,
             self._max_gen_len(max_gen_len),

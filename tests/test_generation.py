@@ -412,6 +412,15 @@ def test_too_long_prompt_names_index_length_and_limit(generator, sp):
         generator.chat_completion(dialogs, max_gen_len=4)
 
 
+def test_token_ids_outside_the_vocabulary_name_the_prompt(generator):
+    with pytest.raises(ValueError, match=r"prompt 1 holds token id 600, outside the vocabulary of 600"):
+        generator.generate([[BOS, 5], [BOS, 600]], 4)
+    with pytest.raises(ValueError, match=r"prompt 0 holds token id -1"):
+        generator.generate([[BOS, -1]], 4)
+    with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+        generator.generate([[]], 4)
+
+
 @pytest.mark.parametrize(
     "dialog, message",
     [

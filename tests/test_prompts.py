@@ -63,8 +63,9 @@ class Recorder:
 
 
 def recording_llama(tokenizer_path):
-    model = SimpleNamespace(params=SimpleNamespace(max_seq_len=2048, max_batch_size=4))
-    llama = Llama(model, Tokenizer(str(tokenizer_path)))
+    tokenizer = Tokenizer(str(tokenizer_path))
+    params = SimpleNamespace(max_seq_len=2048, max_batch_size=4, vocab_size=tokenizer.n_words)
+    llama = Llama(SimpleNamespace(params=params), tokenizer)
     llama.generate = Recorder()
     return llama
 
