@@ -218,8 +218,14 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and (_available if _available is not None else kernel_available())
+        and (_available if _available is not None else _first_use_outside_tracing())
     )
+
+
+def _first_use_outside_tracing() -> bool:
+    # Compiling (a C++ build behind a lock) cannot be traced: a graph traced before the first
+    # eager use keeps torch's matmul. Call `kernel_available()` before torch.compile to avoid it.
+    return False if torch.compiler.is_compiling() else kernel_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
