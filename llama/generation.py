@@ -5,11 +5,11 @@ release; new abilities are keyword arguments it did not have.
 """
 
 import time
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Callable, List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, kernels
 from llama.model import ModelArgs, Transformer
 from llama.prompts import (
     UNSAFE_ERROR,
@@ -58,6 +58,7 @@ class Llama:
         *,
         seed: int = 1,
         dtype: Union[None, str, torch.dtype] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
 
@@ -77,6 +78,8 @@ class Llama:
             seed: random seed, the same on every rank (sampling must agree across ranks).
             dtype: "bfloat16", "float16" or "float32"; default bf16 where supported, else
                 fp16 on GPU, fp32 on CPU.
+            compile: run the decode step (one new token per row) through `torch.compile`:
+                the first generation pays the compilation, later steps run fused code.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -115,11 +118,12 @@ class Llama:
             f"{str(model_dtype).removeprefix('torch.')}, {device}) in "
             f"{time.perf_counter() - started:.2f} s"
         )
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self._decode_step = _compiled(model) if compile else model
 
     @torch.inference_mode()
     def generate(
@@ -211,7 +215,7 @@ class Llama:
             # Row r feeds its newest token at position lengths[r] + step; finished rows are
             # clamped inside the cache and their output ignored.
             positions = [min(n + step, max_seq_len - 1) for n in lengths]
-            logits = model(next_token[:, None], positions, last_only=True)[:, -1]
+            logits = self._decode_step(next_token[:, None], positions, last_only=True)[:, -1]
 
         gen = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
         gen_lp = torch.stack(generated_lp, dim=1).tolist() if generated_lp else [[] for _ in prompts]
@@ -402,6 +406,12 @@ class Llama:
             prediction["tokens"] = [self.tokenizer.token_piece(x) for x in tokens]
             prediction["logprobs"] = token_logprobs[index]
         return prediction
+
+
+def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:
+    """`model` under torch.compile, for decode steps (prompts of other lengths run eagerly)."""
+    kernels.kernel_available()  # settle the kernel choice before tracing
+    return torch.compile(model)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
