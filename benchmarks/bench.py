@@ -558,7 +558,48 @@ def report(
     if agree:
         out.append(f"- Greedy agreement between engines (first tokens of a 128-token prompt): {agree}.")
     out += ["", *lines, ""]
+    targets = target_lines(mine, peer, results, loads, weight_bytes + kv_bytes)
+    if targets:
+        out += ["## Targets", "", *targets, ""]
     return "\n".join(out)
+
+
+def target_lines(
+    mine: str,
+    peer: Optional[str],
+    results: Dict[str, Dict[str, float]],
+    loads: Dict[str, Dict[str, float]],
+    resident_bound: int,
+) -> List[str]:
+    """One line per target of the engine, with the measured number and whether it is met."""
+    lines = []
+
+    def check(label: str, met: bool, detail: str) -> None:
+        lines.append(f"- {'met' if met else 'NOT met'}: {label} ({detail})")
+
+    ours, theirs = results.get(mine, {}), results.get(peer, {}) if peer else {}
+    if "decode1" in ours and "decode1" in theirs:
+        ratio = ours["decode1"] / theirs["decode1"]
+        check("decode at batch 1 >= 2x transformers", ratio >= 2, f"{ratio:.2f}x")
+    higher = ("decode1", "decode4", "prefill")
+    compared = [k for k in higher + ("uneven", "longest") if k in ours and k in theirs]
+    if compared:
+        slower = [k for k in compared if (ours[k] < theirs[k] if k in higher else ours[k] > theirs[k])]
+        check("faster than transformers in every row", not slower, f"slower in: {slower or 'none'}")
+    if "prefill" in ours and "prefill" in theirs:
+        ratio = ours["prefill"] / theirs["prefill"]
+        check(
+            f"prefill of {PREFILL_LEN} tokens at least as fast as transformers", ratio >= 1, f"{ratio:.2f}x"
+        )
+    if "uneven_ratio" in ours:
+        ratio = ours["uneven_ratio"]
+        check("uneven batch <= 1.3x the longest prompt alone", ratio <= 1.3, f"{ratio:.2f}x")
+    if mine in loads:
+        growth = loads[mine]["peak_rss_growth"] / resident_bound
+        check("peak RSS growth within 10% of weights + KV cache", growth <= 1.1, f"{100 * growth:.0f}%")
+        load = loads[mine]["load_s"] / min(v["read_s"] for v in loads.values())
+        check("load time within 2x of reading the shard file", load <= 2, f"{load:.1f}x")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> None:
