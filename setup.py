@@ -3,12 +3,13 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+README = ROOT / "README.md"
 
 setup(
     name="codellama",
     version="0.1.0",
-    description="An inference engine for Code Llama checkpoints: completion, infilling and chat, on CPU and GPU",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    description="Inference engine for Code Llama checkpoints: completion, infilling and chat, on CPU and GPU",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
