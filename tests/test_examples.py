@@ -211,3 +211,22 @@ def test_user_prompt_sources(tmp_path, monkeypatch):
         cli.user_prompt(None, str(tmp_path / "nope.txt"))
     with pytest.raises(ValueError, match="empty"):
         cli.user_prompt("  \n", None)
+
+
+@pytest.mark.parametrize(
+    "module, marker, count",
+    [
+        (example_completion, "> ", len(example_completion.PROMPTS)),
+        (example_infilling, " Filled in text ", len(example_infilling.PROMPTS)),
+        (example_instructions, "> Assistant: ", len(example_instructions.DIALOGS)),
+    ],
+)
+def test_runs_on_the_bundled_demo_model_by_default(module, marker, count):
+    """The quick start: no --ckpt_dir or --tokenizer_path (only a short generation, to keep it fast)."""
+    script = Path(module.__file__)
+    status, out, err = run_example(script, "--max_gen_len", "12")
+    assert status == 0, err
+    assert f"from {ROOT / 'models' / 'demo'} (MP=1" in out
+    assert out.count(marker) >= count
+    first_prompt = (getattr(module, "PROMPTS", None) or [module.DIALOGS[0][0]["content"]])[0]
+    assert first_prompt in out
