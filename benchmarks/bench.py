@@ -651,8 +651,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     agree = None
     if in_process:
         live = [make_engine(name, ckpt) for name in engines]
-        for engine in live:  # warm-up: page in the weights, compile, build kernels
-            run_case(engine, random_prompts([DECODE_PROMPT], 1), 4)
+        for engine in live:  # warm-up: page in the weights, build kernels, compile every batch shape
+            for lengths in ([DECODE_PROMPT], [DECODE_PROMPT] * MAX_BATCH, UNEVEN_LENGTHS):
+                run_case(engine, random_prompts(lengths, 1), 4)
         agree = agreement(live, seed=1)
         samples: Dict[str, Dict[str, List[float]]] = {e: {} for e in engines}
         bw_samples, flop_samples = [bandwidth], [flops]
