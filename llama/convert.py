@@ -23,7 +23,7 @@ from llama.output_dir import PathLike, copy_if_present, owns_storage, staged_out
 from llama.reshard import TOKENIZER_FILE, write_meta_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-# Code Llama was trained on 16k-token sequences (SPEC.md); the released HF configs say 16384.
+# Code Llama was trained on 16k-token sequences; the released HF configs say 16384.
 DEFAULT_MAX_POSITION_EMBEDDINGS = 16384
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

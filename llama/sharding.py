@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-# Tensors fairscale splits across model-parallel ranks, and along which dim (SPEC.md).
+# Tensors fairscale splits across model-parallel ranks, and along which dim.
 # ParallelEmbedding splits the embedding dim; ColumnParallelLinear its output rows;
 # RowParallelLinear its input columns. Everything else (the RMSNorm weights) is replicated.
 SPLIT_DIMS: Dict[str, int] = {

@@ -1,6 +1,6 @@
-"""The released Code Llama configurations, built on the meta device (no memory), against SPEC.md.
+"""The released Code Llama configurations, built on the meta device (no memory).
 
-Expected parameter counts and per-rank shard shapes are computed here from SPEC.md's table
+Expected parameter counts and per-rank shard shapes are computed here from the released models' table
 (dim, layers, heads, kv heads, FFN hidden size, vocabulary, MP) and its sharding rules, not
 from the model code.
 """
@@ -14,7 +14,7 @@ from llama import checkpoint, distributed
 from llama.generation import kv_cache_bytes
 from llama.model import ModelArgs
 
-# SPEC.md's table: model -> (MP, dim, layers, heads, kv heads, FFN hidden, vocab)
+# the released models' table: model -> (MP, dim, layers, heads, kv heads, FFN hidden, vocab)
 TABLE = {
     "7B": (1, 4096, 32, 32, 32, 11008, 32016),
     "13B": (2, 5120, 40, 40, 40, 13824, 32016),
@@ -39,7 +39,7 @@ def model_args(name: str) -> ModelArgs:
 
 
 def expected_shapes(name: str, mp: int) -> dict:
-    """Per-rank tensor shapes from SPEC.md's sharding rules."""
+    """Per-rank tensor shapes from the released checkpoints' sharding rules."""
     _, dim, layers, heads, kv_heads, hidden, vocab = TABLE[name]
     head_dim = dim // heads
     shapes = {

@@ -43,7 +43,9 @@ def test_hf_layout_names_permutation_and_config(layouts, tmp_path):
     assert len(tensors) == len(full) and all(t.dtype == torch.float32 for t in tensors.values())
 
     head_dim = params["dim"] // params["n_heads"]
-    per_head = torch.tensor(list(range(0, head_dim, 2)) + list(range(1, head_dim, 2)))  # SPEC.md
+    per_head = torch.tensor(
+        list(range(0, head_dim, 2)) + list(range(1, head_dim, 2))
+    )  # Hugging Face's per-head row order
 
     def hf_rows(weight, heads):
         return torch.cat([weight[h * head_dim + per_head] for h in range(heads)])

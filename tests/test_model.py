@@ -1,6 +1,6 @@
 """The Transformer against an independent fp32 re-computation of the Llama 2 equations.
 
-The reference below is written from the equations in SPEC.md (pre-norm RMSNorm, complex-number
+The reference below is written from the Llama 2 equations (pre-norm RMSNorm, complex-number
 rotary embeddings with rope_theta, grouped-query attention by repeating K/V heads, causal
 softmax, SwiGLU) with plain tensor operations: no fairscale, no KV cache, no shared code with
 llama/model.py.

@@ -1,4 +1,4 @@
-"""Model parallelism: a checkpoint sharded into MP=2 files as SPEC.md describes, run by two gloo
+"""Model parallelism: a checkpoint sharded into MP=2 files as the released checkpoints are, run by two gloo
 processes under torchrun, computes what the unsharded checkpoint computes in one process.
 
 torchrun is launched once for the whole module (tests/parallel_worker.py does several checks per
@@ -106,14 +106,14 @@ def mp1(mp_run, tokenizer_path):
 
 
 def test_each_rank_holds_its_spec_shard(mp_run):
-    """Per-rank parameter shapes follow SPEC.md's split dims (halves of the full tensors)."""
+    """Per-rank parameter shapes follow the released split dims (halves of the full tensors)."""
     full = mp_run["full"]
     for rank in mp_run["ranks"]:
         shapes = rank["shapes"]
         assert set(shapes) == set(full)
         for key, shape in shapes.items():
             expected = list(full[key].shape)
-            dim = split_dim(key)  # SPEC.md's split dim; None for the replicated norms
+            dim = split_dim(key)  # the released split dim; None for the replicated norms
             if dim is not None:
                 expected[dim] //= 2
             assert list(shape) == expected, key

@@ -46,7 +46,7 @@ def test_reshard_writes_the_fairscale_split_of_the_weights(layouts, tmp_path, so
     out = reshard(str(dirs[source_mp]), str(tmp_path / "out"), target_mp, progress=False)
 
     shards = load_shards(out)
-    expected = shard_state_dict(full, target_mp)  # the test fixtures' own split of SPEC.md
+    expected = shard_state_dict(full, target_mp)  # the test fixtures' own split of the released layout
     assert len(shards) == target_mp
     for rank, (shard, want) in enumerate(zip(shards, expected)):
         assert sorted(shard) == sorted(want), f"rank {rank} keys"

@@ -68,7 +68,7 @@ def test_shards_of_different_shapes_are_rejected():
 
 
 def test_hf_row_order_is_evens_then_odds_per_head():
-    # SPEC.md: per head, Hugging Face stores rows [0, 2, 4, .., 1, 3, 5, ..].
+    # Per head, Hugging Face stores rows [0, 2, 4, .., 1, 3, 5, ..].
     head_dim, heads = 6, 3
     meta = torch.arange(heads * head_dim, dtype=torch.float32)[:, None].repeat(1, 2)
     order = [0, 2, 4, 1, 3, 5]
@@ -94,7 +94,7 @@ def test_hf_names_round_trip():
         hf_format.meta_name("lm_head.bias")
 
 
-# SPEC.md's table (7B, 13B, 34B, 70B) and two tiny widths.
+# the released models' table (7B, 13B, 34B, 70B) and two tiny widths.
 @pytest.mark.parametrize(
     "dim, hidden", [(4096, 11008), (5120, 13824), (8192, 22016), (8192, 28672), (64, 192), (64, 170)]
 )

@@ -52,7 +52,7 @@ def train_tokenizer(
     return out_dir / f"{name}.model"
 
 
-# Tensors fairscale splits, and along which dim (SPEC.md); everything else is replicated.
+# Tensors fairscale splits, and along which dim; everything else is replicated.
 SPLIT_DIM = {
     "tok_embeddings.weight": 1,
     "attention.wq.weight": 0,
@@ -100,7 +100,7 @@ def random_state_dict(args: ModelArgs, seed: int = 0) -> Dict[str, torch.Tensor]
 
 
 def shard_state_dict(sd: Dict[str, torch.Tensor], mp: int) -> List[Dict[str, torch.Tensor]]:
-    """Split a full state dict into `mp` fairscale shards, contiguously, as SPEC.md describes."""
+    """Split a full state dict into `mp` fairscale shards, contiguously, as the released checkpoints are."""
     shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(mp)]
     for key, tensor in sd.items():
         dim = split_dim(key)
