@@ -190,9 +190,9 @@ class Llama:
 
         # Prefill: each prompt on its own cache row, so rows never see each other's padding.
         last_logits, prompt_logprobs = [], []
+        need_all = logprobs and echo  # log-probabilities of the prompt tokens themselves
         for row, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], dtype=torch.long, device=device)
-            need_all = logprobs and echo
             logits = model(ids, 0, last_only=not need_all, row_offset=row)
             if need_all:
                 lp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
@@ -286,7 +286,11 @@ class Llama:
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo
         )
         return [
-            self._prediction({"generation": self.tokenizer.decode(t)}, t, token_logprobs, i)
+            self._prediction(
+                {"generation": self.tokenizer.decode(t)},
+                t,
+                None if token_logprobs is None else token_logprobs[i],
+            )
             for i, t in enumerate(tokens)
         ]
 
@@ -343,7 +347,9 @@ class Llama:
         for i, (t, prefix, suffix) in enumerate(zip(tokens, prefixes, suffixes)):
             middle = self.tokenizer.decode_infilling(t)
             prediction = {"generation": middle, "full_text": prefix + middle + suffix}
-            results.append(self._prediction(prediction, t, token_logprobs, i))
+            results.append(
+                self._prediction(prediction, t, None if token_logprobs is None else token_logprobs[i])
+            )
         return results
 
     def chat_completion(
@@ -391,20 +397,20 @@ class Llama:
             if i in by_dialog:
                 t = tokens[by_dialog[i]]
                 content = self.tokenizer.decode(t)
-                lp = [token_logprobs[by_dialog[i]]] if logprobs else None
+                lp = token_logprobs[by_dialog[i]] if logprobs else None
             else:
-                t, content, lp = [], UNSAFE_ERROR, ([[]] if logprobs else None)
+                t, content, lp = [], UNSAFE_ERROR, ([] if logprobs else None)
             message: Message = {"role": "assistant", "content": content}
             if turns:
                 message["destination"] = "user"
-            results.append(self._prediction({"generation": message}, t, lp, 0))
+            results.append(self._prediction({"generation": message}, t, lp))
         return results
 
-    def _prediction(self, prediction: dict, tokens: List[int], token_logprobs, index: int) -> dict:
+    def _prediction(self, prediction: dict, tokens: List[int], token_logprobs: Optional[List[float]]) -> dict:
         """Add `tokens` (pieces) and `logprobs` to a result when log-probabilities were asked for."""
         if token_logprobs is not None:
             prediction["tokens"] = [self.tokenizer.token_piece(x) for x in tokens]
-            prediction["logprobs"] = token_logprobs[index]
+            prediction["logprobs"] = token_logprobs
         return prediction
 
 
