@@ -188,16 +188,20 @@ class Llama:
         steps = max(budgets)
         stop = torch.tensor(sorted(stop_ids), device=device)
 
-        # Prefill: each prompt on its own cache row, so rows never see each other's padding.
+        # Prefill: the prompts laid end to end (no padding) in passes of at most max_seq_len
+        # tokens, each prompt into its own cache row.
         last_logits, prompt_logprobs = [], []
         need_all = logprobs and echo  # log-probabilities of the prompt tokens themselves
-        for row, prompt in enumerate(prompts):
-            ids = torch.tensor([prompt], dtype=torch.long, device=device)
-            logits = model(ids, 0, last_only=not need_all, row_offset=row)
+        for rows in _pack(lengths, max_seq_len):
+            ids = [torch.tensor(prompts[row], dtype=torch.long, device=device) for row in rows]
+            logits = model.forward_packed(ids, row_offset=rows.start, last_only=not need_all)
             if need_all:
-                lp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
-                prompt_logprobs.append([0.0] + lp.tolist())
-            last_logits.append(logits[:, -1])
+                per_prompt = logits.split([lengths[row] for row in rows])
+                for prompt_ids, prompt_logits in zip(ids, per_prompt):
+                    lp = torch.log_softmax(prompt_logits[:-1], dim=-1).gather(-1, prompt_ids[1:, None])[:, 0]
+                    prompt_logprobs.append([0.0] + lp.tolist())
+                logits = torch.stack([prompt_logits[-1] for prompt_logits in per_prompt])
+            last_logits.append(logits)
         logits = torch.cat(last_logits)
 
         generated, generated_lp = [], []
@@ -412,6 +416,18 @@ class Llama:
             prediction["tokens"] = [self.tokenizer.token_piece(x) for x in tokens]
             prediction["logprobs"] = token_logprobs
         return prediction
+
+
+def _pack(lengths: List[int], budget: int) -> List[range]:
+    """Split consecutive prompts into groups of at most `budget` tokens (a longer prompt alone)."""
+    groups, first, total = [], 0, 0
+    for row, n in enumerate(lengths):
+        if row > first and total + n > budget:
+            groups.append(range(first, row))
+            first, total = row, 0
+        total += n
+    groups.append(range(first, len(lengths)))
+    return groups
 
 
 def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:

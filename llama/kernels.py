@@ -43,60 +43,71 @@ static inline uint16_t to_bf16(float f) {
 }
 
 // y[m, n .. n+R) = x[m, :] . w[n .. n+R, :] for all M rows of x: each weight row is read once.
-template <int M, int R>
+// U independent accumulators per (m, r) hide the latency of the dot-product instruction; PF > 0
+// prefetches the weights PF elements ahead, which helps when several rows of x make the loop
+// compute-heavy and the hardware prefetchers fall behind.
+template <int M, int R, int U, int PF>
 static inline void rows_block(const uint16_t* __restrict x, const uint16_t* __restrict w, int64_t K,
                               uint16_t* __restrict y, int64_t N, int64_t n) {
-  __m512 acc[M][R];
+  __m512 acc[M][R][U];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
   const uint16_t* wr = w + n * K;
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) {
-      wv[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
-      // Rows are often exactly one 4 KiB page, where hardware prefetchers stop: fetch the next
-      // block's rows ahead of time.
-      _mm_prefetch((const char*)(wr + (R + r) * K + k), _MM_HINT_T0);
-    }
-    for (int m = 0; m < M; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+  for (; k + 32 * U <= K; k += 32 * U) {
+    if (PF > 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * u);
+      for (int m = 0; m < M; ++m) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u);
+        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], xv, wv[r]);
+      }
     }
   }
-  if (k < K) {
-    __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+  for (; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask32 mask = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << left) - 1);
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + r * K + k);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], xv, wv[r]);
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[m][r][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
+      y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(sum));
+    }
 }
 
-template <int M, int R>
+template <int M, int R, int U, int PF>
 static void gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t N, int64_t K, int threads) {
   const int64_t blocks = N / R;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R>(x, w, K, y, N, b * R);
-  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, K, y, N, n);
+  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R, U, PF>(x, w, K, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1, 1, 0>(x, w, K, y, N, n);
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous. Returns 0, or 1 for an unsupported M.
+// One or two rows: stream one weight row at a time (a single sequential read per thread, which
+// the hardware prefetchers follow best). More rows: share each x load between several weight
+// rows, within the 32 vector registers.
 extern "C" int codellama_gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t N,
                                    int64_t K, int threads) {
   switch (M) {
-    case 1: gemv<1, 8>(x, w, y, N, K, threads); return 0;
-    case 2: gemv<2, 8>(x, w, y, N, K, threads); return 0;
-    case 3: gemv<3, 4>(x, w, y, N, K, threads); return 0;
-    case 4: gemv<4, 4>(x, w, y, N, K, threads); return 0;
-    case 5: gemv<5, 2>(x, w, y, N, K, threads); return 0;
-    case 6: gemv<6, 2>(x, w, y, N, K, threads); return 0;
-    case 7: gemv<7, 2>(x, w, y, N, K, threads); return 0;
-    case 8: gemv<8, 2>(x, w, y, N, K, threads); return 0;
+    case 1: gemv<1, 1, 2, 0>(x, w, y, N, K, threads); return 0;
+    case 2: gemv<2, 1, 2, 0>(x, w, y, N, K, threads); return 0;
+    case 3: gemv<3, 6, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 4: gemv<4, 6, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 5: gemv<5, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 6: gemv<6, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 7: gemv<7, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 8: gemv<8, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
     default: return 1;
   }
 }

@@ -5,7 +5,7 @@ fairscale layers ask fairscale for the model-parallel group, which the caller se
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -25,6 +25,33 @@ from llama import kernels
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
+
+
+class Segment(NamedTuple):
+    """One sequence's tokens inside a chunk whose tokens are laid out one after another."""
+
+    row: int  # KV-cache row of the sequence
+    offset: int  # index of its first token in the chunk
+    length: int  # number of its tokens in the chunk
+    start: int  # cache position of its first token
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs to know about a chunk (computed once per forward).
+
+    Either `segments` (several tokens per sequence: each sequence attends to its own cache row,
+    causally) or, for one new token per row, `rows`/`write_pos`/`kv_len`/`mask` (all rows in
+    one batched attention call).
+    """
+
+    cos: torch.Tensor  # rotary angles, fp32, broadcastable to [B, L, 1, head_dim // 2]
+    sin: torch.Tensor
+    segments: Optional[List[Segment]] = None
+    rows: Optional[slice] = None
+    write_pos: Union[int, torch.Tensor] = 0
+    kv_len: int = 0
+    mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -162,40 +189,69 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: slice,
-        write_pos: Union[int, torch.Tensor],
-        kv_len: int,
-        mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+    # Query tokens per attention call over several tokens of a sequence: each block of queries
+    # reads only the keys up to its last position (causal), and the mask stays small.
+    query_block: int = 64
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        cache_k, cache_v = self.cache_k[rows], self.cache_v[rows]
-        if isinstance(write_pos, int):
-            cache_k[:, :, write_pos : write_pos + seqlen] = k.transpose(1, 2)
-            cache_v[:, :, write_pos : write_pos + seqlen] = v.transpose(1, 2)
-        else:  # one position per row, one token per row
-            batch = torch.arange(bsz, device=x.device)
-            cache_k[batch, :, write_pos] = k[:, 0]
-            cache_v[batch, :, write_pos] = v[:, 0]
-        keys, values = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
-
-        # Grouped-query attention without repeating K/V: the n_rep query heads that share a
-        # kv head are stacked along the query axis, so every kv head is read once.
-        q = q.transpose(1, 2).reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
-        if mask is not None and self.n_rep > 1:
-            mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).flatten(2, 3)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(bsz, self.n_local_heads, seqlen, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        if inputs.segments is None:
+            out = self._attend_one_token_per_row(q, k, v, inputs)
+        else:
+            out = self._attend_segments(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), inputs.segments)
         return self.wo(out.reshape(bsz, seqlen, -1))
+
+    def _attend_one_token_per_row(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
+    ) -> torch.Tensor:
+        """Decode step: q/k/v [B, 1, heads, D], one cache row per batch row; returns [B, 1, H*D]."""
+        bsz = q.shape[0]
+        cache_k, cache_v = self.cache_k[inputs.rows], self.cache_v[inputs.rows]
+        if isinstance(inputs.write_pos, int):
+            cache_k[:, :, inputs.write_pos] = k[:, 0]
+            cache_v[:, :, inputs.write_pos] = v[:, 0]
+        else:  # one position per row
+            batch = torch.arange(bsz, device=q.device)
+            cache_k[batch, :, inputs.write_pos] = k[:, 0]
+            cache_v[batch, :, inputs.write_pos] = v[:, 0]
+        keys, values = cache_k[:, :, : inputs.kv_len], cache_v[:, :, : inputs.kv_len]
+        # Grouped-query attention without repeating K/V: the n_rep query heads that share a kv
+        # head are stacked along the query axis, so every kv head is read once.
+        q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        mask = inputs.mask
+        if mask is not None and self.n_rep > 1:
+            mask = mask.expand(-1, -1, self.n_rep, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.reshape(bsz, 1, -1)
+
+    def _attend_segments(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: List[Segment]
+    ) -> torch.Tensor:
+        """Tokens of several sequences one after another: q/k/v [T, heads, D]; returns [T, H*D]."""
+        out = torch.empty_like(q)
+        for seg in segments:
+            end = seg.start + seg.length
+            tokens = slice(seg.offset, seg.offset + seg.length)
+            cache_k, cache_v = self.cache_k[seg.row], self.cache_v[seg.row]  # [kv_heads, S, D]
+            cache_k[:, seg.start : end] = k[tokens].transpose(0, 1)
+            cache_v[:, seg.start : end] = v[tokens].transpose(0, 1)
+            for first in range(0, seg.length, self.query_block):
+                last = min(seg.length, first + self.query_block)
+                n, kv_len = last - first, seg.start + last
+                block = slice(seg.offset + first, seg.offset + last)
+                # Key j is visible to the query at position p iff j <= p (p = start + first + i).
+                visible = torch.ones(n, kv_len, dtype=torch.bool, device=q.device).tril(seg.start + first)
+                mask = visible.expand(self.n_rep, n, kv_len).reshape(1, 1, self.n_rep * n, kv_len)
+                queries = q[block].transpose(0, 1).reshape(1, self.n_local_kv_heads, self.n_rep * n, -1)
+                attended = F.scaled_dot_product_attention(
+                    queries, cache_k[None, :, :kv_len], cache_v[None, :, :kv_len], attn_mask=mask
+                )
+                out[block] = attended.view(self.n_local_heads, n, self.head_dim).transpose(0, 1)
+        return out.flatten(1)
 
 
 class FeedForward(nn.Module):
@@ -220,8 +276,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, *attention_args) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), *attention_args)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), inputs)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -252,47 +308,58 @@ class Transformer(nn.Module):
                 self.params.max_batch_size, self.params.max_seq_len, dtype, torch.device(device)
             )
 
+    def _check_fits(self, rows: range, first_pos: int, end_pos: int) -> None:
+        max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size
+        if first_pos < 0 or end_pos > max_seq_len:
+            raise ValueError(
+                f"positions {first_pos}..{end_pos - 1} do not fit in the KV cache of "
+                f"max_seq_len={max_seq_len}"
+            )
+        if rows.start < 0 or rows.stop > max_batch:
+            raise ValueError(
+                f"batch rows {rows.start}..{rows.stop - 1} do not fit in the KV cache of "
+                f"max_batch_size={max_batch}"
+            )
+
+    def _rotary(self, positions: torch.Tensor) -> List[torch.Tensor]:
+        """cos and sin of the rotary angles for `positions` [B, L]: each [B, L, 1, head_dim // 2]."""
+        angles = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)[:, :, None, :]
+        return [angles.cos(), angles.sin()]
+
     def _attention_inputs(
         self, start_pos: StartPos, bsz: int, seqlen: int, device: torch.device, row_offset: int
-    ) -> Tuple[torch.Tensor, torch.Tensor, slice, Union[int, torch.Tensor], int, Optional[torch.Tensor]]:
-        """Rotary angles, cache rows and write positions, and the attention mask for a chunk."""
-        max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size
+    ) -> AttentionInputs:
+        """Rotary angles, cache rows and positions, and attention layout for a [B, L] chunk."""
         if isinstance(start_pos, int):
             starts: List[int] = [start_pos] * bsz
         else:
             starts = [int(s) for s in start_pos]
             if len(starts) != bsz:
                 raise ValueError(f"start_pos has {len(starts)} entries for a batch of {bsz} rows")
-        if min(starts) < 0 or max(starts) + seqlen > max_seq_len:
-            raise ValueError(
-                f"positions {min(starts)}..{max(starts) + seqlen - 1} do not fit in the KV cache of "
-                f"max_seq_len={max_seq_len}"
-            )
-        if row_offset < 0 or row_offset + bsz > max_batch:
-            raise ValueError(
-                f"batch rows {row_offset}..{row_offset + bsz - 1} do not fit in the KV cache of "
-                f"max_batch_size={max_batch}"
-            )
+        self._check_fits(range(row_offset, row_offset + bsz), min(starts), max(starts) + seqlen)
         uniform = all(s == starts[0] for s in starts)
         if not uniform and seqlen != 1:
             raise ValueError("per-row start positions are supported for one token per row only")
-        kv_len = max(starts) + seqlen
 
         start_t = torch.tensor(starts, device=device)
         positions = start_t[:, None] + torch.arange(seqlen, device=device)  # [B, L]
-        angles = rotary_angles(positions, self.params.head_dim, self.params.rope_theta)
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-
-        if uniform and seqlen == 1:
-            mask = None  # one new token sees every cached position
-        else:
-            # Key j is visible to the query at absolute position p iff j <= p. Correct for any
-            # start position and chunk length (not only square prompt chunks).
+        cos, sin = self._rotary(positions)
+        if seqlen > 1:
+            segments = [Segment(row_offset + b, b * seqlen, seqlen, starts[b]) for b in range(bsz)]
+            return AttentionInputs(cos, sin, segments=segments)
+        kv_len = max(starts) + 1
+        mask = None  # rows at the same position see every cached position
+        if not uniform:  # key j is visible to row b iff j <= its position
             keys = torch.arange(kv_len, device=device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, L, kv_len]
-        write_pos: Union[int, torch.Tensor] = starts[0] if uniform else start_t
-        rows = slice(row_offset, row_offset + bsz)
-        return cos, sin, rows, write_pos, kv_len, mask
+            mask = (keys[None, :] <= start_t[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        return AttentionInputs(
+            cos,
+            sin,
+            rows=slice(row_offset, row_offset + bsz),
+            write_pos=starts[0] if uniform else start_t,
+            kv_len=kv_len,
+            mask=mask,
+        )
 
     def forward(
         self,
@@ -318,10 +385,49 @@ class Transformer(nn.Module):
             ValueError: if the positions or rows do not fit in the preallocated cache.
         """
         bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        attention_args = self._attention_inputs(start_pos, bsz, seqlen, tokens.device, row_offset)
-        for layer in self.layers:
-            h = layer(h, *attention_args)
+        inputs = self._attention_inputs(start_pos, bsz, seqlen, tokens.device, row_offset)
+        h = self._layers(self.tok_embeddings(tokens), inputs)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def forward_packed(
+        self, sequences: Sequence[torch.Tensor], *, row_offset: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """Prefill several sequences of any lengths in one pass, each into its own cache row.
+
+        The tokens are laid end to end (no padding), so every matrix product runs once over all
+        of them; attention stays within each sequence. Sequence i starts at position 0 of cache
+        row `row_offset + i`.
+
+        Args:
+            sequences: 1-D token-id tensors, each at least one token long.
+            row_offset: cache row of the first sequence.
+            last_only: logits of each sequence's last token only.
+
+        Returns:
+            float32 logits: [len(sequences), vocab] with `last_only`, else [total tokens, vocab]
+            (the sequences' positions one after another).
+
+        Raises:
+            ValueError: if a sequence is empty or the sequences do not fit in the cache.
+        """
+        lengths = [int(seq.numel()) for seq in sequences]
+        if not lengths or min(lengths) < 1:
+            raise ValueError("forward_packed needs at least one sequence, each with at least one token")
+        self._check_fits(range(row_offset, row_offset + len(lengths)), 0, max(lengths))
+        tokens = torch.cat([seq.reshape(-1) for seq in sequences])[None]  # [1, T]
+        device = tokens.device
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        segments = [Segment(row_offset + i, offsets[i], n, 0) for i, n in enumerate(lengths)]
+        inputs = AttentionInputs(*self._rotary(positions), segments=segments)
+        h = self._layers(self.tok_embeddings(tokens), inputs)[0]
+        if last_only:
+            h = h[torch.tensor([o + n - 1 for o, n in zip(offsets, lengths)], device=device)]
+        return self.output(self.norm(h)).float()
+
+    def _layers(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, inputs)
+        return h

@@ -21,6 +21,7 @@ import torch
 from sentencepiece import SentencePieceProcessor
 
 from llama import Llama
+from llama.generation import _pack
 from llama.model import ModelArgs
 from tests.test_model import ref_logits
 from tests.tiny import make_checkpoint, random_state_dict, tiny_params, write_checkpoint
@@ -132,6 +133,28 @@ def test_greedy_is_batch_invariant(generator, small_batch_generator, sp):
         assert generated == small_batch_generator.generate([prompt], 10, temperature=0, stop_token=-1)[0][0]
 
 
+def test_prefill_passes_are_split_at_max_seq_len(generator, random_model):
+    """Prompts are prefilled end to end in passes of at most max_seq_len (64) tokens; a batch
+    that needs three passes generates what each prompt generates alone (the reference)."""
+    params, sd = random_model
+    gen = torch.Generator().manual_seed(11)
+    lengths = [40, 30, 20, 50]
+    prompt_tokens = [[BOS] + torch.randint(3, 200, (n - 1,), generator=gen).tolist() for n in lengths]
+    assert [list(group) for group in _pack(lengths, 64)] == [[0], [1, 2], [3]]
+    tokens, lps = generator.generate(prompt_tokens, 4, temperature=0, logprobs=True, echo=True, stop_token=-1)
+    for prompt, generated, lp in zip(prompt_tokens, tokens, lps):
+        assert generated[: len(prompt)] == prompt
+        assert generated[len(prompt) :] == reference_greedy(params, sd, prompt, 4)
+        expected = [0.0] + reference_logprobs(params, sd, prompt[:1], generated[1:])
+        assert lp == pytest.approx(expected, abs=1e-4)
+
+
+def test_pack_groups_consecutive_prompts_within_the_budget():
+    assert [list(g) for g in _pack([5], 8)] == [[0]]
+    assert [list(g) for g in _pack([3, 5, 1], 8)] == [[0, 1], [2]]
+    assert [list(g) for g in _pack([9, 2, 2, 9], 8)] == [[0], [1, 2], [3]]  # too long: alone
+
+
 def test_logprobs_equal_independent_log_softmax(generator, random_model, sp):
     params, sd = random_model
     prompt_tokens = encode_prompts(sp, PROMPTS[:3])
@@ -184,6 +207,7 @@ import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
 from llama import Llama
+from llama.generation import _pack
 
 ckpt_dir, tokenizer_path, out_dir = sys.argv[1:4]
 generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=3, dtype="float32", seed=7)
@@ -501,6 +525,7 @@ def test_empty_prompt_lists_do_not_touch_the_model(chain, monkeypatch):
         raise AssertionError("the model ran")
 
     monkeypatch.setattr(chain.model, "forward", no_forward)
+    monkeypatch.setattr(chain.model, "forward_packed", no_forward)
     assert chain.generate([], 10) == ([], None)
     assert chain.generate([], 10, logprobs=True) == ([], [])
     assert chain.text_completion([]) == []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama import distributed
-from llama.model import ModelArgs, Transformer, apply_rotary, rotary_angles
+from llama.model import Attention, ModelArgs, Transformer, apply_rotary, rotary_angles
 from tests.tiny import random_state_dict
 
 VOCAB = 97
@@ -198,6 +198,60 @@ def test_last_only_returns_the_last_position(gqa):
     # Also for a chunk at a later position.
     model(tokens[:, :12], 0)
     torch.testing.assert_close(model(tokens[:, 12:], 12, last_only=True), full[:, -1:], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("query_block", [1, 3, 64])
+@torch.inference_mode()
+def test_attention_in_query_blocks_matches_the_reference(gqa, monkeypatch, query_block):
+    """Multi-token chunks attend in blocks of queries, each reading only the keys up to its last
+    position: any block size gives the reference logits, also for a chunk at a later position."""
+    args, sd, model = gqa
+    monkeypatch.setattr(Attention, "query_block", query_block)
+    tokens = random_tokens(23, seed=6)
+    torch.testing.assert_close(model(tokens, 0)[0], ref_logits(sd, args, tokens[0]), atol=TOL, rtol=0)
+    model(tokens[:, :9], 0)
+    later = model(tokens[:, 9:], 9)[0]
+    torch.testing.assert_close(later, ref_logits(sd, args, tokens[0])[9:], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("query_block", [4, 64])
+@torch.inference_mode()
+def test_packed_prefill_equals_each_sequence_alone(gqa, monkeypatch, query_block):
+    """Sequences of different lengths prefilled end to end in one pass: each one's logits and
+    KV-cache row are those of the sequence alone (the reference recomputation)."""
+    args, sd, model = gqa
+    monkeypatch.setattr(Attention, "query_block", query_block)
+    lengths = [3, 17, 1, 9]
+    sequences = [random_tokens(n, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    references = [ref_logits(sd, args, seq) for seq in sequences]
+
+    every = model.forward_packed(sequences)
+    assert every.shape == (sum(lengths), VOCAB)
+    torch.testing.assert_close(every, torch.cat(references), atol=TOL, rtol=0)
+
+    last = model.forward_packed(sequences, last_only=True)
+    assert last.shape == (len(lengths), VOCAB)
+    torch.testing.assert_close(last, torch.stack([ref[-1] for ref in references]), atol=TOL, rtol=0)
+
+    # The cache rows hold each sequence: decoding one more token per row continues correctly.
+    following = torch.tensor([[5], [6], [7], [8]])
+    stepped = model(following, lengths, last_only=True)[:, 0]
+    for row, seq in enumerate(sequences):
+        extended = torch.cat([seq, following[row]])
+        torch.testing.assert_close(stepped[row], ref_logits(sd, args, extended)[-1], atol=TOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_packed_prefill_rejects_what_does_not_fit(gqa):
+    args, sd, model = gqa
+    with pytest.raises(ValueError, match="at least one token"):
+        model.forward_packed([random_tokens(4)[0], torch.tensor([], dtype=torch.long)])
+    with pytest.raises(ValueError, match="at least one sequence"):
+        model.forward_packed([])
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model.forward_packed([random_tokens(65)[0]])
+    with pytest.raises(ValueError, match="max_batch_size=4"):
+        model.forward_packed([random_tokens(2)[0]] * 3, row_offset=2)
 
 
 @torch.inference_mode()
