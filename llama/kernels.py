@@ -1,15 +1,19 @@
-"""A bf16 matrix-vector kernel for decoding on CPUs with AVX512-BF16, and the fallback to torch.
+"""Hand-written CPU kernels for decoding on CPUs with AVX512-BF16, and the fallback to torch.
 
 Decoding one token multiplies a few rows of activations by every weight matrix, so its speed is
 the speed of reading the weights. torch's bf16 matrix-vector product reads them well below the
 memory bandwidth on CPUs; the kernel here streams each weight row once with AVX512-BF16 dot
-products (fp32 accumulation) split over the OpenMP threads torch uses.
+products (fp32 accumulation) split over the OpenMP threads torch uses. The decode-attention
+kernel reads each row's cached keys and values once, in fp32 arithmetic, up to that row's own
+length (no mask), where torch's fused attention is built for long query blocks.
 
 `linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
 of at most `MAX_ROWS` rows on a CPU that has AVX512-BF16, and falls back to `F.linear` on GPUs,
-other CPUs, other dtypes, with autograd, or when the kernel cannot be compiled. The kernel is
-compiled with the system C++ compiler on first use and cached (`CODELLAMA_KERNEL_CACHE`, default
-`~/.cache/codellama`); `CODELLAMA_KERNELS=0` or `set_enabled(False)` turns it off.
+other CPUs, other dtypes, with autograd, or when the kernel cannot be compiled;
+`attention_applies` says when `decode_attention` may be used instead of torch's attention. The
+kernels are compiled with the system C++ compiler on first use and cached
+(`CODELLAMA_KERNEL_CACHE`, default `~/.cache/codellama`); `CODELLAMA_KERNELS=0` or
+`set_enabled(False)` turns them off.
 """
 
 import ctypes
@@ -30,7 +34,9 @@ MAX_ROWS = 8
 
 _SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 // Round-to-nearest-even fp32 -> bf16, as torch does (NaN stays NaN).
@@ -111,6 +117,126 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_
     default: return 1;
   }
 }
+
+// e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
+// 2^f by its degree-6 Taylor polynomial (relative error below 2e-7).
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+// 16 bf16 values widened to fp32 (exact: bf16 is the top half of an fp32).
+static inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
+template <int D>
+static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
+                        int64_t len, float scale, float* scores) {
+  // Scores (fp32 dot products of bf16 values), scaled.
+  for (int64_t s = 0; s < len; ++s) {
+    const uint16_t* ks = k + s * D;
+    __m512bh kv[D / 32];
+    for (int j = 0; j < D / 32; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(ks + 32 * j);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int j = 0; j < D / 32; ++j)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + r * D + 32 * j), kv[j]);
+      scores[r * len + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  // Softmax of each query's scores, in place.
+  for (int64_t r = 0; r < rep; ++r) {
+    float* row = scores + r * len;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 16 <= len; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + s));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; s < len; ++s) m = row[s] > m ? row[s] : m;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (s = 0; s < len; s += 16) {
+      const __mmask16 mask = len - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - s)) - 1);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
+      _mm512_mask_storeu_ps(row + s, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (s = 0; s < len; s += 16) {
+      const __mmask16 mask = len - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - s)) - 1);
+      _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
+    }
+  }
+  // Weighted sum of the values, a few queries at a time so the accumulators stay in registers.
+  constexpr int G = D >= 128 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < rep; r0 += G) {
+    const int g = rep - r0 < G ? (int)(rep - r0) : G;
+    __m512 acc[G][D / 16];
+    for (int i = 0; i < G; ++i)
+      for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      __m512 vv[D / 16];
+      for (int j = 0; j < D / 16; ++j) vv[j] = bf16x16_to_ps(v + s * D + 16 * j);
+      for (int i = 0; i < G; ++i) {
+        if (i >= g) break;
+        const __m512 p = _mm512_set1_ps(scores[(r0 + i) * len + s]);
+        for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_fmadd_ps(p, vv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < g; ++i)
+      for (int j = 0; j < D / 16; ++j) {
+        float tmp[16];
+        _mm512_storeu_ps(tmp, acc[i][j]);
+        for (int e = 0; e < 16; ++e) out[(r0 + i) * D + 16 * j + e] = to_bf16(tmp[e]);
+      }
+  }
+}
+
+// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
+// token per row. q/out [B, H, D] contiguous bf16; key/value element (b, g, s, d) sits at
+// b * row_stride + g * head_stride + s * D + d. Returns 0, 1 for an unsupported head size, or 2 when
+// the scratch memory for the scores cannot be allocated.
+extern "C" int codellama_decode_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                               uint16_t* out, const int64_t* lens, int64_t B, int64_t H,
+                                               int64_t KVH, int64_t D, int64_t row_stride,
+                                               int64_t head_stride, float scale, int threads) {
+  if ((D != 64 && D != 128) || KVH <= 0 || H % KVH != 0) return 1;
+  const int64_t rep = H / KVH;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * rep * (longest + 16));
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+      if (!scores) continue;
+      const int64_t b = task / KVH, g = task % KVH;
+      const uint16_t* kb = k + b * row_stride + g * head_stride;
+      const uint16_t* vb = v + b * row_stride + g * head_stride;
+      const int64_t first = (b * H + g * rep) * D;
+      if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
+      else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
+    }
+    free(scores);
+  }
+  return failed ? 2 : 0;
+}
 """
 
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
@@ -153,20 +279,23 @@ def _cache_dir() -> Path:
 def _compile() -> ctypes.CDLL:
     compiler = os.environ.get("CXX", "g++")
     digest = hashlib.sha256((_SOURCE + " ".join([compiler] + _FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv_bf16_{digest}.so"
+    target = _cache_dir() / f"kernels_bf16_{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, built = Path(tmp) / "gemv_bf16.cpp", Path(tmp) / "gemv_bf16.so"
+            source, built = Path(tmp) / "kernels_bf16.cpp", Path(tmp) / "kernels_bf16.so"
             source.write_text(_SOURCE)
             subprocess.run(
                 [compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True
             )
             os.replace(built, target)  # atomic: concurrent processes never load half a file
     library = ctypes.CDLL(str(target))
-    function = library.codellama_gemv_bf16
-    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    function.restype = ctypes.c_int
+    gemv = library.codellama_gemv_bf16
+    gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    gemv.restype = ctypes.c_int
+    attention = library.codellama_decode_attention_bf16
+    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    attention.restype = ctypes.c_int
     return library
 
 
@@ -255,3 +384,89 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         out = _gemv(rows, weight)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# Head sizes the decode-attention kernel is built for (Code Llama: 128).
+ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether `decode_attention(q, cache, ...)` would take the hand-written kernel."""
+    return (
+        _enabled
+        and q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and cache.dtype == torch.bfloat16
+        and q.shape[-1] in ATTENTION_HEAD_DIMS
+        and cache.stride(-1) == 1
+        and cache.stride(-2) == q.shape[-1]
+        and not (torch.is_grad_enabled() and (q.requires_grad or cache.requires_grad))
+        and (_available if _available is not None else _first_use_outside_tracing())
+    )
+
+
+def _decode_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    q = q.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    if cache_k.stride() != cache_v.stride():
+        raise ValueError("the key and value caches must have the same layout")
+    out = torch.empty_like(q)
+    status = _library.codellama_decode_attention_bf16(
+        q.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        out.data_ptr(),
+        lengths.data_ptr(),
+        batch,
+        heads,
+        cache_k.shape[1],
+        head_dim,
+        cache_k.stride(0),
+        cache_k.stride(1),
+        head_dim**-0.5,
+        torch.get_num_threads(),
+    )
+    if status == 2:
+        raise MemoryError("no memory left for the attention scores of the decode step")
+    if status != 0:
+        raise RuntimeError(f"the decode-attention kernel does not handle {heads} heads of size {head_dim}")
+    return out
+
+
+@torch.library.custom_op("codellama::decode_attention_bf16", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    return _decode_attention(q, cache_k, cache_v, lengths)
+
+
+@_decode_attention_op.register_fake
+def _(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def decode_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new token per row over that row's cached keys and values.
+
+    Args:
+        q: queries [B, heads, head_dim], bf16.
+        cache_k, cache_v: the rows' caches [B, kv_heads, max_seq_len, head_dim], bf16 (the
+            query heads sharing a kv head are consecutive: head h reads kv head h // (heads /
+            kv_heads)).
+        lengths: [B] number of cached positions each row attends to (its new token included).
+
+    Returns:
+        [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over each row's first
+        `lengths[b]` positions, computed in fp32.
+
+    Raises:
+        RuntimeError: if the kernel does not apply (check `attention_applies` first).
+    """
+    if torch.compiler.is_compiling():
+        return _decode_attention_op(q, cache_k, cache_v, lengths)
+    return _decode_attention(q, cache_k, cache_v, lengths)

@@ -41,8 +41,8 @@ class AttentionInputs:
     """What every layer's attention needs to know about a chunk (computed once per forward).
 
     Either `segments` (several tokens per sequence: each sequence attends to its own cache row,
-    causally) or, for one new token per row, `rows`/`write_pos`/`kv_len`/`mask` (all rows in
-    one batched attention call).
+    causally) or, for one new token per row, `rows`/`write_pos`/`kv_len`/`mask`/`lengths` (all
+    rows in one batched attention call).
     """
 
     cos: torch.Tensor  # rotary angles, fp32, broadcastable to [B, L, 1, head_dim // 2]
@@ -52,6 +52,7 @@ class AttentionInputs:
     write_pos: Union[int, torch.Tensor] = 0
     kv_len: int = 0
     mask: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None  # [B] positions each row attends to (int64)
 
 
 @dataclass
@@ -211,13 +212,17 @@ class Attention(nn.Module):
         """Decode step: q/k/v [B, 1, heads, D], one cache row per batch row; returns [B, 1, H*D]."""
         bsz = q.shape[0]
         cache_k, cache_v = self.cache_k[inputs.rows], self.cache_v[inputs.rows]
-        if isinstance(inputs.write_pos, int):
-            cache_k[:, :, inputs.write_pos] = k[:, 0]
-            cache_v[:, :, inputs.write_pos] = v[:, 0]
+        if isinstance(inputs.write_pos, int):  # a slice, not an index: compiles once for all positions
+            position = slice(inputs.write_pos, inputs.write_pos + 1)
+            cache_k[:, :, position] = k.transpose(1, 2)
+            cache_v[:, :, position] = v.transpose(1, 2)
         else:  # one position per row
             batch = torch.arange(bsz, device=q.device)
             cache_k[batch, :, inputs.write_pos] = k[:, 0]
             cache_v[batch, :, inputs.write_pos] = v[:, 0]
+        if kernels.attention_applies(q, cache_k):
+            heads = q.view(bsz, self.n_local_heads, self.head_dim)
+            return kernels.decode_attention(heads, cache_k, cache_v, inputs.lengths).view(bsz, 1, -1)
         keys, values = cache_k[:, :, : inputs.kv_len], cache_v[:, :, : inputs.kv_len]
         # Grouped-query attention without repeating K/V: the n_rep query heads that share a kv
         # head are stacked along the query axis, so every kv head is read once.
@@ -359,6 +364,7 @@ class Transformer(nn.Module):
             write_pos=starts[0] if uniform else start_t,
             kv_len=kv_len,
             mask=mask,
+            lengths=start_t + 1,
         )
 
     def forward(

@@ -46,3 +46,21 @@ def test_compiled_bf16_decode_step_matches_eager(checkpoint_dir, tokenizer_path)
         scale = eager.abs().max()
         assert (compiled - eager).abs().max() <= 0.02 * scale
         model(token, [position], last_only=True)  # leave the eager value in the cache
+
+
+def test_compiled_bf16_generation_with_the_attention_kernel(tmp_path, tokenizer_path):
+    """64-wide heads in bf16: the compiled decode step runs both hand-written kernels (where the
+    CPU has AVX512-BF16) and generates what the eager model generates, uneven prompts included."""
+    import sentencepiece as spm
+
+    from tests.tiny import make_checkpoint
+
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
+    ckpt = make_checkpoint(tmp_path, vocab_size=vocab, dim=128, n_heads=2, n_kv_heads=1, seed=4)
+    eager = Llama.build(str(ckpt), str(tokenizer_path), 32, 3, dtype="bfloat16")
+    compiled = Llama.build(str(ckpt), str(tokenizer_path), 32, 3, dtype="bfloat16", compile=True)
+    assert eager.model.params.head_dim == 64
+    want, _ = eager.generate(PROMPTS, max_gen_len=5, temperature=0.0)
+    got, _ = compiled.generate(PROMPTS, max_gen_len=5, temperature=0.0)
+    assert got == want
+    assert [len(t) for t in got] == [5, 5, 5]

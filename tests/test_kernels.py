@@ -144,3 +144,100 @@ def test_model_decode_with_kernel_matches_torch_path():
     # bf16 activations: the two paths differ by bf16 rounding of intermediate products.
     scale = torch_only.abs().max()
     assert (with_kernel - torch_only).abs().max() <= 0.05 * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+# ---------------------------------------------------------------------------------------------
+
+
+def fp64_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per row over its first lengths[b] positions, in float64, with
+    query head h reading kv head h // (heads / kv_heads): written out with plain tensor ops."""
+    batch, heads, head_dim = q.shape
+    rep = heads // cache_k.shape[1]
+    out = torch.empty(batch, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            keys = cache_k[b, h // rep, : int(lengths[b])].double()
+            values = cache_v[b, h // rep, : int(lengths[b])].double()
+            weights = torch.softmax(keys @ q[b, h].double() / head_dim**0.5, dim=0)
+            out[b, h] = weights @ values
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,lengths",
+    [
+        (8, 1, 64, [1]),
+        (8, 2, 64, [17, 5, 300, 64]),  # uneven rows, lengths that are not multiples of 16
+        (4, 4, 128, [33, 2]),  # no grouping, Code Llama's head size
+        (16, 2, 128, [1000]),
+    ],
+)
+def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths):
+    g = torch.Generator().manual_seed(len(lengths) * heads + head_dim)
+    batch, max_len = len(lengths), max(lengths) + 7
+    q = torch.randn(batch, heads, head_dim, generator=g).to(torch.bfloat16)
+    # Cache rows of a larger cache (rows 1..batch): the kernel follows the strides.
+    cache_k = (torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g) * 2).to(torch.bfloat16)[1:]
+    cache_v = torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g).to(torch.bfloat16)[1:]
+    assert kernels.attention_applies(q, cache_k)
+    lengths_t = torch.tensor(lengths)
+    out = kernels.decode_attention(q, cache_k, cache_v, lengths_t)
+    expected = fp64_attention(q, cache_k, cache_v, lengths)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    # fp32 arithmetic, then one rounding to bf16 (2**-8 relative).
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    # Positions past a row's length do not matter.
+    cache_k[:, :, max(lengths) :] = 1e4
+    torch.testing.assert_close(kernels.decode_attention(q, cache_k, cache_v, lengths_t), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["float32", "head_dim_32", "disabled"])
+def test_decode_attention_not_used_outside_its_domain(case):
+    head_dim = 32 if case == "head_dim_32" else 64
+    q = torch.zeros(1, 2, head_dim, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 1, 8, head_dim, dtype=torch.bfloat16)
+    if case == "float32":
+        q, cache = q.float(), cache.float()
+    if case == "disabled":
+        kernels.set_enabled(False)
+    assert not kernels.attention_applies(q, cache)
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_model_decode_attention_kernel_matches_torch_path(monkeypatch):
+    """A bf16 model with 64-wide heads decoding rows at different positions: the same logits
+    with the attention kernel as with torch's scaled_dot_product_attention."""
+    calls = []
+    kernel = kernels._decode_attention
+    monkeypatch.setattr(kernels, "_decode_attention", lambda *args: calls.append(1) or kernel(*args))
+    distributed.init_model_parallel()
+    params = tiny_params(vocab_size=300, dim=256, n_heads=4, n_kv_heads=2, n_layers=2, multiple_of=32)
+    args = ModelArgs(max_seq_len=64, max_batch_size=3, **params)
+    assert args.head_dim == 64
+    with torch.device("cpu"):
+        model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, 5))
+    model.to(torch.bfloat16).eval()
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 20, 9)]
+    steps = torch.randint(3, 300, (3, 5), generator=torch.Generator().manual_seed(7))
+
+    def run(use_kernel: bool) -> torch.Tensor:
+        kernels.set_enabled(use_kernel)
+        model.allocate_cache(torch.bfloat16, "cpu")
+        outs = [model.forward_packed(prompts, last_only=True)[:, None]]
+        for i in range(steps.shape[1]):
+            positions = [len(p) + i for p in prompts]
+            outs.append(model(steps[:, i : i + 1], positions, last_only=True))
+        return torch.cat(outs, dim=1)
+
+    with_kernel = run(True)
+    assert len(calls) == 2 * steps.shape[1]  # every layer of every decode step
+    torch_only = run(False)
+    assert len(calls) == 2 * steps.shape[1]
+    scale = torch_only.abs().max()
+    assert (with_kernel - torch_only).abs().max() <= 0.05 * scale
