@@ -50,8 +50,8 @@ static inline uint16_t to_bf16(float f) {
 
 // y[m, n .. n+R) = x[m, :] . w[n .. n+R, :] for all M rows of x: each weight row is read once.
 // U independent accumulators per (m, r) hide the latency of the dot-product instruction; PF > 0
-// prefetches the weights PF elements ahead, which helps when several rows of x make the loop
-// compute-heavy and the hardware prefetchers fall behind.
+// prefetches the weights PF elements (tens of KiB) ahead into L2, which keeps memory busy when
+// several rows of x make the loop compute-heavy and the hardware prefetchers fall behind.
 template <int M, int R, int U, int PF>
 static inline void rows_block(const uint16_t* __restrict x, const uint16_t* __restrict w, int64_t K,
                               uint16_t* __restrict y, int64_t N, int64_t n) {
@@ -63,7 +63,7 @@ static inline void rows_block(const uint16_t* __restrict x, const uint16_t* __re
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
     if (PF > 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T1);
     for (int u = 0; u < U; ++u) {
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * u);
@@ -108,12 +108,12 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_
   switch (M) {
     case 1: gemv<1, 1, 2, 0>(x, w, y, N, K, threads); return 0;
     case 2: gemv<2, 1, 2, 0>(x, w, y, N, K, threads); return 0;
-    case 3: gemv<3, 6, 1, 8192>(x, w, y, N, K, threads); return 0;
-    case 4: gemv<4, 6, 1, 8192>(x, w, y, N, K, threads); return 0;
-    case 5: gemv<5, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
-    case 6: gemv<6, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
-    case 7: gemv<7, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
-    case 8: gemv<8, 2, 1, 8192>(x, w, y, N, K, threads); return 0;
+    case 3: gemv<3, 4, 1, 32768>(x, w, y, N, K, threads); return 0;
+    case 4: gemv<4, 4, 1, 32768>(x, w, y, N, K, threads); return 0;
+    case 5: gemv<5, 2, 1, 32768>(x, w, y, N, K, threads); return 0;
+    case 6: gemv<6, 2, 1, 32768>(x, w, y, N, K, threads); return 0;
+    case 7: gemv<7, 2, 1, 32768>(x, w, y, N, K, threads); return 0;
+    case 8: gemv<8, 2, 1, 32768>(x, w, y, N, K, threads); return 0;
     default: return 1;
   }
 }
