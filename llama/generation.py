@@ -206,6 +206,7 @@ class Llama:
 
         generated, generated_lp = [], []
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        check_every = distributed.steps_between_stop_checks(device)
         budget_t = torch.tensor(budgets, device=device)
         for step in range(steps):
             next_token = _sample(logits, temperature, top_p)
@@ -214,7 +215,7 @@ class Llama:
                 lp = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
                 generated_lp.append(lp)
             done |= torch.isin(next_token, stop) | (budget_t <= step + 1)
-            if step + 1 == steps or bool(done.all()):
+            if step + 1 == steps or ((step + 1) % check_every == 0 and bool(done.all())):
                 break
             # Row r feeds its newest token at position lengths[r] + step; finished rows are
             # clamped inside the cache and their output ignored.
@@ -431,9 +432,14 @@ def _pack(lengths: List[int], budget: int) -> List[range]:
 
 
 def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:
-    """`model` under torch.compile, for decode steps (prompts of other lengths run eagerly)."""
+    """`model` under torch.compile, for decode steps (prompts are prefilled eagerly).
+
+    Fused code keeps the eager rounding of every intermediate bf16/fp16 value
+    (`emulate_precision_casts`): without it, fused elementwise chains skip those roundings and
+    greedy decoding drifts away from the eager (and reference) tokens at near ties.
+    """
     kernels.kernel_available()  # settle the kernel choice before tracing
-    return torch.compile(model)
+    return torch.compile(model, options={"emulate_precision_casts": True})
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

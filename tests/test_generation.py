@@ -20,7 +20,7 @@ import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from llama import Llama
+from llama import Llama, distributed
 from llama.generation import _pack
 from llama.model import ModelArgs
 from tests.test_model import ref_logits
@@ -207,7 +207,6 @@ import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
 from llama import Llama
-from llama.generation import _pack
 
 ckpt_dir, tokenizer_path, out_dir = sys.argv[1:4]
 generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=3, dtype="float32", seed=7)
@@ -322,6 +321,22 @@ def test_each_sequence_stops_at_its_stop_token(chain, stop):
     # that reaches EOS runs on to max_gen_len.
     if stop == 6:
         assert tokens[3] == [EOS] * 60
+
+
+def test_stop_checks_every_few_steps_give_the_same_results(chain, monkeypatch):
+    """On GPUs the all-stopped check runs every few steps (it waits for the device): the results
+    are the same, and generation still ends within one interval of the last sequence stopping."""
+    expected = [expected_chain(p[-1], EOS, 60) for p in CHAIN_PROMPTS[:3]]
+    longest = max(len(t) for t in expected)  # every sequence has stopped by then
+    assert longest < 50
+    steps = []
+    decode_step = chain._decode_step
+    monkeypatch.setattr(chain, "_decode_step", lambda *a, **k: steps.append(1) or decode_step(*a, **k))
+    monkeypatch.setattr(distributed, "steps_between_stop_checks", lambda device: 7)
+    tokens, lps = chain.generate(CHAIN_PROMPTS[:3], 60, temperature=0, logprobs=True)
+    assert tokens == expected
+    assert [len(lp) for lp in lps] == [len(t) for t in expected]
+    assert longest <= len(steps) < longest + 7
 
 
 def test_sampling_also_stops_per_sequence(chain):
