@@ -558,9 +558,10 @@ def report(
     if agree:
         out.append(f"- Greedy agreement between engines (first tokens of a 128-token prompt): {agree}.")
     out += ["", *lines, ""]
-    targets = target_lines(mine, peer, results, loads, weight_bytes + kv_bytes)
-    if targets:
-        out += ["## Targets", "", *targets, ""]
+    for engine in (e for e in engines if e.startswith("codellama")):
+        targets = target_lines(engine, peer, results, loads, weight_bytes + kv_bytes)
+        if targets:
+            out += [f"## Targets: `{engine}`", "", *targets, ""]
     return "\n".join(out)
 
 
