@@ -346,19 +346,24 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def _usable_on(*tensors: torch.Tensor) -> bool:
+    """The kernels are on, built for this CPU, and these are bf16 CPU tensors without autograd."""
+    return (
+        _enabled
+        and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and (_available if _available is not None else _first_use_outside_tracing())
+    )
+
+
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` would take the hand-written kernel."""
     return (
-        _enabled
-        and x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and weight.dim() == 2
+        weight.dim() == 2
         and x.shape[-1] == weight.shape[1]
         and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
         and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and (_available if _available is not None else _first_use_outside_tracing())
+        and _usable_on(x, weight)
     )
 
 
@@ -393,15 +398,10 @@ ATTENTION_HEAD_DIMS = (64, 128)
 def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `decode_attention(q, cache, ...)` would take the hand-written kernel."""
     return (
-        _enabled
-        and q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and cache.dtype == torch.bfloat16
-        and q.shape[-1] in ATTENTION_HEAD_DIMS
+        q.shape[-1] in ATTENTION_HEAD_DIMS
         and cache.stride(-1) == 1
         and cache.stride(-2) == q.shape[-1]
-        and not (torch.is_grad_enabled() and (q.requires_grad or cache.requires_grad))
-        and (_available if _available is not None else _first_use_outside_tracing())
+        and _usable_on(q, cache)
     )
 
 
