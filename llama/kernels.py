@@ -140,6 +140,23 @@ static inline __m512 bf16x16_to_ps(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// fp32 -> bf16 for 16 values, rounding to nearest even like to_bf16 (NaN stays NaN).
+static inline __m256i ps_to_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+  return _mm512_cvtepi32_epi16(rounded);
+}
+static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
+// The fp32 value of the bf16 nearest to each element.
+static inline __m512 round_to_bf16(__m512 v) {
+  const __m512i wide = _mm512_cvtepu16_epi32(ps_to_bf16x16(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
 template <int D>
 static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
@@ -237,9 +254,70 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, const uint16_t
   }
   return failed ? 2 : 0;
 }
+
+// out[r, :] = bf16(bf16(x[r, :] * inv) * w) with inv = 1 / sqrt(mean(x[r, :]^2) + eps) in fp32:
+// RMSNorm as the reference computes it (normalise in fp32, round, then scale by the weight).
+extern "C" int codellama_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t rows,
+                                       int64_t dim, float eps, int threads) {
+  if (dim % 16 != 0) return 1;
+#pragma omp parallel for num_threads(rows > 1 ? threads : 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * dim;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __m512 v = bf16x16_to_ps(xr + d);
+      squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+    }
+    const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps);
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __m512 normed = round_to_bf16(_mm512_mul_ps(bf16x16_to_ps(xr + d), scale));
+      store_bf16(out + r * dim + d, _mm512_mul_ps(normed, bf16x16_to_ps(w + d)));
+    }
+  }
+  return 0;
+}
+
+// Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]
+// becomes (a cos - b sin, a sin + b cos) with cos/sin[t, i] fp32, each product and sum rounded
+// to fp32 as torch does (no fused multiply-add), then to bf16. x/out [T, H, D] contiguous.
+extern "C" int codellama_rotary_bf16(const uint16_t* x, const float* cos, const float* sin, uint16_t* out,
+                                     int64_t tokens, int64_t heads, int64_t D, int threads) {
+  if (D % 32 != 0 || D > 256) return 1;
+#pragma omp parallel for num_threads(tokens > 1 ? threads : 1) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    float c2[256], s2[256];  // cos per element, and sin with the sign each element of a pair needs
+    for (int64_t i = 0; i < D / 2; ++i) {
+      c2[2 * i] = c2[2 * i + 1] = cos[t * (D / 2) + i];
+      s2[2 * i] = -sin[t * (D / 2) + i];
+      s2[2 * i + 1] = sin[t * (D / 2) + i];
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* xh = x + (t * heads + h) * D;
+      uint16_t* oh = out + (t * heads + h) * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = bf16x16_to_ps(xh + d);
+        const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) in every pair
+        const __m512 straight = _mm512_mul_ps(v, _mm512_loadu_ps(c2 + d));
+        store_bf16(oh + d, _mm512_add_ps(straight, _mm512_mul_ps(swapped, _mm512_loadu_ps(s2 + d))));
+      }
+    }
+  }
+  return 0;
+}
 """
 
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = [
+    "-O3",
+    "-ffp-contract=off",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
 
 _enabled = os.environ.get("CODELLAMA_KERNELS", "1") != "0"
 _library: Optional[ctypes.CDLL] = None
@@ -296,6 +374,12 @@ def _compile() -> ctypes.CDLL:
     attention = library.codellama_decode_attention_bf16
     attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
     attention.restype = ctypes.c_int
+    rms_norm = library.codellama_rms_norm_bf16
+    rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    rms_norm.restype = ctypes.c_int
+    rotary = library.codellama_rotary_bf16
+    rotary.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    rotary.restype = ctypes.c_int
     return library
 
 
@@ -470,3 +554,74 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return _decode_attention_op(q, cache_k, cache_v, lengths)
     return _decode_attention(q, cache_k, cache_v, lengths)
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm(x, weight, eps)` would take the hand-written kernel (eager bf16 only:
+    compiled graphs fuse the torch operations themselves)."""
+    return (
+        weight.dim() == 1
+        and x.shape[-1] == weight.shape[0]
+        and x.shape[-1] % 16 == 0
+        and not torch.compiler.is_compiling()
+        and _usable_on(x, weight)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of bf16 `x` [..., dim] as the reference computes it: x * rsqrt(mean(x^2) + eps) in
+    fp32, rounded to bf16, times `weight`. Returns bf16 like `x`. Check `rms_norm_applies` first.
+    """
+    rows = x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty_like(rows)
+    dim = x.shape[-1]
+    status = _library.codellama_rms_norm_bf16(
+        rows.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows.numel() // dim,
+        dim,
+        eps,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the RMSNorm kernel does not handle rows of {dim}")
+    return out
+
+
+def rotary_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether `rotary(x, cos, sin)` would take the hand-written kernel: bf16 `x` [B, L, H, D]
+    with one fp32 angle row per token (`cos` [B, L, 1, D/2]), eager only."""
+    return (
+        x.dim() == 4
+        and x.shape[-1] % 32 == 0
+        and x.shape[-1] <= 256
+        and cos.dtype == torch.float32
+        and tuple(cos.shape) == (x.shape[0], x.shape[1], 1, x.shape[-1] // 2)
+        and not torch.compiler.is_compiling()
+        and _usable_on(x)
+    )
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of every head of `x` [B, L, H, D] (bf16) by the angles whose cos/sin
+    are [B, L, 1, D/2] (fp32), in fp32 as `model.apply_rotary` does. Returns a new bf16 tensor.
+    Check `rotary_applies` first."""
+    x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    batch, seqlen, heads, head_dim = x.shape
+    status = _library.codellama_rotary_bf16(
+        x.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        out.data_ptr(),
+        batch * seqlen,
+        heads,
+        head_dim,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the rotary kernel does not handle heads of {head_dim}")
+    return out

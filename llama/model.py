@@ -99,6 +99,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.rms_norm_applies(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, as the reference does, then return to the activation dtype.
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -122,6 +124,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     `cos`/`sin` are [B or 1, L, 1, D/2] fp32; the rotation runs in fp32 and the result is
     cast back to `x`'s dtype.
     """
+    if kernels.rotary_applies(x, cos):
+        return kernels.rotary(x, cos, sin)
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
