@@ -151,11 +151,6 @@ static inline __m256i ps_to_bf16x16(__m512 v) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
-// The fp32 value of the bf16 nearest to each element.
-static inline __m512 round_to_bf16(__m512 v) {
-  const __m512i wide = _mm512_cvtepu16_epi32(ps_to_bf16x16(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
 
 // One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
 template <int D>
@@ -255,29 +250,6 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, const uint16_t
   return failed ? 2 : 0;
 }
 
-// out[r, :] = bf16(bf16(x[r, :] * inv) * w) with inv = 1 / sqrt(mean(x[r, :]^2) + eps) in fp32:
-// RMSNorm as the reference computes it (normalise in fp32, round, then scale by the weight).
-extern "C" int codellama_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t rows,
-                                       int64_t dim, float eps, int threads) {
-  if (dim % 16 != 0) return 1;
-#pragma omp parallel for num_threads(rows > 1 ? threads : 1) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* xr = x + r * dim;
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __m512 v = bf16x16_to_ps(xr + d);
-      squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
-    }
-    const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps);
-    const __m512 scale = _mm512_set1_ps(inv);
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __m512 normed = round_to_bf16(_mm512_mul_ps(bf16x16_to_ps(xr + d), scale));
-      store_bf16(out + r * dim + d, _mm512_mul_ps(normed, bf16x16_to_ps(w + d)));
-    }
-  }
-  return 0;
-}
-
 // Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]
 // becomes (a cos - b sin, a sin + b cos) with cos/sin[t, i] fp32, each product and sum rounded
 // to fp32 as torch does (no fused multiply-add), then to bf16. x/out [T, H, D] contiguous.
@@ -374,9 +346,6 @@ def _compile() -> ctypes.CDLL:
     attention = library.codellama_decode_attention_bf16
     attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
     attention.restype = ctypes.c_int
-    rms_norm = library.codellama_rms_norm_bf16
-    rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    rms_norm.restype = ctypes.c_int
     rotary = library.codellama_rotary_bf16
     rotary.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     rotary.restype = ctypes.c_int
@@ -408,15 +377,29 @@ def kernel_available() -> bool:
     return _available
 
 
+def _run(kernel: str, *args: object, unsupported: str) -> None:
+    """Call the compiled `kernel` with `args` and torch's thread count; raise on a bad status."""
+    status = getattr(_library, kernel)(*args, torch.get_num_threads())
+    if status == 2:
+        raise MemoryError(f"{kernel}: out of memory for its scratch space")
+    if status != 0:
+        raise RuntimeError(f"{kernel} does not handle {unsupported}")
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The kernel on x [M, K] (contiguous) and weight [N, K] (contiguous): returns [M, N] bf16."""
     rows, n_out, n_in = x.shape[0], weight.shape[0], weight.shape[1]
     out = torch.empty(rows, n_out, dtype=torch.bfloat16)
-    status = _library.codellama_gemv_bf16(
-        x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n_out, n_in, torch.get_num_threads()
+    _run(
+        "codellama_gemv_bf16",
+        x.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n_out,
+        n_in,
+        unsupported=f"{rows} rows",
     )
-    if status != 0:
-        raise RuntimeError(f"the bf16 decode kernel does not handle {rows} rows")
     return out
 
 
@@ -498,7 +481,8 @@ def _decode_attention(
     if cache_k.stride() != cache_v.stride():
         raise ValueError("the key and value caches must have the same layout")
     out = torch.empty_like(q)
-    status = _library.codellama_decode_attention_bf16(
+    _run(
+        "codellama_decode_attention_bf16",
         q.data_ptr(),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
@@ -511,12 +495,8 @@ def _decode_attention(
         cache_k.stride(0),
         cache_k.stride(1),
         head_dim**-0.5,
-        torch.get_num_threads(),
+        unsupported=f"{heads} heads of size {head_dim}",
     )
-    if status == 2:
-        raise MemoryError("no memory left for the attention scores of the decode step")
-    if status != 0:
-        raise RuntimeError(f"the decode-attention kernel does not handle {heads} heads of size {head_dim}")
     return out
 
 
@@ -556,40 +536,6 @@ def decode_attention(
     return _decode_attention(q, cache_k, cache_v, lengths)
 
 
-def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `rms_norm(x, weight, eps)` would take the hand-written kernel (eager bf16 only:
-    compiled graphs fuse the torch operations themselves)."""
-    return (
-        weight.dim() == 1
-        and x.shape[-1] == weight.shape[0]
-        and x.shape[-1] % 16 == 0
-        and not torch.compiler.is_compiling()
-        and _usable_on(x, weight)
-    )
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of bf16 `x` [..., dim] as the reference computes it: x * rsqrt(mean(x^2) + eps) in
-    fp32, rounded to bf16, times `weight`. Returns bf16 like `x`. Check `rms_norm_applies` first.
-    """
-    rows = x.contiguous()
-    weight = weight.contiguous()
-    out = torch.empty_like(rows)
-    dim = x.shape[-1]
-    status = _library.codellama_rms_norm_bf16(
-        rows.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        rows.numel() // dim,
-        dim,
-        eps,
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise RuntimeError(f"the RMSNorm kernel does not handle rows of {dim}")
-    return out
-
-
 def rotary_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `rotary(x, cos, sin)` would take the hand-written kernel: bf16 `x` [B, L, H, D]
     with one fp32 angle row per token (`cos` [B, L, 1, D/2]), eager only."""
@@ -612,7 +558,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)
     batch, seqlen, heads, head_dim = x.shape
-    status = _library.codellama_rotary_bf16(
+    _run(
+        "codellama_rotary_bf16",
         x.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -620,8 +567,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         batch * seqlen,
         heads,
         head_dim,
-        torch.get_num_threads(),
+        unsupported=f"heads of {head_dim}",
     )
-    if status != 0:
-        raise RuntimeError(f"the rotary kernel does not handle heads of {head_dim}")
     return out
