@@ -5,12 +5,14 @@ the speed of reading the weights. torch's bf16 matrix-vector product reads them 
 memory bandwidth on CPUs; the kernel here streams each weight row once with AVX512-BF16 dot
 products (fp32 accumulation) split over the OpenMP threads torch uses. The decode-attention
 kernel reads each row's cached keys and values once, in fp32 arithmetic, up to that row's own
-length (no mask), where torch's fused attention is built for long query blocks.
+length (no mask), where torch's fused attention is built for long query blocks. The rotary
+kernel rotates every head of a chunk in one pass, bit-identical to the torch operations.
 
 `linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
 of at most `MAX_ROWS` rows on a CPU that has AVX512-BF16, and falls back to `F.linear` on GPUs,
 other CPUs, other dtypes, with autograd, or when the kernel cannot be compiled;
-`attention_applies` says when `decode_attention` may be used instead of torch's attention. The
+`attention_applies` and `rotary_applies` say when `decode_attention` and `rotary` may replace
+the torch operations. The
 kernels are compiled with the system C++ compiler on first use and cached
 (`CODELLAMA_KERNEL_CACHE`, default `~/.cache/codellama`); `CODELLAMA_KERNELS=0` or
 `set_enabled(False)` turns them off.

@@ -5,6 +5,7 @@ fairscale layers ask fairscale for the model-parallel group, which the caller se
 """
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -427,12 +428,12 @@ class Transformer(nn.Module):
         tokens = torch.cat([seq.reshape(-1) for seq in sequences])[None]  # [1, T]
         device = tokens.device
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-        segments = [Segment(row_offset + i, offsets[i], n, 0) for i, n in enumerate(lengths)]
+        ends = list(accumulate(lengths))  # one past each sequence's last token
+        segments = [Segment(row_offset + i, end - n, n, 0) for i, (end, n) in enumerate(zip(ends, lengths))]
         inputs = AttentionInputs(*self._rotary(positions), segments=segments)
         h = self._layers(self.tok_embeddings(tokens), inputs)[0]
         if last_only:
-            h = h[torch.tensor([o + n - 1 for o, n in zip(offsets, lengths)], device=device)]
+            h = h[torch.tensor([end - 1 for end in ends], device=device)]
         return self.output(self.norm(h)).float()
 
     def _layers(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
