@@ -79,7 +79,8 @@ class Llama:
             dtype: "bfloat16", "float16" or "float32"; default bf16 where supported, else
                 fp16 on GPU, fp32 on CPU.
             compile: run the decode step (one new token per row) through `torch.compile`:
-                the first generation pays the compilation, later steps run fused code.
+                the first generation sets it up and pays the compilation, later steps run
+                fused code.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -123,7 +124,16 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        self._decode_step = _compiled(model) if compile else model
+        self.compile = compile
+        self._compiled_model: Optional[Callable[..., torch.Tensor]] = None
+
+    def _decode_step(self, tokens: torch.Tensor, start_pos: Union[int, List[int]], **kwargs) -> torch.Tensor:
+        """The model's forward for one new token per row; compiled on first use with `compile`."""
+        if not self.compile:
+            return self.model(tokens, start_pos, **kwargs)
+        if self._compiled_model is None:  # set up here, not in build: loading stays a load
+            self._compiled_model = _compiled(self.model)
+        return self._compiled_model(tokens, start_pos, **kwargs)
 
     @torch.inference_mode()
     def generate(

@@ -5,14 +5,16 @@ the speed of reading the weights. torch's bf16 matrix-vector product reads them 
 memory bandwidth on CPUs; the kernel here streams each weight row once with AVX512-BF16 dot
 products (fp32 accumulation) split over the OpenMP threads torch uses. The decode-attention
 kernel reads each row's cached keys and values once, in fp32 arithmetic, up to that row's own
-length (no mask), where torch's fused attention is built for long query blocks. The rotary
-kernel rotates every head of a chunk in one pass, bit-identical to the torch operations.
+length (no mask), where torch's fused attention is built for long query blocks. The
+prefill-attention kernel scores 16 keys per instruction from a regrouped copy of the keys and
+visits only the keys each token sees (causal, no mask), in fp32 like the decode kernel. The
+rotary kernel rotates every head of a chunk in one pass, bit-identical to the torch operations.
 
 `linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
 of at most `MAX_ROWS` rows on a CPU that has AVX512-BF16, and falls back to `F.linear` on GPUs,
 other CPUs, other dtypes, with autograd, or when the kernel cannot be compiled;
-`attention_applies` and `rotary_applies` say when `decode_attention` and `rotary` may replace
-the torch operations. The
+`attention_applies`, `prefill_attention_applies` and `rotary_applies` say when
+`decode_attention`, `prefill_attention` and `rotary` may replace the torch operations. The
 kernels are compiled with the system C++ compiler on first use and cached
 (`CODELLAMA_KERNEL_CACHE`, default `~/.cache/codellama`); `CODELLAMA_KERNELS=0` or
 `set_enabled(False)` turns them off.
@@ -154,6 +156,54 @@ static inline __m256i ps_to_bf16x16(__m512 v) {
 }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
 
+// Softmax of row[0, n) in place (fp32); row[n, width) becomes 0.
+static void softmax_row(float* row, int64_t n, int64_t width) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + s));
+  float m = _mm512_reduce_max_ps(mx);
+  for (; s < n; ++s) m = row[s] > m ? row[s] : m;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (s = 0; s < n; s += 16) {
+    const __mmask16 mask = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
+    _mm512_mask_storeu_ps(row + s, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (s = 0; s < n; s += 16) {
+    const __mmask16 mask = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
+    _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
+  }
+  for (s = n; s < width; ++s) row[s] = 0.0f;
+}
+
+// out[i] = sum_s p[i * ld + s] v[s] over s < len, for `rows` rows of probabilities (fp32), written
+// as bf16 rows of D. A few rows at a time, so the accumulators stay in registers.
+template <int D>
+static void weighted_values(const float* p, int64_t ld, int64_t rows, const uint16_t* v, int64_t len,
+                            uint16_t* const* out) {
+  constexpr int G = D >= 128 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += G) {
+    const int g = rows - r0 < G ? (int)(rows - r0) : G;
+    __m512 acc[G][D / 16];
+    for (int i = 0; i < G; ++i)
+      for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      __m512 vv[D / 16];
+      for (int j = 0; j < D / 16; ++j) vv[j] = bf16x16_to_ps(v + s * D + 16 * j);
+      for (int i = 0; i < G; ++i) {
+        if (i >= g) break;
+        const __m512 w = _mm512_set1_ps(p[(r0 + i) * ld + s]);
+        for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_fmadd_ps(w, vv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < g; ++i)
+      for (int j = 0; j < D / 16; ++j) store_bf16(out[r0 + i] + 16 * j, acc[i][j]);
+  }
+}
+
 // One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
 template <int D>
 static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
@@ -170,50 +220,14 @@ static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v,
       scores[r * len + s] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
-  // Softmax of each query's scores, in place.
-  for (int64_t r = 0; r < rep; ++r) {
-    float* row = scores + r * len;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t s = 0;
-    for (; s + 16 <= len; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + s));
-    float m = _mm512_reduce_max_ps(mx);
-    for (; s < len; ++s) m = row[s] > m ? row[s] : m;
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (s = 0; s < len; s += 16) {
-      const __mmask16 mask = len - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - s)) - 1);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
-      _mm512_mask_storeu_ps(row + s, mask, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  uint16_t* rows[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
+    for (int64_t r = 0; r < n; ++r) {
+      softmax_row(scores + (r0 + r) * len, len, len);
+      rows[r] = out + (r0 + r) * D;
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (s = 0; s < len; s += 16) {
-      const __mmask16 mask = len - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - s)) - 1);
-      _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
-    }
-  }
-  // Weighted sum of the values, a few queries at a time so the accumulators stay in registers.
-  constexpr int G = D >= 128 ? 2 : 4;
-  for (int64_t r0 = 0; r0 < rep; r0 += G) {
-    const int g = rep - r0 < G ? (int)(rep - r0) : G;
-    __m512 acc[G][D / 16];
-    for (int i = 0; i < G; ++i)
-      for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      __m512 vv[D / 16];
-      for (int j = 0; j < D / 16; ++j) vv[j] = bf16x16_to_ps(v + s * D + 16 * j);
-      for (int i = 0; i < G; ++i) {
-        if (i >= g) break;
-        const __m512 p = _mm512_set1_ps(scores[(r0 + i) * len + s]);
-        for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_fmadd_ps(p, vv[j], acc[i][j]);
-      }
-    }
-    for (int i = 0; i < g; ++i)
-      for (int j = 0; j < D / 16; ++j) {
-        float tmp[16];
-        _mm512_storeu_ps(tmp, acc[i][j]);
-        for (int e = 0; e < 16; ++e) out[(r0 + i) * D + 16 * j + e] = to_bf16(tmp[e]);
-      }
+    weighted_values<D>(scores + r0 * len, len, n, v, len, rows);
   }
 }
 
@@ -249,6 +263,103 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, const uint16_t
     }
     free(scores);
   }
+  return failed ? 2 : 0;
+}
+
+// Keys [len, D] of one kv head regrouped for the prefill scores: block b of 16 keys holds, for
+// each pair p of head dimensions, the 16 keys' (2p, 2p+1) elements side by side (one 32-bit
+// lane per key), so one dot-product instruction scores 16 keys at once. Keys past len are 0.
+template <int D>
+static void pack_keys(const uint16_t* k, int64_t len, uint32_t* packed) {
+  const uint32_t* pairs = (const uint32_t*)k;
+  for (int64_t b = 0; b < (len + 15) / 16; ++b)
+    for (int p = 0; p < D / 2; ++p)
+      for (int j = 0; j < 16; ++j) {
+        const int64_t s = b * 16 + j;
+        packed[(b * (D / 2) + p) * 16 + j] = s < len ? pairs[s * (D / 2) + p] : 0u;
+      }
+}
+
+// Scores of 8 query rows against the first `blocks` blocks of packed keys, scaled:
+// scores[r * ld + s] = scale * q[r] . key[s]. Each row's query pairs are broadcast to all lanes.
+template <int D>
+static void score_rows(const uint16_t* const* q, const uint32_t* packed, int64_t blocks, float scale,
+                       float* scores, int64_t ld) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+    for (int p = 0; p < D / 2; ++p) {
+      const __m512bh kz = (__m512bh)_mm512_loadu_si512(packed + (b * (D / 2) + p) * 16);
+      for (int r = 0; r < 8; ++r) {
+        uint32_t pair;
+        memcpy(&pair, q[r] + 2 * p, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kz);
+      }
+    }
+    for (int r = 0; r < 8; ++r) _mm512_storeu_ps(scores + r * ld + b * 16, _mm512_mul_ps(acc[r], sv));
+  }
+}
+
+// Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
+// and head h attends to positions 0 .. start + i of kv head h / rep. q/out [len, H, D] contiguous
+// bf16; key/value element (g, s, d) sits at g * head_stride + s * D + d and positions up to
+// start + len - 1 are filled. fp32 scores, softmax and weighted sum, as in the decode kernel.
+// Returns 0, 1 for an unsupported head size, or 2 when scratch memory cannot be allocated.
+extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                                uint16_t* out, int64_t start, int64_t len, int64_t H,
+                                                int64_t KVH, int64_t D, int64_t head_stride, float scale,
+                                                int threads) {
+  if ((D != 64 && D != 128) || KVH <= 0 || H % KVH != 0) return 1;
+  if (len <= 0) return 0;
+  const int64_t rep = H / KVH, keys = start + len, blocks = (keys + 15) / 16;
+  const int64_t per_head = blocks * 16 * D / 2;  // packed 32-bit pairs per kv head
+  uint32_t* packed = (uint32_t*)malloc(sizeof(uint32_t) * per_head * KVH);
+  if (!packed) return 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < KVH; ++g) {
+    if (D == 64) pack_keys<64>(k + g * head_stride, keys, packed + g * per_head);
+    else pack_keys<128>(k + g * head_stride, keys, packed + g * per_head);
+  }
+  // Rows are (token, head in group) pairs, token-major; a task is 8 consecutive rows of one kv
+  // head, which see at most 8 different lengths.
+  const int64_t rows = len * rep, groups = (rows + 7) / 8;
+  const int64_t ld = blocks * 16;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * 8 * ld);
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < KVH * groups; ++task) {
+      if (!scores) continue;
+      // Later tokens see more keys: hand out the longest tasks first.
+      const int64_t g = task % KVH, first = (groups - 1 - task / KVH) * 8;
+      const uint16_t* qrow[8];
+      uint16_t* orow[8];
+      int64_t seen[8], most = 0;
+      for (int r = 0; r < 8; ++r) {
+        const int64_t row = first + r < rows ? first + r : rows - 1;  // a short last task repeats its last row
+        const int64_t token = row / rep, head = g * rep + row % rep;
+        qrow[r] = q + (token * H + head) * D;
+        orow[r] = out + (token * H + head) * D;
+        seen[r] = start + token + 1;
+        most = seen[r] > most ? seen[r] : most;
+      }
+      if (D == 64) score_rows<64>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
+      else score_rows<128>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
+      for (int r = 0; r < 8; ++r) softmax_row(scores + r * ld, seen[r], most);
+      const int64_t n = rows - first < 8 ? rows - first : 8;
+      const uint16_t* vg = v + g * head_stride;
+      if (D == 64) weighted_values<64>(scores, ld, n, vg, most, orow);
+      else weighted_values<128>(scores, ld, n, vg, most, orow);
+    }
+    free(scores);
+  }
+  free(packed);
   return failed ? 2 : 0;
 }
 
@@ -348,6 +459,9 @@ def _compile() -> ctypes.CDLL:
     attention = library.codellama_decode_attention_bf16
     attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
     attention.restype = ctypes.c_int
+    prefill = library.codellama_prefill_attention_bf16
+    prefill.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    prefill.restype = ctypes.c_int
     rotary = library.codellama_rotary_bf16
     rotary.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     rotary.restype = ctypes.c_int
@@ -536,6 +650,64 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return _decode_attention_op(q, cache_k, cache_v, lengths)
     return _decode_attention(q, cache_k, cache_v, lengths)
+
+
+def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether `prefill_attention(q, cache, ...)` would take the hand-written kernel: q [L, heads,
+    D] and one cache row [kv_heads, max_seq_len, D], bf16, D in `ATTENTION_HEAD_DIMS`, eager only."""
+    return (
+        q.dim() == 3
+        and cache.dim() == 3
+        and q.shape[-1] in ATTENTION_HEAD_DIMS
+        and cache.stride(-1) == 1
+        and cache.stride(-2) == q.shape[-1]
+        and not torch.compiler.is_compiling()
+        and _usable_on(q, cache)
+    )
+
+
+def prefill_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Causal attention of a chunk of one sequence over its cache row.
+
+    Args:
+        q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16.
+        cache_k, cache_v: the sequence's cache row [kv_heads, max_seq_len, head_dim], bf16, filled
+            up to position start + L - 1 (head h reads kv head h // (heads / kv_heads)).
+        start: position of the first query.
+
+    Returns:
+        [L, heads, head_dim] bf16: for the token at position p, softmax(q k^T / sqrt(head_dim)) v
+        over positions 0 .. p, computed in fp32.
+
+    Raises:
+        RuntimeError: if the kernel does not apply (check `prefill_attention_applies` first).
+        MemoryError: if its scratch space (the keys regrouped, scores) cannot be allocated.
+    """
+    length, heads, head_dim = q.shape
+    if cache_k.stride() != cache_v.stride():
+        raise ValueError("the key and value caches must have the same layout")
+    if start + length > cache_k.shape[1]:
+        raise ValueError(f"positions up to {start + length} do not fit a cache of {cache_k.shape[1]}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _run(
+        "codellama_prefill_attention_bf16",
+        q.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        out.data_ptr(),
+        start,
+        length,
+        heads,
+        cache_k.shape[0],
+        head_dim,
+        cache_k.stride(0),
+        head_dim**-0.5,
+        unsupported=f"{heads} heads of size {head_dim}",
+    )
+    return out
 
 
 def rotary_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:

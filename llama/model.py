@@ -247,6 +247,9 @@ class Attention(nn.Module):
             cache_k, cache_v = self.cache_k[seg.row], self.cache_v[seg.row]  # [kv_heads, S, D]
             cache_k[:, seg.start : end] = k[tokens].transpose(0, 1)
             cache_v[:, seg.start : end] = v[tokens].transpose(0, 1)
+            if kernels.prefill_attention_applies(q, cache_k):
+                out[tokens] = kernels.prefill_attention(q[tokens], cache_k, cache_v, seg.start)
+                continue
             for first in range(0, seg.length, self.query_block):
                 last = min(seg.length, first + self.query_block)
                 n, kv_len = last - first, seg.start + last

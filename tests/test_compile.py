@@ -21,9 +21,11 @@ def one_thread():
 def test_compiled_generation_equals_eager_fp32(checkpoint_dir, tokenizer_path):
     eager = Llama.build(str(checkpoint_dir), str(tokenizer_path), 32, 4, dtype="float32")
     compiled = Llama.build(str(checkpoint_dir), str(tokenizer_path), 32, 4, dtype="float32", compile=True)
+    assert compiled._compiled_model is None  # set up by the first generation, not by loading
     # Uneven prompts: decode steps with per-row positions, more than one compiled shape.
     want_tokens, want_lp = eager.generate(PROMPTS, max_gen_len=6, temperature=0.0, logprobs=True)
     got_tokens, got_lp = compiled.generate(PROMPTS, max_gen_len=6, temperature=0.0, logprobs=True)
+    assert compiled._compiled_model is not None  # the decode steps ran compiled
     assert got_tokens == want_tokens
     assert [len(t) for t in got_tokens] == [6, 6, 6]
     torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want_lp), rtol=0, atol=1e-4)

@@ -1,4 +1,4 @@
-"""The AVX512-BF16 decode kernel against an fp32 recomputation, and its fallback to torch."""
+"""The AVX512-BF16 kernels against fp64/fp32 recomputations, and their fallback to torch."""
 
 import pytest
 import torch
@@ -209,14 +209,75 @@ def test_decode_attention_not_used_outside_its_domain(case):
     assert not kernels.attention_applies(q, cache)
 
 
+def fp64_causal_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
+) -> torch.Tensor:
+    """The token at position start + i attends to positions 0 .. start + i, in float64, with query
+    head h reading kv head h // (heads / kv_heads): written out with plain tensor ops."""
+    length, heads, head_dim = q.shape
+    rep = heads // cache_k.shape[0]
+    out = torch.empty(length, heads, head_dim, dtype=torch.float64)
+    for i in range(length):
+        for h in range(heads):
+            keys = cache_k[h // rep, : start + i + 1].double()
+            values = cache_v[h // rep, : start + i + 1].double()
+            out[i, h] = torch.softmax(keys @ q[i, h].double() / head_dim**0.5, dim=0) @ values
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "length,heads,kv_heads,head_dim,start",
+    [
+        (1, 8, 1, 64, 0),
+        (37, 8, 2, 64, 3),  # a chunk after cached positions; 37 is no multiple of 8 or 16
+        (20, 4, 4, 128, 0),  # no grouping (Code Llama 7B/13B), Code Llama's head size
+        (70, 3, 3, 128, 17),  # 3 heads per group: a task of 8 rows spans tokens
+        (40, 16, 2, 128, 300),
+    ],
+)
+def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start):
+    g = torch.Generator().manual_seed(length + start)
+    q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
+    size = start + length + 9
+    # Row 1 of a two-row cache: the kernel follows the strides.
+    cache_k = (torch.randn(2, kv_heads, size, head_dim, generator=g) * 2).to(torch.bfloat16)[1]
+    cache_v = torch.randn(2, kv_heads, size, head_dim, generator=g).to(torch.bfloat16)[1]
+    assert kernels.prefill_attention_applies(q, cache_k)
+    out = kernels.prefill_attention(q, cache_k, cache_v, start)
+    expected = fp64_causal_attention(q, cache_k, cache_v, start)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    # fp32 arithmetic, then one rounding to bf16 (2**-8 relative).
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    # Positions after the chunk (future tokens) do not matter.
+    cache_k[:, start + length :] = 1e4
+    cache_v[:, start + length :] = -1e4
+    torch.testing.assert_close(kernels.prefill_attention(q, cache_k, cache_v, start), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["float32", "head_dim_32", "disabled"])
+def test_prefill_attention_not_used_outside_its_domain(case):
+    head_dim = 32 if case == "head_dim_32" else 64
+    q = torch.zeros(3, 2, head_dim, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 8, head_dim, dtype=torch.bfloat16)
+    if case == "float32":
+        q, cache = q.float(), cache.float()
+    if case == "disabled":
+        kernels.set_enabled(False)
+    assert not kernels.prefill_attention_applies(q, cache)
+
+
 @needs_kernel
 @torch.inference_mode()
-def test_model_decode_attention_kernel_matches_torch_path(monkeypatch):
-    """A bf16 model with 64-wide heads decoding rows at different positions: the same logits
-    with the attention kernel as with torch's scaled_dot_product_attention."""
-    calls = []
+def test_model_attention_kernels_match_torch_path(monkeypatch):
+    """A bf16 model with 64-wide heads prefilling packed prompts, then decoding rows at different
+    positions: the same logits with the attention kernels as with torch's
+    scaled_dot_product_attention."""
+    calls, prefills = [], []
     kernel = kernels._decode_attention
     monkeypatch.setattr(kernels, "_decode_attention", lambda *args: calls.append(1) or kernel(*args))
+    prefill = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *args: prefills.append(1) or prefill(*args))
     distributed.init_model_parallel()
     params = tiny_params(vocab_size=300, dim=256, n_heads=4, n_kv_heads=2, n_layers=2, multiple_of=32)
     args = ModelArgs(max_seq_len=64, max_batch_size=3, **params)
@@ -239,8 +300,9 @@ def test_model_decode_attention_kernel_matches_torch_path(monkeypatch):
 
     with_kernel = run(True)
     assert len(calls) == 2 * steps.shape[1]  # every layer of every decode step
+    assert len(prefills) == 2 * len(prompts)  # every layer, every packed prompt
     torch_only = run(False)
-    assert len(calls) == 2 * steps.shape[1]
+    assert len(calls) == 2 * steps.shape[1] and len(prefills) == 2 * len(prompts)
     scale = torch_only.abs().max()
     assert (with_kernel - torch_only).abs().max() <= 0.05 * scale
 
