@@ -341,8 +341,8 @@ extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, const uint16_
       const uint16_t* qrow[8];
       uint16_t* orow[8];
       int64_t seen[8], most = 0;
-      for (int r = 0; r < 8; ++r) {
-        const int64_t row = first + r < rows ? first + r : rows - 1;  // a short last task repeats its last row
+      for (int r = 0; r < 8; ++r) {  // a short last task repeats its last row
+        const int64_t row = first + r < rows ? first + r : rows - 1;
         const int64_t token = row / rep, head = g * rep + row % rep;
         qrow[r] = q + (token * H + head) * D;
         orow[r] = out + (token * H + head) * D;
