@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for decoding on CPUs with AVX512-BF16, and the fallback to torch.
+"""Hand-written CPU kernels (AVX512-BF16) for decoding and prefill attention, and the fallback to torch.
 
 Decoding one token multiplies a few rows of activations by every weight matrix, so its speed is
 the speed of reading the weights. torch's bf16 matrix-vector product reads them well below the
