@@ -156,6 +156,11 @@ static inline __m256i ps_to_bf16x16(__m512 v) {
 }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
 
+// The first min(left, 16) lanes.
+static inline __mmask16 first_lanes16(int64_t left) {
+  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
 // Softmax of row[0, n) in place (fp32); row[n, width) becomes 0.
 static void softmax_row(float* row, int64_t n, int64_t width) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -166,14 +171,14 @@ static void softmax_row(float* row, int64_t n, int64_t width) {
   const __m512 mv = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   for (s = 0; s < n; s += 16) {
-    const __mmask16 mask = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
+    const __mmask16 mask = first_lanes16(n - s);
     const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
     _mm512_mask_storeu_ps(row + s, mask, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
   }
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
   for (s = 0; s < n; s += 16) {
-    const __mmask16 mask = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
+    const __mmask16 mask = first_lanes16(n - s);
     _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
   }
   for (s = n; s < width; ++s) row[s] = 0.0f;
@@ -578,8 +583,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether `decode_attention(q, cache, ...)` would take the hand-written kernel."""
+def _attention_layout_ok(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """A head size the attention kernels are built for, each cached position's head contiguous."""
     return (
         q.shape[-1] in ATTENTION_HEAD_DIMS
         and cache.stride(-1) == 1
@@ -588,14 +593,23 @@ def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     )
 
 
+def _check_same_layout(cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+    if cache_k.stride() != cache_v.stride():
+        raise ValueError("the key and value caches must have the same layout")
+
+
+def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether `decode_attention(q, cache, ...)` would take the hand-written kernel."""
+    return _attention_layout_ok(q, cache)
+
+
 def _decode_attention(
     q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    if cache_k.stride() != cache_v.stride():
-        raise ValueError("the key and value caches must have the same layout")
+    _check_same_layout(cache_k, cache_v)
     out = torch.empty_like(q)
     _run(
         "codellama_decode_attention_bf16",
@@ -658,11 +672,8 @@ def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     return (
         q.dim() == 3
         and cache.dim() == 3
-        and q.shape[-1] in ATTENTION_HEAD_DIMS
-        and cache.stride(-1) == 1
-        and cache.stride(-2) == q.shape[-1]
         and not torch.compiler.is_compiling()
-        and _usable_on(q, cache)
+        and _attention_layout_ok(q, cache)
     )
 
 
@@ -686,8 +697,7 @@ def prefill_attention(
         MemoryError: if its scratch space (the keys regrouped, scores) cannot be allocated.
     """
     length, heads, head_dim = q.shape
-    if cache_k.stride() != cache_v.stride():
-        raise ValueError("the key and value caches must have the same layout")
+    _check_same_layout(cache_k, cache_v)
     if start + length > cache_k.shape[1]:
         raise ValueError(f"positions up to {start + length} do not fit a cache of {cache_k.shape[1]}")
     q = q.contiguous()

@@ -212,17 +212,11 @@ def test_decode_attention_not_used_outside_its_domain(case):
 def fp64_causal_attention(
     q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """The token at position start + i attends to positions 0 .. start + i, in float64, with query
-    head h reading kv head h // (heads / kv_heads): written out with plain tensor ops."""
-    length, heads, head_dim = q.shape
-    rep = heads // cache_k.shape[0]
-    out = torch.empty(length, heads, head_dim, dtype=torch.float64)
-    for i in range(length):
-        for h in range(heads):
-            keys = cache_k[h // rep, : start + i + 1].double()
-            values = cache_v[h // rep, : start + i + 1].double()
-            out[i, h] = torch.softmax(keys @ q[i, h].double() / head_dim**0.5, dim=0) @ values
-    return out
+    """The token at position start + i attends to positions 0 .. start + i: `fp64_attention` of
+    each token alone over the first start + i + 1 positions of the cache row."""
+    return torch.cat(
+        [fp64_attention(q[i : i + 1], cache_k[None], cache_v[None], [start + i + 1]) for i in range(len(q))]
+    )
 
 
 @needs_kernel
