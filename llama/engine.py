@@ -478,6 +478,7 @@ class Engine:
                     request._fail(error)
                 raise
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit, compute and sample once. Returns whether any request was live."""
         plan, rows = self._plan()
@@ -488,6 +489,7 @@ class Engine:
         self._advance(plan, rows, decode_logits, prefill_logits)
         return True
 
+    @torch.inference_mode()
     def follow(self, until_result: bool = False) -> Any:
         """On model-parallel ranks > 0: run rank 0's plans until it shuts down (or, with
         `until_result`, until it broadcasts a batch result, which is returned)."""
