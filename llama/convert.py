@@ -4,7 +4,8 @@
     python -m llama.convert from-hf --hf_dir CodeLlama-7b-hf --out_dir CodeLlama-7b --mp 1
 
 Only names, the wq/wk per-head row order and the config format change; the numbers are copied
-bit for bit. Output goes to a staging folder that replaces `--out_dir` once complete.
+bit for bit. `to-hf` also writes the tokenizer, chat template and generation files transformers
+reads (`llama.hf_tokenizer`). Output goes to a staging folder that replaces `--out_dir` once complete.
 """
 
 import argparse

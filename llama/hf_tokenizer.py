@@ -124,7 +124,9 @@ def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> Dict[str, di
         "additional_special_tokens": extra,
         "added_tokens_decoder": {str(i): _added_token(piece) for i, piece in sorted(special.items())},
         "clean_up_tokenization_spaces": False,
-        "legacy": None,
+        # transformers' non-legacy encoding: no space added after special tokens (the template
+        # writes it), which is what transformers 5 does whatever this says.
+        "legacy": False,
         "use_default_system_prompt": False,
         "model_max_length": model_max_length,
         "chat_template": chat_template(tokenizer),
