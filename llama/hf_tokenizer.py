@@ -88,9 +88,9 @@ def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> Dict[str, di
     """The JSON content of `tokenizer_config.json`, `special_tokens_map.json` and
     `generation_config.json` for `tokenizer`, by file name.
 
-    Infilling pieces the vocabulary lacks are written as null (transformers then refuses
-    `<FILL_ME>` prompts instead of encoding them wrongly); `<step>`, when present, is a special
-    token and, with EOS, ends generation.
+    Without all four infilling pieces they are written as null, and the fill token stays so that
+    transformers refuses `<FILL_ME>` prompts (a ValueError) instead of encoding them as text.
+    `<step>`, when present, is a special token and, with EOS, ends generation.
     """
     unk_id = tokenizer.sp_model.unk_id()
     bos, eos, unk = (tokenizer.token_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, unk_id))
@@ -120,7 +120,7 @@ def tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> Dict[str, di
         "unk_token": unk,
         "pad_token": None,
         **{name: piece if can_infill else None for name, (piece, _) in infilling.items()},
-        "fill_token": FILL_ME if can_infill else None,
+        "fill_token": FILL_ME,
         "additional_special_tokens": extra,
         "added_tokens_decoder": {str(i): _added_token(piece) for i, piece in sorted(special.items())},
         "clean_up_tokenization_spaces": False,

@@ -13,7 +13,7 @@ import torch
 
 from llama import Llama
 from llama.convert import from_hf, to_hf
-from llama.hf_tokenizer import tokenizer_files
+from llama.hf_tokenizer import write_tokenizer_files
 from llama.prompts import instruct_prompt_tokens, turn_prompt_tokens
 from llama.tokenizer import Tokenizer
 from tests.layouts import write_layouts
@@ -100,19 +100,26 @@ def test_to_hf_writes_the_published_tokenizer_files(converted, tokenizer_path):
     assert generation == {"bos_token_id": 1, "eos_token_id": 2}
 
 
-def test_step_and_plain_tokenizers_get_their_own_files(step_converted, plain_tokenizer_path):
+def test_step_and_plain_tokenizers_get_their_own_files(step_converted, plain_tokenizer_path, tmp_path):
     config = json.loads((step_converted / "tokenizer_config.json").read_text(encoding="utf-8"))
     step_id = Tokenizer(str(step_converted / "tokenizer.model")).step_id
     assert config["additional_special_tokens"] == ["<step>"] and "Source: " in config["chat_template"]
     generation = json.loads((step_converted / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [2, step_id]
 
-    plain = tokenizer_files(Tokenizer(str(plain_tokenizer_path)), model_max_length=4096)
-    config = plain["tokenizer_config.json"]
-    assert [
-        config[k] for k in ("prefix_token", "suffix_token", "middle_token", "eot_token", "fill_token")
-    ] == [None] * 5
-    assert config["model_max_length"] == 4096 and "[INST]" in config["chat_template"]
+    shutil.copyfile(plain_tokenizer_path, tmp_path / "tokenizer.model")
+    write_tokenizer_files(str(tmp_path / "tokenizer.model"), tmp_path, model_max_length=4096)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    infilling = [config[k] for k in ("prefix_token", "suffix_token", "middle_token", "eot_token")]
+    assert (
+        infilling == [None] * 4 and config["model_max_length"] == 4096 and "[INST]" in config["chat_template"]
+    )
+    plain = load_tokenizer(tmp_path)
+    assert plain("def f(x):").input_ids == Tokenizer(str(plain_tokenizer_path)).encode(
+        "def f(x):", True, False
+    )
+    with pytest.raises(ValueError, match="infilling"):
+        plain("def f(x):<FILL_ME>\n")
 
 
 def test_without_a_tokenizer_only_generation_config_is_added(checkpoint_dir, tmp_path):
