@@ -22,6 +22,7 @@ the plans. Nothing relies on the ranks' random generators agreeing.
 import asyncio
 import itertools
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -455,7 +456,10 @@ class Engine:
             if idle:
                 distributed.broadcast_from_first_rank(("idle",))
                 continue
-            self._drive()
+            try:
+                self._drive()
+            except Exception:  # already handed to the failed requests; keep serving the next ones
+                traceback.print_exc()
 
     def _wake(self) -> None:
         with self._lock:
