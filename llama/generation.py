@@ -4,6 +4,7 @@ The public methods keep the names, arguments and result dictionaries of the refe
 release; new abilities are keyword arguments it did not have.
 """
 
+import threading
 import time
 from typing import Callable, List, Optional, Tuple, TypedDict, Union
 
@@ -126,6 +127,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.compile = compile
         self._compiled_model: Optional[Callable[..., torch.Tensor]] = None
+        self._generate_lock = threading.Lock()
 
     def _decode_step(self, tokens: torch.Tensor, start_pos: Union[int, List[int]], **kwargs) -> torch.Tensor:
         """The model's forward for one new token per row; compiled on first use with `compile`."""
@@ -170,13 +172,14 @@ class Llama:
         stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
         out_tokens: List[List[int]] = []
         out_logprobs: List[List[float]] = []
-        for first in range(0, len(prompt_tokens), params.max_batch_size):
-            batch = prompt_tokens[first : first + params.max_batch_size]
-            tokens, token_logprobs = self._generate_batch(
-                batch, max_gen_len, temperature, top_p, logprobs, echo, stop_ids
-            )
-            out_tokens += tokens
-            out_logprobs += token_logprobs
+        with self._generate_lock:  # calls share one KV cache: threads take turns
+            for first in range(0, len(prompt_tokens), params.max_batch_size):
+                batch = prompt_tokens[first : first + params.max_batch_size]
+                tokens, token_logprobs = self._generate_batch(
+                    batch, max_gen_len, temperature, top_p, logprobs, echo, stop_ids
+                )
+                out_tokens += tokens
+                out_logprobs += token_logprobs
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _generate_batch(
