@@ -7,7 +7,7 @@ import os
 import re
 import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -117,16 +117,16 @@ def read_json_object(path: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
         ValueError: naming the file, if it is larger than `max_bytes`, not JSON, or not an object.
     """
     size = os.path.getsize(path)
+    if size <= max_bytes:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since it was measured
+        size = len(data)
     if size > max_bytes:
         raise ValueError(
             f"{path} is {size} bytes, more than the {max_bytes} bytes a checkpoint's JSON file can "
             "need: it is not what its name says; re-download it"
         )
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)  # the file may have grown since it was measured
     try:
-        if len(data) > max_bytes:
-            raise ValueError(f"longer than {max_bytes} bytes")
         value = json.loads(data)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} is not valid JSON ({err}): re-download it") from err
@@ -343,7 +343,7 @@ def check_safetensors_header(path: Path) -> None:
         )
 
 
-def open_safetensors(path: Path):
+def open_safetensors(path: Path) -> safe_open:
     """A `safe_open` handle on `path` (tensors read from a memory map); close it with `__exit__`.
 
     Raises:
@@ -373,7 +373,7 @@ class HFCheckpoint:
         self.params = params_from_config(self.config, os.path.join(hf_dir, CONFIG_FILE))
         args = ModelArgs(**self.params)
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self._files: Dict[Path, object] = {}
+        self._files: Dict[Path, Any] = {}
         self._location: Dict[str, Tuple[Path, str]] = {}
         try:
             for path in self._weight_files():
