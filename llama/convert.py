@@ -88,54 +88,52 @@ def to_hf(
     if max_position_embeddings < 1:
         raise ValueError(f"max_position_embeddings must be positive, got {max_position_embeddings}")
     params = checkpoint.read_params(ckpt_dir)
-    with checkpoint.open_checkpoint(ckpt_dir) as ckpt:
-        keys = ckpt.keys()
-        for required in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
-            if required not in keys:
-                raise ValueError(
-                    f"checkpoint {ckpt_dir} has no tensor {required}: it is not a Llama checkpoint"
-                )
-        n_heads, n_kv_heads = params["n_heads"], params.get("n_kv_heads") or params["n_heads"]
-        names = {key: hf_format.hf_name(key) for key in keys}
-        sizes = {key: _numel(ckpt.shape(key)) * _itemsize(ckpt.dtype(key)) for key in keys}
-        groups = plan_files(sizes, max_bytes)
-        filenames = (
-            [hf_format.SINGLE_FILE]
-            if len(groups) == 1
-            else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-        )
-        dtype = ckpt.dtype("tok_embeddings.weight")
-        config = hf_format.config_from_params(
-            params,
-            vocab_size=ckpt.shape("tok_embeddings.weight")[0],
-            hidden_dim=ckpt.shape("layers.0.feed_forward.w1.weight")[0],
-            dtype=dtype,
-            max_position_embeddings=max_position_embeddings,
-        )
-        with staged_output_dir(out_dir, force=force, source_dir=ckpt_dir) as staging:
-            with tqdm(total=len(keys), unit="tensor", desc="to Hugging Face", disable=not progress) as bar:
-                for group, filename in zip(groups, filenames):
-                    tensors = {}
-                    for key in group:
-                        tensor = ckpt.read(key)
-                        heads = hf_format.permuted_heads(key, n_heads, n_kv_heads)
-                        if heads is not None:
-                            tensor = hf_format.to_hf_rows(tensor, heads)
-                        tensor = tensor.contiguous()
-                        tensors[names[key]] = tensor if owns_storage(tensor) else tensor.clone()
-                        bar.update()
-                    save_file(tensors, str(staging / filename), metadata={"format": "pt"})
-                    del tensors
-            if len(groups) > 1:
-                index = {
-                    "metadata": {"total_size": sum(sizes.values())},
-                    "weight_map": {
-                        names[key]: filename for group, filename in zip(groups, filenames) for key in group
-                    },
-                }
-                (staging / hf_format.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            (staging / hf_format.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            copy_if_present(ckpt_dir, TOKENIZER_FILE, staging)
+    ckpt = checkpoint.open_checkpoint(ckpt_dir)
+    keys = ckpt.keys()
+    for required in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+        if required not in keys:
+            raise ValueError(f"checkpoint {ckpt_dir} has no tensor {required}: it is not a Llama checkpoint")
+    n_heads, n_kv_heads = params["n_heads"], params.get("n_kv_heads") or params["n_heads"]
+    names = {key: hf_format.hf_name(key) for key in keys}
+    sizes = {key: _numel(ckpt.shape(key)) * _itemsize(ckpt.dtype(key)) for key in keys}
+    groups = plan_files(sizes, max_bytes)
+    filenames = (
+        [hf_format.SINGLE_FILE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    dtype = ckpt.dtype("tok_embeddings.weight")
+    config = hf_format.config_from_params(
+        params,
+        vocab_size=ckpt.shape("tok_embeddings.weight")[0],
+        hidden_dim=ckpt.shape("layers.0.feed_forward.w1.weight")[0],
+        dtype=dtype,
+        max_position_embeddings=max_position_embeddings,
+    )
+    with staged_output_dir(out_dir, force=force, source_dir=ckpt_dir) as staging:
+        with tqdm(total=len(keys), unit="tensor", desc="to Hugging Face", disable=not progress) as bar:
+            for group, filename in zip(groups, filenames):
+                tensors = {}
+                for key in group:
+                    tensor = ckpt.read(key)
+                    heads = hf_format.permuted_heads(key, n_heads, n_kv_heads)
+                    if heads is not None:
+                        tensor = hf_format.to_hf_rows(tensor, heads)
+                    tensor = tensor.contiguous()
+                    tensors[names[key]] = tensor if owns_storage(tensor) else tensor.clone()
+                    bar.update()
+                save_file(tensors, str(staging / filename), metadata={"format": "pt"})
+                del tensors
+        if len(groups) > 1:
+            index = {
+                "metadata": {"total_size": sum(sizes.values())},
+                "weight_map": {
+                    names[key]: filename for group, filename in zip(groups, filenames) for key in group
+                },
+            }
+            (staging / hf_format.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (staging / hf_format.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        copy_if_present(ckpt_dir, TOKENIZER_FILE, staging)
     return Path(out_dir)
 
 
