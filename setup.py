@@ -5,6 +5,13 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 README = ROOT / "README.md"
 
+
+def requirements(path: Path) -> list:
+    """The requirement lines of a pip requirements file (no comments or blank lines)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
 setup(
     name="codellama",
     version="0.1.0",
@@ -14,9 +21,9 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
-    install_requires=(ROOT / "requirements.txt").read_text().split(),
+    install_requires=requirements(ROOT / "requirements.txt"),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging"],
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
     },

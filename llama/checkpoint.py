@@ -3,8 +3,8 @@
 model without a second copy of the weights."""
 
 import contextlib
-import json
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple, Union
@@ -21,14 +21,18 @@ IGNORED_KEYS = ("rope.freqs",)
 
 PARAMS_FILE = "params.json"
 
+# ModelArgs fields that size the KV cache: arguments of Llama.build, not of the checkpoint.
+_RUNTIME_FIELDS = ("max_batch_size", "max_seq_len")
+
 
 def read_params(ckpt_dir: str) -> Dict:
     """Read `ckpt_dir/params.json` (or, for a Hugging Face folder, the equivalent of its config.json).
 
     Raises:
         FileNotFoundError: if the directory or the file is missing.
-        ValueError: if the file is not a JSON object of known ModelArgs fields with the
-            required ones (dim, n_layers, n_heads) present.
+        ValueError: naming the file and the field, if the file is larger than a params.json can
+            be, is not a JSON object of known ModelArgs fields with the required ones (dim,
+            n_layers, n_heads) present, or holds a value of the wrong type or sign.
     """
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(
@@ -37,7 +41,8 @@ def read_params(ckpt_dir: str) -> Dict:
         )
     path = os.path.join(ckpt_dir, PARAMS_FILE)
     if not os.path.isfile(path) and hf_format.is_hf_dir(ckpt_dir):
-        return hf_format.params_from_config(hf_format.read_config(ckpt_dir), ckpt_dir)
+        config_path = os.path.join(ckpt_dir, hf_format.CONFIG_FILE)
+        return hf_format.params_from_config(hf_format.read_config(ckpt_dir), config_path)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(ckpt_dir, hf_format.CONFIG_FILE)):
         raise FileNotFoundError(
             f"{ckpt_dir} has a Hugging Face config.json but no {hf_format.SINGLE_FILE} or "
@@ -46,14 +51,14 @@ def read_params(ckpt_dir: str) -> Dict:
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: every checkpoint directory needs its params.json")
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-download it") from err
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object of model hyper-parameters")
-    known = set(ModelArgs.__dataclass_fields__)
+    params = hf_format.read_json_object(path)
+    known = set(ModelArgs.__dataclass_fields__) - set(_RUNTIME_FIELDS)
+    runtime = sorted(set(params) & set(_RUNTIME_FIELDS))
+    if runtime:
+        raise ValueError(
+            f"{path} sets {runtime}, which size the KV cache and are arguments of Llama.build, not "
+            "checkpoint fields: remove them from the file"
+        )
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"{path} has unknown fields {unknown}; known fields are {sorted(known)}")
@@ -62,13 +67,16 @@ def read_params(ckpt_dir: str) -> Dict:
         raise ValueError(f"{path} lacks the required fields {missing}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
         value = params.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and not hf_format.is_positive_int(value):
             raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size != -1 and not hf_format.is_positive_int(vocab_size):
+        raise ValueError(
+            f"{path}: vocab_size must be a positive integer, or -1 for the tokenizer's, got {vocab_size!r}"
+        )
     for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
         value = params.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-        ):
+        if value is not None and not hf_format.is_positive_number(value):
             raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
     return params
 
@@ -92,7 +100,8 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map one shard's state dict (no pickled code is run, no tensor is copied).
 
     Raises:
-        ValueError: naming the file if it is truncated, corrupt or not a state dict.
+        ValueError: naming the file if it is truncated, corrupt, not a state dict, or pickles
+            anything but tensors and containers (which could run code when unpickled).
     """
     fix = "re-download it and check it with `md5sum -c checklist.chk`"
     if not zipfile.is_zipfile(path):
@@ -102,6 +111,12 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
         )
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only loading raises for anything it refuses
+        raise ValueError(
+            f"checkpoint shard {path} was refused unread: it pickles more than tensors "
+            f"({_refusal_reason(err)}), and unpickling that could run code. Released checkpoints hold "
+            f"only tensors: {fix}, from a source you trust"
+        ) from err
     except Exception as err:  # torch raises many types for a damaged zip/pickle
         raise ValueError(
             f"cannot read checkpoint shard {path} ({err}): it is truncated or corrupt: {fix}"
@@ -109,6 +124,15 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint shard {path} does not hold a state dict of tensors")
     return state
+
+
+def _refusal_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what was refused (not its advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "nsupported" in line:
+            return line
+    return lines[-1] if lines else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -211,6 +235,16 @@ class MetaCheckpoint:
                     "belong to one checkpoint"
                 )
 
+    def close(self) -> None:
+        """Drop the shards' memory maps (tensors already read keep theirs)."""
+        self.shards = []
+
+    def __enter__(self) -> "MetaCheckpoint":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def keys(self) -> List[str]:
         return list(self._keys)
 
@@ -231,7 +265,7 @@ Checkpoint = Union[MetaCheckpoint, hf_format.HFCheckpoint]
 
 def open_checkpoint(ckpt_dir: str) -> Checkpoint:
     """Open a Meta checkpoint, or a Hugging Face one when the folder has config.json and
-    safetensors weights but no params.json.
+    safetensors weights but no params.json. Both are context managers that close their files.
 
     Raises:
         FileNotFoundError, ValueError: see `shard_paths`, `load_shard` and `hf_format.HFCheckpoint`.
@@ -310,6 +344,6 @@ def load_rank_state_dict(ckpt_dir: str, params: Dict, rank: int, world_size: int
         ValueError: unreadable shards, or a tensor that cannot be split into `world_size` parts
             (the message names the tensor and the sizes).
     """
-    ckpt = open_checkpoint(ckpt_dir)
-    check_splittable(ckpt, params, world_size)
-    return {key: ckpt.read(key, rank, world_size) for key in ckpt.keys()}
+    with open_checkpoint(ckpt_dir) as ckpt:
+        check_splittable(ckpt, params, world_size)
+        return {key: ckpt.read(key, rank, world_size) for key in ckpt.keys()}

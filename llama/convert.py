@@ -165,8 +165,8 @@ def from_hf(
             f"{hf_dir} is not a Hugging Face checkpoint: it needs config.json and "
             f"{hf_format.SINGLE_FILE} or {hf_format.INDEX_FILE}"
         )
-    ckpt = hf_format.HFCheckpoint(hf_dir)
-    return write_meta_checkpoint(ckpt, ckpt.params, out_dir, mp, force=force, progress=progress)
+    with hf_format.HFCheckpoint(hf_dir) as ckpt:
+        return write_meta_checkpoint(ckpt, ckpt.params, out_dir, mp, force=force, progress=progress)
 
 
 def _numel(shape) -> int:

@@ -2,13 +2,15 @@
 `config.json`, and reading one rank's slices straight out of `*.safetensors` files."""
 
 import json
+import math
 import os
 import re
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+import struct
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llama import sharding
 from llama.model import ModelArgs
@@ -16,6 +18,8 @@ from llama.model import ModelArgs
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# params.json and config.json are a few hundred bytes, the index of a 70B model about 70 kB.
+MAX_JSON_BYTES = 1 << 20
 
 # Meta name suffix -> Hugging Face name suffix, for the tensors of one layer.
 _LAYER_NAMES = {
@@ -104,6 +108,45 @@ def from_hf_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def read_json_object(path: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object held by the file `path` (params.json, config.json, a safetensors index).
+
+    The size is checked before anything is read, so a huge file costs no memory.
+
+    Raises:
+        ValueError: naming the file, if it is larger than `max_bytes`, not JSON, or not an object.
+    """
+    size = os.path.getsize(path)
+    if size <= max_bytes:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since it was measured
+        size = len(data)
+    if size > max_bytes:
+        raise ValueError(
+            f"{path} is {size} bytes, more than the {max_bytes} bytes a checkpoint's JSON file can "
+            "need: it is not what its name says; re-download it"
+        )
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({err}): re-download it") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return value
+
+
+def is_positive_int(value) -> bool:
+    """True for an int (not a bool) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_positive_number(value) -> bool:
+    """True for a finite int or float (not a bool) above 0."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
 def is_hf_dir(path: str) -> bool:
     """True if `path` holds a Hugging Face checkpoint (config.json and safetensors weights)."""
     return os.path.isfile(os.path.join(path, CONFIG_FILE)) and (
@@ -157,10 +200,20 @@ def params_from_config(config: dict, source: str) -> dict:
     ]
     if missing:
         raise ValueError(f"{source} lacks the fields {missing} of a Llama config.json")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "num_key_value_heads",
+    ):
+        value = config.get(key)
+        if (value is not None or key != "num_key_value_heads") and not is_positive_int(value):
             raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if key in config and not is_positive_number(config[key]):
+            raise ValueError(f"{source}: {key} must be a positive number, got {config[key]!r}")
     if config.get("model_type", "llama") != "llama":
         raise ValueError(f"{source} describes a {config['model_type']!r} model, not a Llama model")
     rope = config.get("rope_parameters") or {}
@@ -239,14 +292,69 @@ def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: a Hugging Face checkpoint needs its config.json")
+    return read_json_object(path)
+
+
+def weight_file_names(index_path: str) -> List[str]:
+    """The safetensors files a `model.safetensors.index.json` maps tensors to, sorted.
+
+    Raises:
+        ValueError: naming the index and the entry, if it has no weight_map or an entry is not a
+            relative path inside the checkpoint folder (absolute, or with a `..` part).
+    """
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} is not a safetensors index: it has no weight_map object")
+    names = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{index_path}: the file of {tensor!r} must be a file name, got {name!r}")
+        # Checked in both path flavours: "..\\x" and "C:x" leave the folder on Windows too.
+        for flavour in (PurePosixPath, PureWindowsPath):
+            path = flavour(name)
+            if path.is_absolute() or path.drive or path.root or ".." in path.parts:
+                raise ValueError(
+                    f"{index_path}: the file of {tensor!r} is {name!r}, which is outside the checkpoint "
+                    "folder; an index may only name files inside its own folder"
+                )
+        names.add(name)
+    return sorted(names)
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Check that the header length a safetensors file starts with fits in the file.
+
+    safetensors checks the tensors' offsets against the file itself; this names the file and
+    refuses before a header of the claimed length is read.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if len(start) < 8:
+        raise ValueError(f"{path} is {size} bytes, too short for a safetensors file: re-download it")
+    (header_bytes,) = struct.unpack("<Q", start)
+    if header_bytes > size - 8:
+        raise ValueError(
+            f"{path} claims a {header_bytes}-byte header but is only {size} bytes long: it is truncated "
+            "or not a safetensors file; re-download it"
+        )
+
+
+def open_safetensors(path: Path) -> safe_open:
+    """A `safe_open` handle on `path` (tensors read from a memory map); close it with `__exit__`.
+
+    Raises:
+        ValueError: naming the file, if it is not a valid safetensors file (a header longer than
+            the file, or tensors said to lie beyond its end).
+    """
+    check_safetensors_header(path)
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return config
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file ({err}): re-download it") from err
 
 
 class HFCheckpoint:
@@ -255,6 +363,8 @@ class HFCheckpoint:
     `read(key, rank, world_size)` returns rank's part of the Meta tensor `key`, reading only
     those rows or columns from the safetensors file and undoing the wq/wk head permutation on
     them (a rank's rows are whole heads, and the permutation stays inside a head).
+
+    Use it as a context manager, or call `close()`, to release the open files.
     """
 
     def __init__(self, hf_dir: str):
@@ -263,28 +373,40 @@ class HFCheckpoint:
         self.params = params_from_config(self.config, os.path.join(hf_dir, CONFIG_FILE))
         args = ModelArgs(**self.params)
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self._files = {
-            path: safe_open(str(path), framework="pt", device="cpu") for path in self._weight_files()
-        }
+        self._files: Dict[Path, Any] = {}
         self._location: Dict[str, Tuple[Path, str]] = {}
-        for path, handle in self._files.items():
-            for name in handle.keys():
-                if name.endswith(_HF_IGNORED_SUFFIXES):
-                    continue
-                self._location[meta_name(name)] = (path, name)
+        try:
+            for path in self._weight_files():
+                self._files[path] = open_safetensors(path)
+            for path, handle in self._files.items():
+                for name in handle.keys():
+                    if name.endswith(_HF_IGNORED_SUFFIXES):
+                        continue
+                    self._location[meta_name(name)] = (path, name)
+        except BaseException:
+            self.close()
+            raise
         tied = self.config.get("tie_word_embeddings")
         if "output.weight" not in self._location and tied and "tok_embeddings.weight" in self._location:
             self._location["output.weight"] = self._location["tok_embeddings.weight"]
+
+    def close(self) -> None:
+        """Close the safetensors files (tensors already read stay valid); idempotent."""
+        files, self._files = self._files, {}
+        for handle in files.values():
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _weight_files(self) -> List[Path]:
         root = Path(self.source)
         index = root / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{index} is not a safetensors index with a weight_map ({err})") from err
-            paths = [root / name for name in sorted(set(weight_map.values()))]
+            paths = [root / name for name in weight_file_names(str(index))]
         else:
             paths = [root / SINGLE_FILE]
         for path in paths:

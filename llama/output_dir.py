@@ -28,11 +28,12 @@ def staged_output_dir(
     (after the new one is complete).
 
     Raises:
-        ValueError: if `out_dir` is a file, is not empty and `force` is off, or is `source_dir`.
+        ValueError: if `out_dir` is a file, is not empty and `force` is off, or is `source_dir`,
+            contains it or lies inside it.
     """
     out_dir = Path(out_dir)
-    if source_dir is not None and out_dir.resolve() == Path(source_dir).resolve():
-        raise ValueError(f"the output directory {out_dir} is the input directory: choose another --out_dir")
+    if source_dir is not None:
+        check_apart(source_dir, out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ValueError(f"the output path {out_dir} exists and is not a directory")
@@ -58,6 +59,30 @@ def staged_output_dir(
     os.replace(staging, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_apart(source_dir: PathLike, out_dir: PathLike) -> None:
+    """Check that neither folder is the other or inside it (symbolic links followed).
+
+    Replacing `out_dir` deletes whatever it holds, and a folder written inside the input
+    mixes the two checkpoints.
+
+    Raises:
+        ValueError: naming both folders.
+    """
+    source, out = Path(source_dir).resolve(), Path(out_dir).resolve()
+    if out == source:
+        problem = "is the input directory"
+    elif source in out.parents:
+        problem = f"lies inside the input directory {source_dir}"
+    elif out in source.parents:
+        problem = f"contains the input directory {source_dir}"
+    else:
+        return
+    raise ValueError(
+        f"the output directory {out_dir} {problem}: choose an --out_dir outside {source_dir} that does not "
+        "contain it"
+    )
 
 
 def copy_if_present(src_dir: PathLike, name: str, dst_dir: PathLike) -> bool:

@@ -73,9 +73,8 @@ def reshard(ckpt_dir: str, out_dir: str, mp: int, force: bool = False, progress:
     into `out_dir`. See `write_meta_checkpoint` for what is written and raised; missing inputs
     raise FileNotFoundError."""
     params = checkpoint.read_params(ckpt_dir)
-    return write_meta_checkpoint(
-        checkpoint.open_checkpoint(ckpt_dir), params, out_dir, mp, force=force, progress=progress
-    )
+    with checkpoint.open_checkpoint(ckpt_dir) as ckpt:
+        return write_meta_checkpoint(ckpt, params, out_dir, mp, force=force, progress=progress)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
