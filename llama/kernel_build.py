@@ -122,7 +122,9 @@ def cache_dir() -> Optional[Path]:
 
 
 def openmp_runtime() -> Optional[Path]:
-    """The OpenMP runtime library torch has loaded in this process, or None when torch does not
+    """The OpenMP runtime library torch itself uses, loaded in this process: the one inside torch's
+    installation (its lib folder, or `torch.libs` of a wheel), else one not bundled by another
+    package (other wheels, e.g. sentencepiece's, carry private copies). None when torch does not
     run its parallel loops with OpenMP (the kernels are then built without OpenMP)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
@@ -131,8 +133,12 @@ def openmp_runtime() -> Optional[Path]:
             paths = {line.split()[-1] for line in maps if "/" in line}
     except OSError:
         return None
-    found = sorted(p for p in paths if _OPENMP_LIBRARY.search(os.path.basename(p)))
-    return Path(found[0]) if found else None
+    runtimes = sorted(Path(p) for p in paths if _OPENMP_LIBRARY.search(os.path.basename(p)))
+    torch_root = Path(torch.__file__).resolve().parent
+    own = [p for p in runtimes if torch_root in p.resolve().parents or p.parent.name == "torch.libs"]
+    system = [p for p in runtimes if not p.parent.name.endswith(".libs")]
+    found = own or system
+    return found[0] if found else None
 
 
 @lru_cache(maxsize=None)
