@@ -235,13 +235,40 @@ def _first_use_outside_tracing() -> bool:
     return False if torch.compiler.is_compiling() else kernel_available()
 
 
+# Weight rows widened to fp32 at a time by `linear` on CPUs without a fast bf16 matmul: 512 rows
+# of 2048 (4 MiB in fp32) stay in the caches for the matmul that reads them right away.
+WIDEN_ROWS = 512
+
+
+def widens_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` multiplies many bf16 rows in fp32, `WIDEN_ROWS` weight rows at a
+    time: on CPUs whose kernels are the "avx2" variant, where torch's bf16 matmul (no bf16
+    instructions) is several times slower than its fp32 one."""
+    return (
+        weight.dim() == 2 and x.shape[-1] == weight.shape[1] and _usable_on(x, weight) and _variant == "avx2"
+    )
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16, device=x.device)
+    for first in range(0, weight.shape[0], WIDEN_ROWS):
+        chunk = weight[first : first + WIDEN_ROWS]
+        out[:, first : first + chunk.shape[0]] = F.linear(rows, chunk.float())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias): x [..., K] times weight [N, K] transposed, -> [..., N].
 
     Uses the kernel (`variant()`) for a few bf16 rows on the CPU (fp32 accumulation, one bf16
-    rounding of each output, like torch's own bf16 matmul), `F.linear` otherwise.
+    rounding of each output, like torch's own bf16 matmul); for more bf16 rows on a CPU without
+    bf16 instructions, torch's fp32 matmul on weights widened a chunk at a time (the same
+    rounding; see `widens_bf16_matmul`); `F.linear` otherwise.
     """
     if not kernel_applies(x, weight):
+        if widens_bf16_matmul(x, weight):
+            return _widened_linear(x, weight)
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if rows.shape[0] == 0:

@@ -477,3 +477,28 @@ def test_entry_points_refuse_buffers_shorter_than_the_sizes(variant):
             x.data_ptr(), x.numel(), angles.data_ptr(), angles.data_ptr(), angles.numel(),
             x.data_ptr(), x.numel(), 3, 2, 64, unsupported="",
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Many bf16 rows on a CPU without bf16 instructions: fp32 matmul on widened weight chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_many_bf16_rows_are_the_fp32_product_rounded_once(variant):
+    x, w = bf16_pair(20, kernels.WIDEN_ROWS * 2 + 37, 96, seed=9)  # three chunks, the last short
+    out = kernels.linear(x.view(4, 5, 96), w).view(20, -1)
+    assert kernels.widens_bf16_matmul(x, w) == (variant == "avx2")
+    assert_within_bf16_rounding(out, x, w)
+    if variant == "avx2":
+        assert torch.equal(out, F.linear(x.float(), w.float()).to(torch.bfloat16))
+    kernels.set_enabled(False)
+    assert not kernels.widens_bf16_matmul(x, w)
+
+
+def test_bf16_is_the_cpu_default_where_a_kernel_variant_runs(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    expected = torch.bfloat16 if kernels.variant() is not None else torch.float32
+    assert distributed.resolve_dtype(None, cpu) == expected
+    kernels.set_enabled(False)  # torch's own bf16 matmul without bf16 instructions is slow
+    assert distributed.resolve_dtype(None, cpu) == torch.float32
