@@ -51,6 +51,7 @@ ENTRY_POINTS = {
     + [_I64] * 7
     + [_FLOAT, _INT],
     "codellama_rotary_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "codellama_gemv_int8": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
 }
 
 

@@ -280,6 +280,73 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def int8_kernel_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether `int8_linear(x, qweight, scales)` would take the hand-written kernel: bf16 `x` of at
+    most `MAX_ROWS` rows on the CPU, contiguous int8 `qweight` [N, K] and fp32 `scales` [N]."""
+    return (
+        _enabled
+        and x.device.type == qweight.device.type == scales.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.numel() // max(qweight.shape[1], 1) <= MAX_ROWS
+        and qweight.is_contiguous()
+        and scales.dtype == torch.float32
+        and scales.is_contiguous()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.compiler.is_compiling()
+        and kernel_available()
+    )
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x` times int8 weights with one scale per output channel: x [..., K] @ (qweight [N, K] *
+    scales[N, None]).T -> [..., N] in x's dtype.
+
+    A few bf16 rows on the CPU use the kernel (fp32 products and sums, the scale applied to each
+    sum, one bf16 rounding); everything else multiplies in fp32 on the weights widened
+    `WIDEN_ROWS` rows at a time, then applies the scales.
+
+    Raises:
+        ValueError: if qweight is not a 2-D int8 tensor, scales is not [N], or x's last
+            dimension is not K.
+    """
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(
+            f"qweight must be a 2-D int8 tensor [N, K], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if tuple(scales.shape) != (qweight.shape[0],):
+        raise ValueError(
+            f"scales must be [N] = [{qweight.shape[0]}], one per output channel; got {tuple(scales.shape)}"
+        )
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} input features, qweight {qweight.shape[1]}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 0 or not int8_kernel_applies(x, qweight, scales):
+        wide = rows.float()
+        out = torch.empty(rows.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+        for first in range(0, qweight.shape[0], WIDEN_ROWS):
+            chunk = slice(first, first + WIDEN_ROWS)
+            out[:, chunk] = F.linear(wide, qweight[chunk].float()) * scales[chunk].float()
+        return out.view(*x.shape[:-1], qweight.shape[0])
+    rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+    _run(
+        "codellama_gemv_int8",
+        rows.data_ptr(),
+        _elements(rows),
+        qweight.data_ptr(),
+        _elements(qweight),
+        scales.data_ptr(),
+        _elements(scales),
+        out.data_ptr(),
+        _elements(out),
+        rows.shape[0],
+        qweight.shape[0],
+        qweight.shape[1],
+        unsupported=f"{rows.shape[0]} rows",
+    )
+    return out.view(*x.shape[:-1], qweight.shape[0])
+
+
 # Head sizes the decode-attention kernel is built for (Code Llama: 128).
 ATTENTION_HEAD_DIMS = (64, 128)
 

@@ -162,6 +162,96 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
 }
 
 // ---------------------------------------------------------------------------------------------
+// Matrix-vector product with int8 weights, one scale per output channel
+// ---------------------------------------------------------------------------------------------
+
+// 16 int8 weights b as two vectors of 8 fp32 holding b * 2^24 (exact): the 16 bytes loaded into
+// both 128-bit halves, each byte shuffled into the top byte of a 32-bit lane, converted. The 2^24
+// is taken out of each sum (a power of two: exact) with the scale.
+static inline void int8x16_to_ps(const int8_t* p, __m256* lo, __m256* hi) {
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  const __m256i first = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
+                                         -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
+  const __m256i second = _mm256_add_epi8(first, _mm256_setr_epi8(0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8,  //
+                                                                  0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8));
+  *lo = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(bytes, first));
+  *hi = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(bytes, second));
+}
+
+// y[m, n .. n+R) = scale[n] * (x[m, :] . q[n .. n+R, :]); xf holds x in fp32, Kp floats per row,
+// zero past K. One accumulator per output, 16 weights a step: the same order for every M and R.
+template <int M, int R>
+static inline void int8_rows_block(const float* __restrict xf, int64_t Kp, const int8_t* __restrict q, int64_t K,
+                                   const float* __restrict scales, uint16_t* __restrict y, int64_t N, int64_t n) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int8_t* qr = q + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) int8x16_to_ps(qr + r * K + k, &lo[r], &hi[r]);
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xf + m * Kp + k), x1 = _mm256_loadu_ps(xf + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(x0, lo[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(x1, hi[r], acc[m][r]);
+      }
+    }
+  }
+  if (k < K) {  // the last K % 16 weights, copied so nothing past the row is read
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      int8_t tail[16] = {0};
+      memcpy(tail, qr + r * K + k, (size_t)(K - k));
+      int8x16_to_ps(tail, &lo[r], &hi[r]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xf + m * Kp + k), x1 = _mm256_loadu_ps(xf + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(x0, lo[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(x1, hi[r], acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(sum8(acc[m][r]) * 0x1p-24f * scales[n + r]);
+}
+
+template <int M, int R>
+static void gemv_int8(const float* xf, int64_t Kp, const int8_t* q, const float* scales, uint16_t* y, int64_t N,
+                      int64_t K, int threads) {
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) int8_rows_block<M, R>(xf, Kp, q, K, scales, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) int8_rows_block<M, 1>(xf, Kp, q, K, scales, y, N, n);
+}
+
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N]: x bf16, q int8, scales fp32, y bf16, contiguous;
+// fp32 arithmetic, one bf16 rounding. Checks and status codes as codellama_gemv_bf16.
+extern "C" int codellama_gemv_int8(const uint16_t* x, int64_t x_len, const int8_t* q, int64_t q_len,
+                                   const float* scales, int64_t scales_len, uint16_t* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  const int status = check_gemv_int8(x_len, q_len, scales_len, y_len, M, N, K);
+  if (status != STATUS_OK) return status;
+  const int64_t Kp = (K + 15) / 16 * 16;
+  float* xf = widen_rows(x, M, K, Kp);
+  if (!xf) return STATUS_NO_MEMORY;
+  switch (M) {
+    case 1: gemv_int8<1, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 2: gemv_int8<2, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 3: gemv_int8<3, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 4: gemv_int8<4, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 5: gemv_int8<5, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 6: gemv_int8<6, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 7: gemv_int8<7, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    default: gemv_int8<8, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+  }
+  free(xf);
+  return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention: softmax and weighted values shared by the decode and prefill kernels
 // ---------------------------------------------------------------------------------------------
 
