@@ -8,7 +8,8 @@ values once, in fp32 arithmetic, up to that row's own length (no mask), where to
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
 no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
-pass, bit-identical to the torch operations.
+pass, bit-identical to the torch operations. `int8_linear` multiplies by int8 weights with one
+scale per output channel (a matrix-vector kernel for a few bf16 rows).
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with

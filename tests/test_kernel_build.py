@@ -121,3 +121,19 @@ def test_kernels_use_the_openmp_runtime_torch_loaded(tmp_path):
     torch_root = Path(torch.__file__).resolve().parent
     if runtime.strip() != "None":  # torch runs OpenMP: the kernels are linked to its own copy
         assert torch_root in Path(runtime.strip()).resolve().parents or "torch.libs" in runtime
+
+
+def test_every_kernel_source_ships_with_the_package():
+    """An installed package builds the kernels from its own copy of llama/csrc: setup.py's
+    package data must cover every source file there."""
+    import fnmatch
+    import re
+
+    setup_py = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    patterns = re.findall(r'"(csrc/[^"]+)"', setup_py)
+    sources = [
+        p.relative_to(kernel_build.SOURCE_DIR.parent).as_posix() for p in kernel_build.SOURCE_DIR.iterdir()
+    ]
+    assert sources and patterns
+    missing = [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)]
+    assert not missing, f"not in setup.py package_data: {missing}"
