@@ -21,6 +21,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
+    # The kernels' C++ sources, compiled on the user's machine on first use.
+    package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=requirements(ROOT / "requirements.txt"),
     extras_require={
         "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging"],

@@ -1,8 +1,9 @@
 """The decode matrix-vector kernel next to the machine's read speed, for 1 to 8 rows.
 
 A decode step multiplies one row of activations per sequence by every weight matrix. This
-script times `llama.kernels`' bf16 kernel and torch's `F.linear` on the matrices of 12 layers of
-the TinyLlama geometry (random, 1.05 GB: far larger than the caches), with 1 and 2 threads, and
+script times `llama.kernels`' bf16 kernel (the variant this CPU runs, or `--variant`) and
+torch's `F.linear` on the matrices of 12 layers of the TinyLlama geometry (random, 1.05 GB: far
+larger than the caches), with 1 and 2 threads, and
 the kernel on one 8 MiB matrix that stays in the last-level cache (its arithmetic speed with
 the memory out of the way). Results are GB/s of weights, medians of `--repeats`, next to a
 plain streaming read (fp32 sum of 1 GiB) in the same run.
@@ -11,7 +12,7 @@ Reading the table: a kernel is memory-bound when its "memory" column is close to
 read, and compute-bound when it is close to its "cached" column; with more rows every weight
 feeds more dot products, so the cached speed falls as the row count grows.
 
-    python benchmarks/gemv.py [--repeats 5] [--rows 1,2,4,8]
+    python benchmarks/gemv.py [--repeats 5] [--rows 1,2,4,8] [--variant avx2]
 """
 
 import argparse
@@ -28,7 +29,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama import kernels  # noqa: E402
+from llama import kernel_build, kernels  # noqa: E402
 
 DIM, FFN, KV_DIM, LAYERS = 2048, 5632, 256, 12
 
@@ -81,12 +82,21 @@ def main(argv: List[str] = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timings per cell; medians are reported")
     parser.add_argument("--rows", default="1,2,4,8", help="comma-separated row counts (at most 8)")
+    parser.add_argument(
+        "--variant", choices=kernel_build.VARIANTS, help="kernel variant (default: the fastest)"
+    )
     opts = parser.parse_args(argv)
     row_counts = [int(r) for r in opts.rows.split(",")]
     if opts.repeats < 1 or not all(1 <= r <= kernels.MAX_ROWS for r in row_counts):
         parser.error(f"--repeats must be >= 1 and every row count between 1 and {kernels.MAX_ROWS}")
+    if opts.variant:
+        try:
+            kernels.set_variant(opts.variant)
+        except (ValueError, RuntimeError) as err:
+            sys.exit(str(err))
     if not kernels.kernel_available():
-        sys.exit("this CPU has no AVX512-BF16 (or the kernel could not be built): nothing to measure")
+        sys.exit("no kernel variant runs on this CPU (or it could not be built): nothing to measure")
+    print(f"Kernel variant: {kernels.variant()} (CPU runs {', '.join(kernel_build.cpu_variants())})\n")
 
     weights = random_weights()
     cached = [weights[0]]  # 2048 x 2048 bf16: 8 MiB

@@ -9,6 +9,8 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from llama import kernels
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -28,12 +30,18 @@ def compute_device() -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 computes fast on `device`: a GPU with bf16, a CPU whose oneDNN has bf16
+    instructions, or a CPU where the hand-written kernels run (the "avx2" variant: bf16 weights
+    are multiplied by the kernels for decoding and widened to fp32 a chunk at a time for prefill,
+    so the weights stay 16-bit in memory and prefill is as fast as with fp32 weights)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return True
     except (AttributeError, RuntimeError):
-        return False
+        pass
+    return kernels.enabled() and kernels.variant() is not None
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:

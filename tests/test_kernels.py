@@ -1,16 +1,38 @@
-"""The AVX512-BF16 kernels against fp64/fp32 recomputations, and their fallback to torch."""
+"""The CPU kernels (every instruction-set variant this CPU runs) against fp64/fp32 recomputations,
+row by row against themselves, and their fallback to torch."""
+
+import os
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import distributed, kernels
+from llama import distributed, kernel_build, kernels
 from llama.model import ModelArgs, Transformer, apply_rotary, rotary_angles
 from tests.tiny import random_state_dict, tiny_params
 
-needs_kernel = pytest.mark.skipif(
-    not kernels.kernel_available(), reason="this CPU has no AVX512-BF16 (the kernel is never used here)"
-)
+ON_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+RUNNABLE_HERE = kernel_build.cpu_variants()
+
+
+@pytest.fixture(params=kernel_build.VARIANTS)
+def variant(request):
+    """Each test taking this fixture runs once per kernel variant, with that variant active. A
+    variant this CPU lacks is skipped only because another one is tested in its place; with none
+    runnable, an x86-64 CI machine fails instead of skipping everything."""
+    name = request.param
+    if name not in RUNNABLE_HERE:
+        if RUNNABLE_HERE:
+            pytest.skip(f"this CPU cannot run {name}; the {RUNNABLE_HERE[0]} variant is tested in its place")
+        if os.environ.get("CI", "").lower() == "true" and ON_X86_64:
+            pytest.fail("no kernel variant runs on this x86-64 CI machine: the kernels would go untested")
+        pytest.skip("no kernel variant runs on this CPU")
+    previous = kernels.variant()
+    kernels.set_variant(name)  # raises if it cannot be built: a build failure is never a skip
+    yield name
+    if previous is not None:
+        kernels.set_variant(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +60,9 @@ def assert_within_bf16_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Ten
     assert (error <= allowed).all(), f"max excess error {(error - allowed).max().item():.3g}"
 
 
-@needs_kernel
 @pytest.mark.parametrize("rows", range(1, kernels.MAX_ROWS + 1))
 @pytest.mark.parametrize("n_out,n_in", [(64, 2048), (37, 100), (300, 96), (1, 31), (9, 32)])
-def test_kernel_is_the_bf16_product(rows, n_out, n_in):
+def test_kernel_is_the_bf16_product(rows, n_out, n_in, variant):
     # Shapes cover: many full 32-wide steps, a masked tail, output counts that are not a
     # multiple of the row block, and a single output row.
     x, w = bf16_pair(rows, n_out, n_in, seed=rows)
@@ -49,8 +70,7 @@ def test_kernel_is_the_bf16_product(rows, n_out, n_in):
     assert_within_bf16_rounding(kernels.linear(x, w), x, w)
 
 
-@needs_kernel
-def test_kernel_keeps_leading_dims_and_reads_non_contiguous_input():
+def test_kernel_keeps_leading_dims_and_reads_non_contiguous_input(variant):
     x, w = bf16_pair(6, 48, 64)
     x3 = x.view(2, 3, 64)
     out = kernels.linear(x3, w)
@@ -60,15 +80,13 @@ def test_kernel_keeps_leading_dims_and_reads_non_contiguous_input():
     assert_within_bf16_rounding(kernels.linear(strided, w), strided.contiguous(), w)
 
 
-@needs_kernel
-def test_kernel_agrees_with_torch_bf16_matmul():
+def test_kernel_agrees_with_torch_bf16_matmul(variant):
     x, w = bf16_pair(1, 512, 1024, seed=3)
     ours, torch_bf16 = kernels.linear(x, w).float(), F.linear(x, w).float()
     torch.testing.assert_close(ours, torch_bf16, rtol=2**-7, atol=1e-3)
 
 
-@needs_kernel
-def test_kernel_result_does_not_depend_on_the_thread_count():
+def test_kernel_result_does_not_depend_on_the_thread_count(variant):
     x, w = bf16_pair(2, 257, 320)
     previous = torch.get_num_threads()
     try:
@@ -123,9 +141,8 @@ def bf16_model(seed: int = 0) -> Transformer:
     return model.eval()
 
 
-@needs_kernel
 @torch.inference_mode()
-def test_model_decode_with_kernel_matches_torch_path():
+def test_model_decode_with_kernel_matches_torch_path(variant):
     """Prefill (torch matmuls) then per-row decode steps (kernel): same logits as with torch only."""
     model = bf16_model()
     tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -166,7 +183,6 @@ def fp64_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
     return out
 
 
-@needs_kernel
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,lengths",
     [
@@ -176,7 +192,7 @@ def fp64_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         (16, 2, 128, [1000]),
     ],
 )
-def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths):
+def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths, variant):
     g = torch.Generator().manual_seed(len(lengths) * heads + head_dim)
     batch, max_len = len(lengths), max(lengths) + 7
     q = torch.randn(batch, heads, head_dim, generator=g).to(torch.bfloat16)
@@ -219,7 +235,6 @@ def fp64_causal_attention(
     )
 
 
-@needs_kernel
 @pytest.mark.parametrize(
     "length,heads,kv_heads,head_dim,start",
     [
@@ -230,7 +245,7 @@ def fp64_causal_attention(
         (40, 16, 2, 128, 300),
     ],
 )
-def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start):
+def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start, variant):
     g = torch.Generator().manual_seed(length + start)
     q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
     size = start + length + 9
@@ -261,9 +276,8 @@ def test_prefill_attention_not_used_outside_its_domain(case):
     assert not kernels.prefill_attention_applies(q, cache)
 
 
-@needs_kernel
 @torch.inference_mode()
-def test_model_attention_kernels_match_torch_path(monkeypatch):
+def test_model_attention_kernels_match_torch_path(monkeypatch, variant):
     """A bf16 model with 64-wide heads prefilling packed prompts, then decoding rows at different
     positions: the same logits with the attention kernels as with torch's
     scaled_dot_product_attention."""
@@ -306,9 +320,8 @@ def test_model_attention_kernels_match_torch_path(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_kernel
 @pytest.mark.parametrize("shape", [(1, 1, 32, 64), (2, 7, 4, 128), (1, 300, 3, 32)])
-def test_rotary_kernel_equals_the_torch_rotation_bit_for_bit(shape):
+def test_rotary_kernel_equals_the_torch_rotation_bit_for_bit(shape, variant):
     g = torch.Generator().manual_seed(shape[1])
     x = (torch.randn(*shape, generator=g) * 4).to(torch.bfloat16)
     positions = torch.randint(0, 100_000, shape[:2], generator=g)
@@ -326,3 +339,240 @@ def test_rotary_kernel_needs_one_angle_row_per_token():
     x = torch.zeros(2, 3, 4, 64, dtype=torch.bfloat16)
     assert not kernels.rotary_applies(x, torch.zeros(1, 3, 1, 32))  # broadcast over the batch
     assert not kernels.rotary_applies(x.float(), torch.zeros(2, 3, 1, 32))
+
+
+def test_rotary_kernel_matches_fp64(variant):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 5, 3, 64, generator=g) * 4).to(torch.bfloat16)
+    angles = rotary_angles(torch.randint(0, 10_000, (2, 5), generator=g), 64, 1e4)[:, :, None, :]
+    cos, sin = angles.cos(), angles.sin()
+    out = kernels.rotary(x, cos, sin).double()
+    a, b = x.double()[..., 0::2], x.double()[..., 1::2]
+    c, s = cos.double(), sin.double()
+    expected = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    # fp32 products and sum, then one bf16 rounding (2**-8 relative).
+    magnitude = (a.abs() + b.abs()).repeat_interleave(2, dim=-1)
+    assert ((out - expected).abs() <= expected.abs() * 2**-8 + magnitude * 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# A row's result does not depend on the other rows of the call
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_variant_runs_on_every_x86_64_cpu_with_avx2():
+    if not {"avx2", "fma"} <= kernel_build.cpu_flags():
+        pytest.skip("this CPU has no AVX2+FMA")
+    assert kernels.kernel_available()
+    assert kernels.variant() in RUNNABLE_HERE
+
+
+def test_the_preferred_variant_is_the_fastest_this_cpu_runs(monkeypatch):
+    monkeypatch.delenv("CODELLAMA_KERNEL_VARIANT", raising=False)
+    monkeypatch.setattr(kernel_build, "cpu_variants", lambda: ["avx512bf16", "avx2"])
+    assert kernels._preferred_variants() == ["avx512bf16", "avx2"]
+    monkeypatch.setenv("CODELLAMA_KERNEL_VARIANT", "avx2")
+    assert kernels._preferred_variants() == ["avx2"]
+    monkeypatch.setenv("CODELLAMA_KERNEL_VARIANT", "sse9")
+    with pytest.raises(ValueError, match="CODELLAMA_KERNEL_VARIANT"):
+        kernels._preferred_variants()
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        kernels.set_variant("sse9")
+
+
+def cancelling_pair(rows: int, n_out: int, n_in: int, seed: int = 0):
+    """Like `bf16_pair`, with magnitudes spread over 2**-8 .. 2**8: sums cancel, so a different
+    summation order shows in the bf16 results, not only in the fp32 bits they round away."""
+    g = torch.Generator().manual_seed(seed)
+    spread = 2.0 ** torch.randint(-8, 9, (rows, n_in), generator=g)
+    x = (torch.randn(rows, n_in, generator=g) * spread).to(torch.bfloat16)
+    w = (torch.randn(n_out, n_in, generator=g) * n_in**-0.5).to(torch.bfloat16)
+    return x, w
+
+
+@pytest.mark.parametrize("n_out,n_in", [(2053, 1000), (1024, 256)])
+def test_gemv_row_is_the_same_alone_or_with_up_to_7_others(n_out, n_in, variant):
+    x, w = cancelling_pair(kernels.MAX_ROWS, n_out, n_in, seed=n_out)
+    alone = torch.cat([kernels.linear(x[i : i + 1], w) for i in range(kernels.MAX_ROWS)])
+    for rows in range(2, kernels.MAX_ROWS + 1):
+        assert torch.equal(kernels.linear(x[:rows], w), alone[:rows]), f"{rows} rows"
+    assert_within_bf16_rounding(alone, x, w)
+
+
+def test_decode_attention_row_is_the_same_alone_or_with_up_to_7_others(variant):
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([5, 40, 17, 1, 33, 64, 9, 20])
+    q = torch.randn(8, 4, 64, generator=g).to(torch.bfloat16)
+    cache_k = torch.randn(8, 2, 64, 64, generator=g).to(torch.bfloat16)
+    cache_v = torch.randn(8, 2, 64, 64, generator=g).to(torch.bfloat16)
+    alone = torch.cat(
+        [
+            kernels.decode_attention(q[b : b + 1], cache_k[b : b + 1], cache_v[b : b + 1], lengths[b : b + 1])
+            for b in range(8)
+        ]
+    )
+    for rows in range(2, 9):
+        out = kernels.decode_attention(q[:rows], cache_k[:rows], cache_v[:rows], lengths[:rows])
+        assert torch.equal(out, alone[:rows]), f"{rows} rows"
+
+
+def test_prefill_attention_token_is_the_same_alone_or_with_up_to_7_others(variant):
+    g = torch.Generator().manual_seed(6)
+    start, heads, kv_heads, head_dim = 5, 6, 2, 128
+    q = torch.randn(8, heads, head_dim, generator=g).to(torch.bfloat16)
+    cache_k = torch.randn(kv_heads, 32, head_dim, generator=g).to(torch.bfloat16)
+    cache_v = torch.randn(kv_heads, 32, head_dim, generator=g).to(torch.bfloat16)
+    alone = torch.cat(
+        [kernels.prefill_attention(q[i : i + 1], cache_k, cache_v, start + i) for i in range(8)]
+    )
+    for tokens in range(2, 9):
+        out = kernels.prefill_attention(q[:tokens], cache_k, cache_v, start)
+        assert torch.equal(out, alone[:tokens]), f"{tokens} tokens"
+
+
+def test_rotary_token_is_the_same_alone_or_with_up_to_7_others(variant):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 8, 4, 64, generator=g).to(torch.bfloat16)
+    angles = rotary_angles(torch.arange(8)[None] * 37, 64, 1e4)[:, :, None, :]
+    cos, sin = angles.cos(), angles.sin()
+    alone = torch.cat(
+        [kernels.rotary(x[:, i : i + 1], cos[:, i : i + 1], sin[:, i : i + 1]) for i in range(8)], 1
+    )
+    for tokens in range(2, 9):
+        assert torch.equal(kernels.rotary(x[:, :tokens], cos[:, :tokens], sin[:, :tokens]), alone[:, :tokens])
+
+
+# ---------------------------------------------------------------------------------------------
+# The C entry points refuse calls that would read or write outside the buffers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 9, 1000])
+def test_decode_attention_refuses_a_length_outside_the_cache(length, variant):
+    q = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(q, cache, cache, torch.tensor([3, length]))
+
+
+def test_entry_points_refuse_buffers_shorter_than_the_sizes(variant):
+    x, w = bf16_pair(2, 16, 64)
+    out = torch.empty(2, 16, dtype=torch.bfloat16)
+    ptrs = (x.data_ptr(), w.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="do not fit"):  # weight buffer claimed shorter than N * K
+        kernels._run(
+            "codellama_gemv_bf16", ptrs[0], 128, ptrs[1], 16 * 64 - 1, ptrs[2], 32, 2, 16, 64, unsupported=""
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # K larger than the rows
+        kernels._run(
+            "codellama_gemv_bf16", ptrs[0], 128, ptrs[1], 1024, ptrs[2], 32, 2, 16, 65, unsupported=""
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # a negative size
+        kernels._run(
+            "codellama_gemv_bf16", ptrs[0], 128, ptrs[1], 1024, ptrs[2], 32, 2, -16, 64, unsupported=""
+        )
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):  # a cache row of 8 positions, 4 + 6 claimed
+        kernels._run(
+            "codellama_prefill_attention_bf16",
+            q.data_ptr(), q.numel(), cache.data_ptr(), cache.data_ptr(), cache.numel(),
+            q.data_ptr(), q.numel(), 6, 4, 2, 1, 64, 8, 8 * 64, 0.125, unsupported="",
+        )  # fmt: skip
+    x = torch.zeros(3, 2, 64, dtype=torch.bfloat16)
+    angles = torch.zeros(2, 32)
+    with pytest.raises(ValueError, match="do not fit"):  # angles for 2 tokens, 3 claimed
+        kernels._run(
+            "codellama_rotary_bf16",
+            x.data_ptr(), x.numel(), angles.data_ptr(), angles.data_ptr(), angles.numel(),
+            x.data_ptr(), x.numel(), 3, 2, 64, unsupported="",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Many bf16 rows on a CPU without bf16 instructions: fp32 matmul on widened weight chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_many_bf16_rows_are_the_fp32_product_rounded_once(variant):
+    x, w = bf16_pair(20, kernels.WIDEN_ROWS * 2 + 37, 96, seed=9)  # three chunks, the last short
+    out = kernels.linear(x.view(4, 5, 96), w).view(20, -1)
+    assert kernels.widens_bf16_matmul(x, w) == (variant == "avx2")
+    assert_within_bf16_rounding(out, x, w)
+    if variant == "avx2":
+        assert torch.equal(out, F.linear(x.float(), w.float()).to(torch.bfloat16))
+    kernels.set_enabled(False)
+    assert not kernels.widens_bf16_matmul(x, w)
+
+
+def test_bf16_is_the_cpu_default_where_a_kernel_variant_runs(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    expected = torch.bfloat16 if kernels.variant() is not None else torch.float32
+    assert distributed.resolve_dtype(None, cpu) == expected
+    kernels.set_enabled(False)  # torch's own bf16 matmul without bf16 instructions is slow
+    assert distributed.resolve_dtype(None, cpu) == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 weights, one scale per output channel
+# ---------------------------------------------------------------------------------------------
+
+
+def int8_triple(rows: int, n_out: int, n_in: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n_in, generator=g).to(torch.bfloat16)
+    qweight = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+    scales = torch.rand(n_out, generator=g) * 0.02 + 0.001
+    return x, qweight, scales
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n_out,n_in", [(37, 100), (64, 2048), (9, 16)])
+def test_int8_kernel_matches_fp64_of_the_dequantized_weights(rows, n_out, n_in, variant):
+    x, qweight, scales = int8_triple(rows, n_out, n_in, seed=rows + n_in)
+    assert kernels.int8_kernel_applies(x, qweight, scales)
+    dequantized = qweight.double() * scales.double()[:, None]
+    assert_within_bf16_rounding(kernels.int8_linear(x, qweight, scales), x, dequantized)
+
+
+def test_int8_row_is_the_same_alone_or_with_up_to_7_others(variant):
+    x, qweight, scales = int8_triple(8, 2053, 1000, seed=2)
+    x = cancelling_pair(8, 1, 1000, seed=2)[0]
+    alone = torch.cat([kernels.int8_linear(x[i : i + 1], qweight, scales) for i in range(8)])
+    for rows in range(2, 9):
+        assert torch.equal(kernels.int8_linear(x[:rows], qweight, scales), alone[:rows]), f"{rows} rows"
+
+
+def test_int8_torch_path_agrees_with_the_kernel():
+    x, qweight, scales = int8_triple(4, 600, 96, seed=3)  # two weight chunks on the torch path
+    with_kernel = kernels.int8_linear(x.view(2, 2, 96), qweight, scales)
+    kernels.set_enabled(False)
+    torch_path = kernels.int8_linear(x.view(2, 2, 96), qweight, scales)
+    assert torch_path.shape == with_kernel.shape == (2, 2, 600)
+    torch.testing.assert_close(torch_path.float(), with_kernel.float(), rtol=2**-7, atol=1e-3)
+    assert_within_bf16_rounding(torch_path.view(4, 600), x, qweight.double() * scales.double()[:, None])
+
+
+@pytest.mark.parametrize("case", ["float_weight", "scales_shape", "in_features"])
+def test_int8_linear_refuses_inconsistent_inputs(case):
+    x, qweight, scales = int8_triple(2, 8, 32)
+    if case == "float_weight":
+        qweight = qweight.float()
+    if case == "scales_shape":
+        scales = scales[:4]
+    if case == "in_features":
+        x = x[:, :16]
+    with pytest.raises(ValueError, match="qweight|scales|input features"):
+        kernels.int8_linear(x, qweight, scales)
+
+
+def test_int8_entry_point_refuses_short_scales(variant):
+    x, qweight, scales = int8_triple(1, 16, 32)
+    out = torch.empty(1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels._run(
+            "codellama_gemv_int8",
+            x.data_ptr(), 32, qweight.data_ptr(), 512, scales.data_ptr(), 15, out.data_ptr(), 16, 1, 16, 32,
+            unsupported="",
+        )  # fmt: skip

@@ -1,0 +1,534 @@
+// The CPU kernels for x86-64 with AVX2 and FMA only (Intel Haswell and later, AMD Zen 1-3), the
+// same entry points as kernels_avx512bf16.cpp. Built by llama/kernels.py with -mavx2 -mfma.
+//
+// Without a bf16 dot-product instruction, bf16 values become fp32 with integer shifts (bf16 is
+// the top half of an fp32, so this is exact) and are multiplied with fused multiply-adds, fp32
+// accumulation. A 256-bit load of 16 bf16 values holds one pair per 32-bit lane: shifting each
+// lane left by 16 gives the even elements as fp32, masking off its low half the odd ones, so
+// the activations are laid out once per call in the same even/odd order ("split" layout) and
+// the weights need no shuffles.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+// 8 bf16 values widened to fp32, in order.
+static inline __m256 bf16x8_to_ps(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// The even (0, 2, .., 14) and odd (1, 3, .., 15) elements of 16 bf16 values, as fp32.
+static inline void bf16x16_split(const uint16_t* p, __m256* even, __m256* odd) {
+  const __m256i pairs = _mm256_loadu_si256((const __m256i*)p);
+  *even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+  *odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+// n bf16 values (n a multiple of 16) -> fp32 in the split layout: each block of 16 becomes its 8
+// even elements, then its 8 odd ones.
+static void to_split_fp32(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; k += 16) {
+    __m256 even, odd;
+    bf16x16_split(src + k, &even, &odd);
+    _mm256_storeu_ps(dst + k, even);
+    _mm256_storeu_ps(dst + k + 8, odd);
+  }
+}
+
+// fp32 -> bf16 for 8 values, rounding to nearest even like to_bf16 (NaN stays NaN).
+static inline void store_bf16x8(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+  // Every lane is below 2^16: packing with unsigned saturation keeps it; the packs work per
+  // 128-bit half, so the halves' results are brought together.
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);
+  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(ordered));
+}
+
+// The sum of the 8 lanes, always in the same order.
+static inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-vector product
+// ---------------------------------------------------------------------------------------------
+
+// y[m, n .. n+R) = x[m, :] . w[n .. n+R, :] for all M rows; xs holds x in the split layout, Kp
+// (K rounded up to 16) floats per row, zero past K. Every output is one accumulator of 8 lanes
+// fed 16 weights at a time (even elements, then odd), then summed by sum8: the same operations
+// in the same order whatever M and R are. R weight rows at once give the fused multiply-adds
+// enough independent chains when M is small.
+template <int M, int R>
+static inline void rows_block(const float* __restrict xs, int64_t Kp, const uint16_t* __restrict w, int64_t K,
+                              uint16_t* __restrict y, int64_t N, int64_t n) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const uint16_t* wr = w + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 we[R], wo[R];
+    for (int r = 0; r < R; ++r) bf16x16_split(wr + r * K + k, &we[r], &wo[r]);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xe = _mm256_loadu_ps(xs + m * Kp + k), xo = _mm256_loadu_ps(xs + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(xe, we[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(xo, wo[r], acc[m][r]);
+      }
+    }
+  }
+  if (k < K) {  // the last K % 16 weights, copied so nothing past the row is read
+    __m256 we[R], wo[R];
+    for (int r = 0; r < R; ++r) {
+      uint16_t tail[16] = {0};
+      memcpy(tail, wr + r * K + k, sizeof(uint16_t) * (K - k));
+      bf16x16_split(tail, &we[r], &wo[r]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 xe = _mm256_loadu_ps(xs + m * Kp + k), xo = _mm256_loadu_ps(xs + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(xe, we[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(xo, wo[r], acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(sum8(acc[m][r]));
+}
+
+template <int M, int R>
+static void gemv(const float* xs, int64_t Kp, const uint16_t* w, uint16_t* y, int64_t N, int64_t K,
+                 int threads) {
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R>(xs, Kp, w, K, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(xs, Kp, w, K, y, N, n);
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
+// each buffer holds. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES
+// when the sizes do not fit the buffers, or STATUS_NO_MEMORY. Register budget (16 vectors):
+// M * R accumulators, 2 R weight vectors and 2 for x.
+extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
+                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  const int status = check_gemv(x_len, w_len, y_len, M, N, K);
+  if (status != STATUS_OK) return status;
+  const int64_t Kp = (K + 15) / 16 * 16;
+  float* xs = (float*)malloc(sizeof(float) * M * Kp);
+  if (!xs) return STATUS_NO_MEMORY;
+  uint16_t* padded = (uint16_t*)calloc(Kp, sizeof(uint16_t));
+  if (!padded) {
+    free(xs);
+    return STATUS_NO_MEMORY;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    memcpy(padded, x + m * K, sizeof(uint16_t) * K);
+    to_split_fp32(padded, Kp, xs + m * Kp);
+  }
+  free(padded);
+  switch (M) {
+    case 1: gemv<1, 4>(xs, Kp, w, y, N, K, threads); break;
+    case 2: gemv<2, 2>(xs, Kp, w, y, N, K, threads); break;
+    case 3: gemv<3, 2>(xs, Kp, w, y, N, K, threads); break;
+    case 4: gemv<4, 2>(xs, Kp, w, y, N, K, threads); break;
+    case 5: gemv<5, 1>(xs, Kp, w, y, N, K, threads); break;
+    case 6: gemv<6, 1>(xs, Kp, w, y, N, K, threads); break;
+    case 7: gemv<7, 1>(xs, Kp, w, y, N, K, threads); break;
+    default: gemv<8, 1>(xs, Kp, w, y, N, K, threads); break;
+  }
+  free(xs);
+  return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-vector product with int8 weights, one scale per output channel
+// ---------------------------------------------------------------------------------------------
+
+// 16 int8 weights b as two vectors of 8 fp32 holding b * 2^24 (exact): the 16 bytes loaded into
+// both 128-bit halves, each byte shuffled into the top byte of a 32-bit lane, converted. The 2^24
+// is taken out of each sum (a power of two: exact) with the scale.
+static inline void int8x16_to_ps(const int8_t* p, __m256* lo, __m256* hi) {
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  const __m256i first = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
+                                         -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
+  const __m256i second = _mm256_add_epi8(first, _mm256_setr_epi8(0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8,  //
+                                                                  0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 8));
+  *lo = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(bytes, first));
+  *hi = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(bytes, second));
+}
+
+// y[m, n .. n+R) = scale[n] * (x[m, :] . q[n .. n+R, :]); xf holds x in fp32, Kp floats per row,
+// zero past K. One accumulator per output, 16 weights a step: the same order for every M and R.
+template <int M, int R>
+static inline void int8_rows_block(const float* __restrict xf, int64_t Kp, const int8_t* __restrict q, int64_t K,
+                                   const float* __restrict scales, uint16_t* __restrict y, int64_t N, int64_t n) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int8_t* qr = q + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) int8x16_to_ps(qr + r * K + k, &lo[r], &hi[r]);
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xf + m * Kp + k), x1 = _mm256_loadu_ps(xf + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(x0, lo[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(x1, hi[r], acc[m][r]);
+      }
+    }
+  }
+  if (k < K) {  // the last K % 16 weights, copied so nothing past the row is read
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      int8_t tail[16] = {0};
+      memcpy(tail, qr + r * K + k, (size_t)(K - k));
+      int8x16_to_ps(tail, &lo[r], &hi[r]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(xf + m * Kp + k), x1 = _mm256_loadu_ps(xf + m * Kp + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(x0, lo[r], acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(x1, hi[r], acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(sum8(acc[m][r]) * 0x1p-24f * scales[n + r]);
+}
+
+template <int M, int R>
+static void gemv_int8(const float* xf, int64_t Kp, const int8_t* q, const float* scales, uint16_t* y, int64_t N,
+                      int64_t K, int threads) {
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) int8_rows_block<M, R>(xf, Kp, q, K, scales, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) int8_rows_block<M, 1>(xf, Kp, q, K, scales, y, N, n);
+}
+
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N]: x bf16, q int8, scales fp32, y bf16, contiguous;
+// fp32 arithmetic, one bf16 rounding. Checks and status codes as codellama_gemv_bf16.
+extern "C" int codellama_gemv_int8(const uint16_t* x, int64_t x_len, const int8_t* q, int64_t q_len,
+                                   const float* scales, int64_t scales_len, uint16_t* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  const int status = check_gemv_int8(x_len, q_len, scales_len, y_len, M, N, K);
+  if (status != STATUS_OK) return status;
+  const int64_t Kp = (K + 15) / 16 * 16;
+  float* xf = widen_rows(x, M, K, Kp);
+  if (!xf) return STATUS_NO_MEMORY;
+  switch (M) {
+    case 1: gemv_int8<1, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 2: gemv_int8<2, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 3: gemv_int8<3, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 4: gemv_int8<4, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 5: gemv_int8<5, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 6: gemv_int8<6, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 7: gemv_int8<7, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+    default: gemv_int8<8, 1>(xf, Kp, q, scales, y, N, K, threads); break;
+  }
+  free(xf);
+  return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: softmax and weighted values shared by the decode and prefill kernels
+// ---------------------------------------------------------------------------------------------
+
+// e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
+// 2^f by its degree-6 Taylor polynomial (relative error below 2e-7), 2^n built in the exponent
+// bits (n >= -126 after the clamp, so a normal number).
+static inline __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// All-ones in the first min(left, 8) 32-bit lanes.
+static inline __m256i first_lanes8(int64_t left) {
+  const int n = left >= 8 ? 8 : (int)left;
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Softmax of row[0, n) in place (fp32, n >= 1); row[n, width) becomes 0.
+static void softmax_row(float* row, int64_t n, int64_t width) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + s));
+  float m = max8(mx);
+  for (; s < n; ++s) m = row[s] > m ? row[s] : m;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (s = 0; s < n; s += 8) {
+    const __m256i mask = first_lanes8(n - s);
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(row + s, mask), mv));
+    _mm256_maskstore_ps(row + s, mask, e);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum8(sum));
+  for (s = 0; s < n; s += 8) {
+    const __m256i mask = first_lanes8(n - s);
+    _mm256_maskstore_ps(row + s, mask, _mm256_mul_ps(_mm256_maskload_ps(row + s, mask), inv));
+  }
+  for (s = n; s < width; ++s) row[s] = 0.0f;
+}
+
+// out[i] = sum_s p[i * ld + s] v[s] over s < len, for `rows` rows of probabilities (fp32), written
+// as bf16 rows of D: one fused multiply-add per position, in position order, for every element.
+// Two rows and 32 elements at a time keep the accumulators in the 16 registers.
+template <int D>
+static void weighted_values(const float* p, int64_t ld, int64_t rows, const uint16_t* v, int64_t len,
+                            uint16_t* const* out) {
+  constexpr int G = 2, J = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += G) {
+    const int g = rows - r0 < G ? (int)(rows - r0) : G;
+    for (int d0 = 0; d0 < D; d0 += 8 * J) {
+      __m256 acc[G][J];
+      for (int i = 0; i < G; ++i)
+        for (int j = 0; j < J; ++j) acc[i][j] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < len; ++s) {
+        __m256 vv[J];
+        for (int j = 0; j < J; ++j) vv[j] = bf16x8_to_ps(v + s * D + d0 + 8 * j);
+        for (int i = 0; i < G; ++i) {
+          if (i >= g) break;
+          const __m256 w = _mm256_broadcast_ss(p + (r0 + i) * ld + s);
+          for (int j = 0; j < J; ++j) acc[i][j] = _mm256_fmadd_ps(w, vv[j], acc[i][j]);
+        }
+      }
+      for (int i = 0; i < g; ++i)
+        for (int j = 0; j < J; ++j) store_bf16x8(out[r0 + i] + d0 + 8 * j, acc[i][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention
+// ---------------------------------------------------------------------------------------------
+
+// One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D]. qs is
+// scratch for the queries in the split layout, scores for rep * len floats.
+template <int D>
+static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
+                        int64_t len, float scale, float* qs, float* scores) {
+  to_split_fp32(q, rep * D, qs);
+  for (int64_t s = 0; s < len; ++s) {
+    const uint16_t* ks = k + s * D;
+    for (int64_t r = 0; r < rep; ++r) {
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      for (int j = 0; j < D; j += 16) {
+        __m256 ke, ko;
+        bf16x16_split(ks + j, &ke, &ko);
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + j), ke, even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + j + 8), ko, odd);
+      }
+      scores[r * len + s] = sum8(_mm256_add_ps(even, odd)) * scale;
+    }
+  }
+  uint16_t* rows[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
+    for (int64_t r = 0; r < n; ++r) {
+      softmax_row(scores + (r0 + r) * len, len, len);
+      rows[r] = out + (r0 + r) * D;
+    }
+    weighted_values<D>(scores + r0 * len, len, n, v, len, rows);
+  }
+}
+
+// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
+// token per row; the layout, checks and status codes are those of the AVX512-BF16 variant.
+extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
+                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                                               int64_t row_stride, int64_t head_stride, float scale,
+                                               int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, B, H, KVH, D, max_len,
+                                            row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  const int64_t rep = H / KVH;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * rep * (longest + D));
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+      if (!scores) continue;
+      const int64_t b = task / KVH, g = task % KVH;
+      const uint16_t* kb = k + b * row_stride + g * head_stride;
+      const uint16_t* vb = v + b * row_stride + g * head_stride;
+      const int64_t first = (b * H + g * rep) * D;
+      float* qs = scores + rep * longest;
+      if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, qs, scores);
+      else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, qs, scores);
+    }
+    free(scores);
+  }
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention
+// ---------------------------------------------------------------------------------------------
+
+// Keys [len, D] of one kv head as fp32, transposed in blocks of 8 keys: packed[(b * D + d) * 8 + j]
+// is element d of key 8 b + j, so one multiply-add scores 8 keys. Keys past len are 0.
+template <int D>
+static void pack_keys(const uint16_t* k, int64_t len, float* packed) {
+  for (int64_t b = 0; b < (len + 7) / 8; ++b)
+    for (int d = 0; d < D; ++d)
+      for (int j = 0; j < 8; ++j) {
+        const int64_t s = b * 8 + j;
+        uint32_t bits = s < len ? (uint32_t)k[s * D + d] << 16 : 0u;
+        memcpy(packed + (b * D + d) * 8 + j, &bits, 4);
+      }
+}
+
+// Scores of 8 query rows (fp32, in order) against the first `blocks` blocks of packed keys,
+// scaled: scores[r * ld + s] = scale * q[r] . key[s], one multiply-add per head dimension in order.
+template <int D>
+static void score_rows(const float* qf, const float* packed, int64_t blocks, float scale, float* scores,
+                       int64_t ld) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m256 kz = _mm256_loadu_ps(packed + (b * D + d) * 8);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qf + r * D + d), kz, acc[r]);
+    }
+    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(scores + r * ld + b * 8, _mm256_mul_ps(acc[r], sv));
+  }
+}
+
+// Causal attention of a prompt chunk of one cache row; the layout, checks and status codes are
+// those of the AVX512-BF16 variant.
+extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                                const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                                int64_t out_len, int64_t start, int64_t len, int64_t H,
+                                                int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
+                                                float scale, int threads) {
+  const int status = check_prefill_attention(q_len, kv_len, out_len, start, len, H, KVH, D, max_len,
+                                             head_stride);
+  if (status != STATUS_OK) return status;
+  if (len == 0) return STATUS_OK;
+  const int64_t rep = H / KVH, keys = start + len, blocks = (keys + 7) / 8;
+  const int64_t per_head = blocks * 8 * D;  // packed floats per kv head
+  float* packed = (float*)malloc(sizeof(float) * per_head * KVH);
+  if (!packed) return STATUS_NO_MEMORY;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < KVH; ++g) {
+    if (D == 64) pack_keys<64>(k + g * head_stride, keys, packed + g * per_head);
+    else pack_keys<128>(k + g * head_stride, keys, packed + g * per_head);
+  }
+  // Rows are (token, head in group) pairs, token-major; a task is 8 consecutive rows of one kv
+  // head, which see at most 8 different lengths.
+  const int64_t rows = len * rep, groups = (rows + 7) / 8;
+  const int64_t ld = blocks * 8;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * (8 * ld + 8 * D));
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < KVH * groups; ++task) {
+      if (!scores) continue;
+      // Later tokens see more keys: hand out the longest tasks first.
+      const int64_t g = task % KVH, first = (groups - 1 - task / KVH) * 8;
+      float* qf = scores + 8 * ld;
+      uint16_t* orow[8];
+      int64_t seen[8], most = 0;
+      for (int r = 0; r < 8; ++r) {  // a short last task repeats its last row
+        const int64_t row = first + r < rows ? first + r : rows - 1;
+        const int64_t token = row / rep, head = g * rep + row % rep;
+        const uint16_t* qrow = q + (token * H + head) * D;
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, bf16x8_to_ps(qrow + d));
+        orow[r] = out + (token * H + head) * D;
+        seen[r] = start + token + 1;
+        most = seen[r] > most ? seen[r] : most;
+      }
+      if (D == 64) score_rows<64>(qf, packed + g * per_head, (most + 7) / 8, scale, scores, ld);
+      else score_rows<128>(qf, packed + g * per_head, (most + 7) / 8, scale, scores, ld);
+      for (int r = 0; r < 8; ++r) softmax_row(scores + r * ld, seen[r], most);
+      const int64_t n = rows - first < 8 ? rows - first : 8;
+      const uint16_t* vg = v + g * head_stride;
+      if (D == 64) weighted_values<64>(scores, ld, n, vg, most, orow);
+      else weighted_values<128>(scores, ld, n, vg, most, orow);
+    }
+    free(scores);
+  }
+  free(packed);
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+// ---------------------------------------------------------------------------------------------
+
+// Rotary embedding of adjacent pairs, bit-identical to the torch operations (products and sums
+// rounded to fp32 separately, no fused multiply-add); as in the AVX512-BF16 variant.
+extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const float* cos, const float* sin,
+                                     int64_t angle_len, uint16_t* out, int64_t out_len, int64_t tokens,
+                                     int64_t heads, int64_t D, int threads) {
+  const int status = check_rotary(x_len, angle_len, out_len, tokens, heads, D);
+  if (status != STATUS_OK) return status;
+#pragma omp parallel for num_threads(tokens > 1 ? threads : 1) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    float c2[256], s2[256];  // cos per element, and sin with the sign each element of a pair needs
+    for (int64_t i = 0; i < D / 2; ++i) {
+      c2[2 * i] = c2[2 * i + 1] = cos[t * (D / 2) + i];
+      s2[2 * i] = -sin[t * (D / 2) + i];
+      s2[2 * i + 1] = sin[t * (D / 2) + i];
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* xh = x + (t * heads + h) * D;
+      uint16_t* oh = out + (t * heads + h) * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 v = bf16x8_to_ps(xh + d);
+        const __m256 swapped = _mm256_permute_ps(v, 0xB1);  // (b, a) in every pair
+        const __m256 straight = _mm256_mul_ps(v, _mm256_loadu_ps(c2 + d));
+        store_bf16x8(oh + d, _mm256_add_ps(straight, _mm256_mul_ps(swapped, _mm256_loadu_ps(s2 + d))));
+      }
+    }
+  }
+  return STATUS_OK;
+}

@@ -1,0 +1,431 @@
+// The CPU kernels for x86-64 with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD
+// Zen 4 and later). Built by llama/kernels.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16;
+// kernels_avx2.cpp holds the same entry points for CPUs with AVX2 and FMA only.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+// y[m, n .. n+R) = x[m, :] . w[n .. n+R, :] for all M rows of x: each weight row is read once.
+// U independent accumulators per (m, r) hide the latency of the dot-product instruction (U = 2
+// for every row count, so each output is the same sum, in the same order, whatever M is); PF > 0
+// prefetches the weights PF elements (tens of KiB) ahead into L2, which keeps memory busy when
+// several rows of x make the loop compute-heavy and the hardware prefetchers fall behind.
+template <int M, int R, int U, int PF>
+static inline void rows_block(const uint16_t* __restrict x, const uint16_t* __restrict w, int64_t K,
+                              uint16_t* __restrict y, int64_t N, int64_t n) {
+  __m512 acc[M][R][U];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
+  const uint16_t* wr = w + n * K;
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U) {
+    if (PF > 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T1);
+    for (int u = 0; u < U; ++u) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k + 32 * u);
+      for (int m = 0; m < M; ++m) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u);
+        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], xv, wv[r]);
+      }
+    }
+  }
+  for (; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask32 mask = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << left) - 1);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[m][r][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][r][u]);
+      y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(sum));
+    }
+}
+
+template <int M, int R, int U, int PF>
+static void gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t N, int64_t K, int threads) {
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R, U, PF>(x, w, K, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1, 2, 0>(x, w, K, y, N, n);
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
+// each buffer holds. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, or
+// STATUS_BAD_SIZES when the sizes do not fit the buffers. One or two rows: stream one weight row
+// at a time (a single sequential read per thread, which the hardware prefetchers follow best).
+// More rows: share each x load between several weight rows, within the 32 vector registers
+// (M * R * 2 accumulators + R weight vectors + 1).
+extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
+                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  const int status = check_gemv(x_len, w_len, y_len, M, N, K);
+  if (status != STATUS_OK) return status;
+  switch (M) {
+    case 1: gemv<1, 1, 2, 0>(x, w, y, N, K, threads); break;
+    case 2: gemv<2, 1, 2, 0>(x, w, y, N, K, threads); break;
+    case 3: gemv<3, 4, 2, 32768>(x, w, y, N, K, threads); break;
+    case 4: gemv<4, 3, 2, 32768>(x, w, y, N, K, threads); break;
+    case 5: gemv<5, 2, 2, 32768>(x, w, y, N, K, threads); break;
+    case 6: gemv<6, 2, 2, 32768>(x, w, y, N, K, threads); break;
+    case 7: gemv<7, 2, 2, 32768>(x, w, y, N, K, threads); break;
+    default: gemv<8, 1, 2, 32768>(x, w, y, N, K, threads); break;
+  }
+  return STATUS_OK;
+}
+
+// y[m, n .. n+R) = scale[n] * (x[m, :] . q[n .. n+R, :]) with int8 weights; xf holds x in fp32, Kp
+// floats per row, zero past K. One accumulator per output, 16 weights a step (masked at the end
+// of a row): the same order for every M and R.
+template <int M, int R>
+static inline void int8_rows_block(const float* __restrict xf, int64_t Kp, const int8_t* __restrict q, int64_t K,
+                                   const float* __restrict scales, uint16_t* __restrict y, int64_t N, int64_t n) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* qr = q + n * K;
+  for (int64_t k = 0; k < K; k += 16) {
+    const int64_t left = K - k;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, qr + r * K + k)));
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xf + m * Kp + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scales[n + r]);
+}
+
+template <int M, int R>
+static void gemv_int8(const float* xf, int64_t Kp, const int8_t* q, const float* scales, uint16_t* y, int64_t N,
+                      int64_t K, int threads) {
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) int8_rows_block<M, R>(xf, Kp, q, K, scales, y, N, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) int8_rows_block<M, 1>(xf, Kp, q, K, scales, y, N, n);
+}
+
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N]: x bf16, q int8, scales fp32, y bf16, contiguous;
+// fp32 arithmetic, one bf16 rounding. Checks and status codes as codellama_gemv_bf16.
+extern "C" int codellama_gemv_int8(const uint16_t* x, int64_t x_len, const int8_t* q, int64_t q_len,
+                                   const float* scales, int64_t scales_len, uint16_t* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  const int status = check_gemv_int8(x_len, q_len, scales_len, y_len, M, N, K);
+  if (status != STATUS_OK) return status;
+  const int64_t Kp = (K + 15) / 16 * 16;
+  float* xf = widen_rows(x, M, K, Kp);
+  if (!xf) return STATUS_NO_MEMORY;
+  switch (M) {
+    case 1: gemv_int8<1, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 2: gemv_int8<2, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 3: gemv_int8<3, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 4: gemv_int8<4, 4>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 5: gemv_int8<5, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 6: gemv_int8<6, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    case 7: gemv_int8<7, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+    default: gemv_int8<8, 2>(xf, Kp, q, scales, y, N, K, threads); break;
+  }
+  free(xf);
+  return STATUS_OK;
+}
+
+// e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
+// 2^f by its degree-6 Taylor polynomial (relative error below 2e-7).
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+// 16 bf16 values widened to fp32 (exact: bf16 is the top half of an fp32).
+static inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// fp32 -> bf16 for 16 values, rounding to nearest even like to_bf16 (NaN stays NaN).
+static inline __m256i ps_to_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+  return _mm512_cvtepi32_epi16(rounded);
+}
+static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
+
+// The first min(left, 16) lanes.
+static inline __mmask16 first_lanes16(int64_t left) {
+  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+// Softmax of row[0, n) in place (fp32); row[n, width) becomes 0.
+static void softmax_row(float* row, int64_t n, int64_t width) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + s));
+  float m = _mm512_reduce_max_ps(mx);
+  for (; s < n; ++s) m = row[s] > m ? row[s] : m;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (s = 0; s < n; s += 16) {
+    const __mmask16 mask = first_lanes16(n - s);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
+    _mm512_mask_storeu_ps(row + s, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (s = 0; s < n; s += 16) {
+    const __mmask16 mask = first_lanes16(n - s);
+    _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
+  }
+  for (s = n; s < width; ++s) row[s] = 0.0f;
+}
+
+// out[i] = sum_s p[i * ld + s] v[s] over s < len, for `rows` rows of probabilities (fp32), written
+// as bf16 rows of D. A few rows at a time, so the accumulators stay in registers.
+template <int D>
+static void weighted_values(const float* p, int64_t ld, int64_t rows, const uint16_t* v, int64_t len,
+                            uint16_t* const* out) {
+  constexpr int G = D >= 128 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += G) {
+    const int g = rows - r0 < G ? (int)(rows - r0) : G;
+    __m512 acc[G][D / 16];
+    for (int i = 0; i < G; ++i)
+      for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      __m512 vv[D / 16];
+      for (int j = 0; j < D / 16; ++j) vv[j] = bf16x16_to_ps(v + s * D + 16 * j);
+      for (int i = 0; i < G; ++i) {
+        if (i >= g) break;
+        const __m512 w = _mm512_set1_ps(p[(r0 + i) * ld + s]);
+        for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_fmadd_ps(w, vv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < g; ++i)
+      for (int j = 0; j < D / 16; ++j) store_bf16(out[r0 + i] + 16 * j, acc[i][j]);
+  }
+}
+
+// One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
+template <int D>
+static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
+                        int64_t len, float scale, float* scores) {
+  // Scores (fp32 dot products of bf16 values), scaled.
+  for (int64_t s = 0; s < len; ++s) {
+    const uint16_t* ks = k + s * D;
+    __m512bh kv[D / 32];
+    for (int j = 0; j < D / 32; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(ks + 32 * j);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int j = 0; j < D / 32; ++j)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + r * D + 32 * j), kv[j]);
+      scores[r * len + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  uint16_t* rows[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
+    for (int64_t r = 0; r < n; ++r) {
+      softmax_row(scores + (r0 + r) * len, len, len);
+      rows[r] = out + (r0 + r) * D;
+    }
+    weighted_values<D>(scores + r0 * len, len, n, v, len, rows);
+  }
+}
+
+// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
+// token per row. q/out [B, H, D] contiguous bf16; key/value element (b, g, s, d) sits at
+// b * row_stride + g * head_stride + s * D + d, s < max_len (both caches have this layout and
+// kv_len elements from k and from v). Returns STATUS_OK, STATUS_UNSUPPORTED for a head size or
+// grouping it is not built for, STATUS_BAD_SIZES when the sizes, strides or a length (1 ..
+// max_len) do not fit the buffers, or STATUS_NO_MEMORY when the scores' scratch space cannot be
+// allocated.
+extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
+                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                                               int64_t row_stride, int64_t head_stride, float scale,
+                                               int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, B, H, KVH, D, max_len,
+                                            row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  const int64_t rep = H / KVH;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * rep * (longest + 16));
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+      if (!scores) continue;
+      const int64_t b = task / KVH, g = task % KVH;
+      const uint16_t* kb = k + b * row_stride + g * head_stride;
+      const uint16_t* vb = v + b * row_stride + g * head_stride;
+      const int64_t first = (b * H + g * rep) * D;
+      if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
+      else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
+    }
+    free(scores);
+  }
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// Keys [len, D] of one kv head regrouped for the prefill scores: block b of 16 keys holds, for
+// each pair p of head dimensions, the 16 keys' (2p, 2p+1) elements side by side (one 32-bit
+// lane per key), so one dot-product instruction scores 16 keys at once. Keys past len are 0.
+template <int D>
+static void pack_keys(const uint16_t* k, int64_t len, uint32_t* packed) {
+  const uint32_t* pairs = (const uint32_t*)k;
+  for (int64_t b = 0; b < (len + 15) / 16; ++b)
+    for (int p = 0; p < D / 2; ++p)
+      for (int j = 0; j < 16; ++j) {
+        const int64_t s = b * 16 + j;
+        packed[(b * (D / 2) + p) * 16 + j] = s < len ? pairs[s * (D / 2) + p] : 0u;
+      }
+}
+
+// Scores of 8 query rows against the first `blocks` blocks of packed keys, scaled:
+// scores[r * ld + s] = scale * q[r] . key[s]. Each row's query pairs are broadcast to all lanes.
+template <int D>
+static void score_rows(const uint16_t* const* q, const uint32_t* packed, int64_t blocks, float scale,
+                       float* scores, int64_t ld) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+    for (int p = 0; p < D / 2; ++p) {
+      const __m512bh kz = (__m512bh)_mm512_loadu_si512(packed + (b * (D / 2) + p) * 16);
+      for (int r = 0; r < 8; ++r) {
+        uint32_t pair;
+        memcpy(&pair, q[r] + 2 * p, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kz);
+      }
+    }
+    for (int r = 0; r < 8; ++r) _mm512_storeu_ps(scores + r * ld + b * 16, _mm512_mul_ps(acc[r], sv));
+  }
+}
+
+// Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
+// and head h attends to positions 0 .. start + i of kv head h / rep. q/out [len, H, D] contiguous
+// bf16; key/value element (g, s, d) sits at g * head_stride + s * D + d and positions up to
+// start + len - 1 are filled. fp32 scores, softmax and weighted sum, as in the decode kernel.
+// The cache row holds max_len positions per head (kv_len elements from k and from v). Returns
+// STATUS_OK, STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the decode kernel does.
+extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                                const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                                int64_t out_len, int64_t start, int64_t len, int64_t H,
+                                                int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
+                                                float scale, int threads) {
+  const int status = check_prefill_attention(q_len, kv_len, out_len, start, len, H, KVH, D, max_len,
+                                             head_stride);
+  if (status != STATUS_OK) return status;
+  if (len == 0) return STATUS_OK;
+  const int64_t rep = H / KVH, keys = start + len, blocks = (keys + 15) / 16;
+  const int64_t per_head = blocks * 16 * D / 2;  // packed 32-bit pairs per kv head
+  uint32_t* packed = (uint32_t*)malloc(sizeof(uint32_t) * per_head * KVH);
+  if (!packed) return STATUS_NO_MEMORY;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < KVH; ++g) {
+    if (D == 64) pack_keys<64>(k + g * head_stride, keys, packed + g * per_head);
+    else pack_keys<128>(k + g * head_stride, keys, packed + g * per_head);
+  }
+  // Rows are (token, head in group) pairs, token-major; a task is 8 consecutive rows of one kv
+  // head, which see at most 8 different lengths.
+  const int64_t rows = len * rep, groups = (rows + 7) / 8;
+  const int64_t ld = blocks * 16;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * 8 * ld);
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < KVH * groups; ++task) {
+      if (!scores) continue;
+      // Later tokens see more keys: hand out the longest tasks first.
+      const int64_t g = task % KVH, first = (groups - 1 - task / KVH) * 8;
+      const uint16_t* qrow[8];
+      uint16_t* orow[8];
+      int64_t seen[8], most = 0;
+      for (int r = 0; r < 8; ++r) {  // a short last task repeats its last row
+        const int64_t row = first + r < rows ? first + r : rows - 1;
+        const int64_t token = row / rep, head = g * rep + row % rep;
+        qrow[r] = q + (token * H + head) * D;
+        orow[r] = out + (token * H + head) * D;
+        seen[r] = start + token + 1;
+        most = seen[r] > most ? seen[r] : most;
+      }
+      if (D == 64) score_rows<64>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
+      else score_rows<128>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
+      for (int r = 0; r < 8; ++r) softmax_row(scores + r * ld, seen[r], most);
+      const int64_t n = rows - first < 8 ? rows - first : 8;
+      const uint16_t* vg = v + g * head_stride;
+      if (D == 64) weighted_values<64>(scores, ld, n, vg, most, orow);
+      else weighted_values<128>(scores, ld, n, vg, most, orow);
+    }
+    free(scores);
+  }
+  free(packed);
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]
+// becomes (a cos - b sin, a sin + b cos) with cos/sin[t, i] fp32, each product and sum rounded
+// to fp32 as torch does (no fused multiply-add), then to bf16. x/out [T, H, D] contiguous,
+// cos/sin [T, D/2] (angle_len elements each).
+extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const float* cos, const float* sin,
+                                     int64_t angle_len, uint16_t* out, int64_t out_len, int64_t tokens,
+                                     int64_t heads, int64_t D, int threads) {
+  const int status = check_rotary(x_len, angle_len, out_len, tokens, heads, D);
+  if (status != STATUS_OK) return status;
+#pragma omp parallel for num_threads(tokens > 1 ? threads : 1) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    float c2[256], s2[256];  // cos per element, and sin with the sign each element of a pair needs
+    for (int64_t i = 0; i < D / 2; ++i) {
+      c2[2 * i] = c2[2 * i + 1] = cos[t * (D / 2) + i];
+      s2[2 * i] = -sin[t * (D / 2) + i];
+      s2[2 * i + 1] = sin[t * (D / 2) + i];
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* xh = x + (t * heads + h) * D;
+      uint16_t* oh = out + (t * heads + h) * D;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = bf16x16_to_ps(xh + d);
+        const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) in every pair
+        const __m512 straight = _mm512_mul_ps(v, _mm512_loadu_ps(c2 + d));
+        store_bf16(oh + d, _mm512_add_ps(straight, _mm512_mul_ps(swapped, _mm512_loadu_ps(s2 + d))));
+      }
+    }
+  }
+  return STATUS_OK;
+}
