@@ -13,7 +13,7 @@ import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 from torch import nn
 
-from llama import hf_format, sharding
+from llama import hf_format, layout, sharding
 from llama.model import ModelArgs, Transformer
 
 # Keys some released checkpoints carry that are not parameters.
@@ -262,23 +262,14 @@ def check_splittable(ckpt: Checkpoint, params: Dict, world_size: int) -> None:
 def full_shapes(params: Dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
     """Shape of every whole (unsharded) tensor of the model `params` describes."""
     args = ModelArgs(**params)
-    q, kv, hidden = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (vocab_size, args.dim), "norm.weight": (args.dim,)}
-    for i in range(args.n_layers):
-        layer = {
-            "attention.wq.weight": (q, args.dim),
-            "attention.wk.weight": (kv, args.dim),
-            "attention.wv.weight": (kv, args.dim),
-            "attention.wo.weight": (args.dim, q),
-            "feed_forward.w1.weight": (hidden, args.dim),
-            "feed_forward.w2.weight": (args.dim, hidden),
-            "feed_forward.w3.weight": (hidden, args.dim),
-            "attention_norm.weight": (args.dim,),
-            "ffn_norm.weight": (args.dim,),
-        }
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
-    shapes["output.weight"] = (vocab_size, args.dim)
-    return shapes
+    sizes = {
+        "vocab": vocab_size,
+        "dim": args.dim,
+        "q": args.n_heads * args.head_dim,
+        "kv": args.kv_heads * args.head_dim,
+        "hidden": args.ffn_hidden_dim,
+    }
+    return layout.full_shapes(sizes, args.n_layers)
 
 
 def check_full_shapes(ckpt: Checkpoint, params: Dict) -> None:
