@@ -565,8 +565,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias): x [..., K] times weight [N, K] transposed, -> [..., N].
 
     Uses the AVX512-BF16 kernel for a few bf16 rows on the CPU (fp32 accumulation, one bf16
-    rounding of each output, like torch's own bf16 matmul), `F.linear` otherwise.
+    rounding of each output, like torch's own bf16 matmul), `F.linear` otherwise. A quantized
+    weight (`llama.quantization.QuantizedWeight`) multiplies itself.
     """
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x)
     if not kernel_applies(x, weight):
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).contiguous()

@@ -49,7 +49,7 @@ def rank_range(key: str, shape: Sequence[int], rank: int, world_size: int) -> Op
             divide evenly.
     """
     dim = split_dim(key)
-    if dim is None:
+    if dim is None or dim >= len(shape):  # replicated (or a per-row scale of a row-parallel layer)
         return None
     size = shape[dim]
     if size % world_size != 0:
