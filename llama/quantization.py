@@ -87,8 +87,8 @@ def check_groups(key: str, in_features: int, scheme: Scheme, world_size: int, sp
     if split:
         raise ValueError(
             f"int4 group size {scheme.group_size} does not divide the inputs of {key} on each rank: it has "
-            f"{in_features} input columns, {share} on each of {world_size} model-parallel ranks. {fix.capitalize()}, "
-            "or another number of model-parallel ranks"
+            f"{in_features} input columns, {share} on each of {world_size} model-parallel ranks. "
+            f"{fix.capitalize()}, or another number of model-parallel ranks"
         )
     raise ValueError(
         f"int4 group size {scheme.group_size} does not divide the {in_features} input columns of {key}: {fix}"
