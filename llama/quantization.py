@@ -28,11 +28,11 @@ STORAGE_DTYPE = torch.bfloat16  # scales and zeros
 INT8_MAX = 127
 INT4_MID = 8  # code of the group's zero
 INT4_MAX = 15
-# Activation rows up to which torch's int8 weight-only op beats dequantizing then F.linear on
-# the CPU (benchmarks/quantized_linear.py; beyond it the matrix product dominates).
-INT8_OP_MAX_ROWS = 16
-# torch's CPU int4 packing needs the output rows in multiples of this.
-INT4_OP_ROW_MULTIPLE = 16
+# Activation rows up to which torch's weight-only kernels beat dequantizing then F.linear on the
+# CPU (benchmarks/quantized_linear.py; beyond it the matrix product dominates).
+TORCH_OP_MAX_ROWS = 16
+# Rows per block of torch's CPU int4 packing.
+INT4_BLOCK_ROWS = 32
 # Rows quantized at a time: bounds the fp32 temporaries to a few tens of MB for any layer.
 _ROW_BLOCK = 1024
 
@@ -45,7 +45,7 @@ class Scheme:
     group_size: Optional[int] = None
 
     def __str__(self) -> str:
-        return self.mode if self.group_size is None else f"{self.mode} (group size {self.group_size})"
+        return self.mode if self.group_size is None else f"{self.mode} with group size {self.group_size}"
 
 
 def make_scheme(mode: str, group_size: Optional[int] = None) -> Scheme:
@@ -172,13 +172,47 @@ def dequantize(
     return out
 
 
+def _torch_int4_pack(values: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 packing of codes [N, K] (N a multiple of `INT4_BLOCK_ROWS`)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+
+
+def _torch_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Codes [rows, cols] (a uint8 view, not a copy) of torch's CPU int4 packing: blocks of 32
+    rows, each input k of a block as 16 bytes whose low nibbles are rows 0-15 and high nibbles
+    rows 16-31 of the block."""
+    half = INT4_BLOCK_ROWS // 2
+    blocks = packed.reshape(rows // INT4_BLOCK_ROWS, cols, half)
+    values = torch.cat((blocks & 0x0F, blocks >> 4), dim=2)  # [blocks, K, 32]
+    return values.permute(0, 2, 1).reshape(rows, cols)
+
+
+_int4_layout_checked: Optional[bool] = None
+
+
+def torch_int4_layout_known() -> bool:
+    """Whether this torch packs int4 CPU weights as `_torch_int4_unpack` reads them (checked
+    once on a small random weight): only then is the packed form the only one kept."""
+    global _int4_layout_checked
+    if _int4_layout_checked is None:
+        try:
+            values = torch.randint(
+                0, INT4_MAX + 1, (2 * INT4_BLOCK_ROWS, 64), generator=torch.Generator().manual_seed(0)
+            )
+            packed = _torch_int4_pack(values)
+            _int4_layout_checked = torch.equal(_torch_int4_unpack(packed, *values.shape).long(), values)
+        except (RuntimeError, AttributeError):  # an older torch, or a build without the op
+            _int4_layout_checked = False
+    return _int4_layout_checked
+
+
 class QuantizedWeight(nn.Module):
     """One rank's part of a quantized linear weight [out_features, in_features], in place of the
     layer's `weight` parameter: `llama.kernels.linear(x, weight)` calls its `linear`.
 
-    On the CPU with `torch_ops`, int4 weights are kept only in the packed form of torch's CPU
-    int4 kernel (repacked from the plain codes at load, so the memory stays at 4 bits a weight);
-    every other case keeps the plain parts.
+    On the CPU with `torch_ops`, int4 codes are repacked at load into the form of torch's CPU
+    int4 kernel (rows padded to a multiple of 32) and kept only in that form, so the memory
+    stays at 4 bits a weight; every other case keeps the stored parts as they are.
     """
 
     def __init__(
@@ -193,24 +227,19 @@ class QuantizedWeight(nn.Module):
         self.scheme = scheme
         self.out_features, self.in_features = parts["weight"].shape[0], in_features
         self.torch_ops = torch_ops and device.type == "cpu"
-        self.register_buffer("int4_packed", None, persistent=False)
-        self.register_buffer("int4_scales_and_zeros", None, persistent=False)
-        self._part_names: tuple = ()
-        if self.torch_ops and scheme.mode == "int4" and self.out_features % INT4_OP_ROW_MULTIPLE == 0:
-            values = unpack_int4(parts["weight"]).to(torch.int32)
-            self.int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-            self.int4_scales_and_zeros = torch.stack(
-                (parts["scales"].t(), parts["zeros"].t()), dim=-1
-            ).contiguous()
-            return
-        self._part_names = tuple(parts)
-        for name, tensor in parts.items():
-            self.register_buffer(name, tensor.to(device).contiguous(), persistent=False)
-
-    @property
-    def parts(self) -> Dict[str, torch.Tensor]:
-        """The plain stored parts ({} when only torch's packed int4 form is kept)."""
-        return {name: getattr(self, name) for name in self._part_names}
+        self.torch_int4 = self.torch_ops and scheme.mode == "int4" and torch_int4_layout_known()
+        if self.torch_int4:
+            pad = -self.out_features % INT4_BLOCK_ROWS
+            values = F.pad(unpack_int4(parts["weight"]), (0, 0, 0, pad), value=INT4_MID)
+            pairs = torch.stack((parts["scales"], parts["zeros"]), dim=-1)  # [N, groups, 2]
+            pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
+            self.register_buffer("codes", _torch_int4_pack(values), persistent=False)
+            self.register_buffer("scales_and_zeros", pairs, persistent=False)
+        else:
+            self.register_buffer("codes", parts["weight"].to(device).contiguous(), persistent=False)
+            self.register_buffer("scales", parts["scales"].to(device).contiguous(), persistent=False)
+            if "zeros" in parts:
+                self.register_buffer("zeros", parts["zeros"].to(device).contiguous(), persistent=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -219,11 +248,38 @@ class QuantizedWeight(nn.Module):
     def numel(self) -> int:
         return self.out_features * self.in_features
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in `dtype` (only for weights that keep their plain parts)."""
-        if not self.parts:
-            raise RuntimeError("this weight is held only in torch's packed int4 form")
-        return dequantize(self.parts, self.scheme, dtype)
+    def parts(self) -> Dict[str, torch.Tensor]:
+        """The stored parts this weight was built from, in the stored layout."""
+        if not self.torch_int4:
+            parts = {"weight": self.codes, "scales": self.scales}
+            return parts if self.scheme.mode == "int8" else {**parts, "zeros": self.zeros}
+        rows = self.scales_and_zeros.shape[1]
+        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
+        pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
+        return {
+            "weight": values[:, 0::2] | (values[:, 1::2] << 4),
+            "scales": pairs[..., 0].contiguous(),
+            "zeros": pairs[..., 1].contiguous(),
+        }
+
+    def dequantize(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight [N, K] in `dtype` (written into `out` when given)."""
+        if not self.torch_int4:
+            return dequantize(
+                {"weight": self.codes, "scales": self.scales, **self._zeros()}, self.scheme, dtype, out
+            )
+        rows = self.scales_and_zeros.shape[1]
+        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
+        pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        out.copy_(values)
+        grouped = out.view(self.out_features, -1, self.scheme.group_size)
+        grouped.sub_(INT4_MID).mul_(pairs[..., 0, None].to(dtype)).add_(pairs[..., 1, None].to(dtype))
+        return out
+
+    def _zeros(self) -> Dict[str, torch.Tensor]:
+        return {"zeros": self.zeros} if self.scheme.mode == "int4" else {}
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)`: see the module-level `linear`."""
@@ -247,32 +303,25 @@ def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
 
-    The choice, measured on an AVX2 CPU (benchmarks/quantized_linear.py):
-    - int4 on the CPU: torch's `_weight_int4pack_mm_for_cpu` on bf16 activations, for any
-      number of rows (its weight-only kernel; the only form the weight is kept in);
-    - int8 on the CPU, up to `INT8_OP_MAX_ROWS` rows: torch's `_weight_int8pack_mm` on bf16
-      activations;
-    - everything else (more rows, GPUs, torch ops off): dequantize into x's dtype, then
-      `F.linear` (the plain path, identical on every device).
-    torch's weight-only kernels are fast only for bf16 activations, so fp32 activations are
-    rounded to bf16 for them and the result returned in fp32.
+    The choice, measured on an AVX2 CPU (benchmarks/quantized_linear.py): on the CPU, up to
+    `TORCH_OP_MAX_ROWS` rows of activations (decoding), torch's weight-only kernels
+    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the weights once at
+    their quantized size; with more rows (prefill), on GPUs, or with `torch_ops` off: the plain
+    path, dequantize into x's dtype (into a reused buffer), then `F.linear`, which runs at the
+    matrix-product speed of that dtype. torch's weight-only kernels are fast only for bf16
+    activations, so other activations are rounded to bf16 for them and the result converted back.
     """
     rows = x.numel() // max(weight.in_features, 1)
-    flat = x.reshape(-1, weight.in_features)
-    if weight.int4_packed is not None:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat.to(torch.bfloat16),
-            weight.int4_packed,
-            weight.scheme.group_size,
-            weight.int4_scales_and_zeros,
-        )
-        return out.to(x.dtype).view(*x.shape[:-1], weight.out_features)
-    if weight.torch_ops and weight.scheme.mode == "int8" and 0 < rows <= INT8_OP_MAX_ROWS:
-        out = torch.ops.aten._weight_int8pack_mm(
-            flat.to(torch.bfloat16), weight.parts["weight"], weight.parts["scales"]
-        )
-        return out.to(x.dtype).view(*x.shape[:-1], weight.out_features)
+    has_op = weight.torch_int4 or (weight.torch_ops and weight.scheme.mode == "int8")
+    if has_op and 0 < rows <= TORCH_OP_MAX_ROWS:
+        flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
+        if weight.torch_int4:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, weight.codes, weight.scheme.group_size, weight.scales_and_zeros
+            )[:, : weight.out_features]
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight.codes, weight.scales)
+        return out.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
     if torch.compiler.is_compiling():
         return F.linear(x, weight.dequantize(x.dtype))
-    buffer = _scratch_buffer(weight.shape, x.dtype, x.device)
-    return F.linear(x, dequantize(weight.parts, weight.scheme, x.dtype, out=buffer))
+    return F.linear(x, weight.dequantize(x.dtype, out=_scratch_buffer(weight.shape, x.dtype, x.device)))
