@@ -110,7 +110,11 @@ class Llama:
         args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
         _check_cache_fits(args, mp_size, model_dtype, device)
 
-        if quantize is None and not quantized_checkpoint.is_quantized_dir(ckpt_dir):
+        if (
+            quantize is None
+            and quantize_group_size is None
+            and not quantized_checkpoint.is_quantized_dir(ckpt_dir)
+        ):
             state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
             model = checkpoint.empty_model(args)
             checkpoint.check_state_dict(model, state_dict, ckpt_dir)

@@ -192,6 +192,10 @@ def open_source(ckpt_dir: str, mode: Optional[str], group_size: Optional[int] = 
             under another scheme, or an unreadable checkpoint.
         FileNotFoundError: for missing checkpoint files.
     """
+    if mode is None and group_size is not None:
+        raise ValueError(
+            f"a group size ({group_size}) was given without a quantization mode: add quantize='int4'"
+        )
     if is_quantized_dir(ckpt_dir):
         stored = QuantizedCheckpoint(ckpt_dir)
         if mode is not None:

@@ -194,6 +194,7 @@ def test_quantized_checkpoint_under_torchrun_mp2_gives_mp1_tokens(quantized_dirs
         ("int3", None, "unknown quantization mode 'int3': use one of int8, int4"),
         ("int4", 48, "int4 group size 48 is not supported: use one of 32, 64, 128"),
         ("int8", 64, "int8 has one scale per output row and takes no group size"),
+        (None, 32, r"a group size \(32\) was given without a quantization mode: add quantize='int4'"),
     ],
 )
 def test_unknown_scheme_is_refused(bf16_ckpt, tokenizer_path, mode, group_size, message):
