@@ -3,8 +3,11 @@
 model without a second copy of the weights."""
 
 import contextlib
+import ctypes
 import json
+import mmap
 import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple, Union
@@ -194,6 +197,43 @@ def assign_weights(
         param.requires_grad_(False)
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def _libc() -> "ctypes.CDLL | None":
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages that lie wholly inside `tensor` from this process's resident memory
+    (Linux `madvise(MADV_DONTNEED)`; a no-op elsewhere).
+
+    Only for tensors of a memory-mapped checkpoint that were read and are not needed again:
+    their pages are clean copies of the file, so touching them later reads the file again.
+    """
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def return_free_memory() -> None:
+    """Hand memory that the C allocator holds free back to the system (glibc `malloc_trim`):
+    loading frees many large temporaries, which would otherwise stay counted in RSS."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class MetaCheckpoint:
     """The memory-mapped `consolidated.NN.pth` shards of a Meta checkpoint, read as whole tensors
     or as any model-parallel rank's part (for any number of ranks)."""
@@ -224,6 +264,12 @@ class MetaCheckpoint:
     def read(self, key: str, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """Rank `rank` of `world_size`'s part of `key` (the whole tensor for world_size=1)."""
         return sharding.rank_part(key, [shard[key] for shard in self.shards], rank, world_size)
+
+    def release(self, key: str) -> None:
+        """Drop `key`'s pages of every shard from resident memory, once it was read and is not
+        used as it is (e.g. quantized): the file stays mapped and is read again if needed."""
+        for shard in self.shards:
+            release_pages(shard[key])
 
 
 Checkpoint = Union[MetaCheckpoint, hf_format.HFCheckpoint]

@@ -289,6 +289,9 @@ class HFCheckpoint:
         path, name = self._location[key]
         return SAFETENSORS_DTYPES[self._files[path].get_slice(name).get_dtype()]
 
+    def release(self, key: str) -> None:
+        """Nothing to drop: `read` returns copies, not views of the files."""
+
     def read(self, key: str, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """Rank `rank` of `world_size`'s part of the Meta-layout tensor `key`."""
         path, name = self._location[key]

@@ -167,7 +167,9 @@ class QuantizingReader:
         row_scales = None
         if self.scheme.mode == "int8" and layout.split_dim(key) == 1 and world_size > 1:
             row_scales = quantization.int8_scales(self.ckpt.read(key))
-        return quantization.quantize(self.ckpt.read(key, rank, world_size), self.scheme, row_scales)
+        parts = quantization.quantize(self.ckpt.read(key, rank, world_size), self.scheme, row_scales)
+        self.ckpt.release(key)  # memory stays near the quantized size, not the 16-bit one
+        return parts
 
 
 Source = Union[QuantizedCheckpoint, QuantizingReader]
@@ -245,8 +247,12 @@ def load_model(
             delattr(module, name)
             setattr(module, name, QuantizedWeight(parts, source.scheme, in_features, device, torch_ops))
         else:
-            tensor = source.read(key, rank, world_size).to(device=device, dtype=dtype)
+            stored = source.read(key, rank, world_size)
+            tensor = stored.to(device=device, dtype=dtype)
+            if tensor.data_ptr() != stored.data_ptr() and isinstance(source, QuantizingReader):
+                source.ckpt.release(key)  # converted: the checkpoint's copy is not used
             setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+        checkpoint.return_free_memory()  # the freed temporaries of this tensor
     unset = [name for name, param in model.named_parameters() if param.is_meta]
     if unset:
         raise ValueError(f"checkpoint {source.source} lacks the tensors {unset[:5]}")
