@@ -6,9 +6,9 @@ a number of activation rows (1-16: decode steps of that batch size; 128-512: pre
 activations in fp32 (the default on CPUs without bf16 instructions) and bf16. Columns:
 `F.linear` on fp32 and bf16 weights; `llama.quantization.linear` on int8 and int4 (group size
 64) weights with torch's kernels (`torch_ops`) and without (dequantize into a reused buffer,
-then `F.linear`; the torch-op columns use the op at every row count).
-Medians of `--repeats`, milliseconds per layer. `llama.quantization.linear`
-picks, per case, the faster of its two ways from this table.
+then `F.linear`; the torch-op columns use the op at every row count). Medians of `--repeats`
+rounds in which the variants alternate, milliseconds per layer. `llama.quantization.linear` picks,
+per case, the faster of its two ways from this table.
 
     python benchmarks/quantized_linear.py [--rows 1,4,8,16,32,128,512] [--threads 2]
 """
@@ -33,14 +33,10 @@ DIM, FFN, KV_DIM = 2048, 5632, 256
 SHAPES = [(DIM, DIM), (KV_DIM, DIM), (KV_DIM, DIM), (DIM, DIM), (FFN, DIM), (FFN, DIM), (DIM, FFN)]
 
 
-def median_ms(run: Callable[[], None], repeats: int) -> float:
+def timed_once(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
     run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return time.perf_counter() - start
 
 
 def layer_variants() -> Dict[str, List]:
@@ -83,20 +79,25 @@ def main(argv=None) -> None:
         print("|---" * (len(names) + 1) + "|")
         for rows in [int(r) for r in args.rows.split(",")]:
             x = {k: torch.randn(rows, k).to(act_dtype) for k in (DIM, FFN)}
-            cells = []
+            runs = {}
             for name in names:
                 weights = variants[name]
                 is_plain = isinstance(weights[0], torch.Tensor)
+                if is_plain and weights[0].dtype != act_dtype:
+                    continue
 
                 def run(weights=weights, x=x, is_plain=is_plain) -> None:
                     with torch.inference_mode():
                         for w in weights:
                             F.linear(x[w.shape[1]], w) if is_plain else w.linear(x[w.shape[1]])
 
-                if is_plain and weights[0].dtype != act_dtype:
-                    cells.append("-")
-                    continue
-                cells.append(f"{median_ms(run, args.repeats):.1f}")
+                run()  # warm-up
+                runs[name] = run
+            times: Dict[str, List[float]] = {name: [] for name in runs}
+            for _ in range(args.repeats):  # the variants alternate, so a drift of the machine hits all
+                for name, run in runs.items():
+                    times[name].append(timed_once(run))
+            cells = [f"{1e3 * statistics.median(times[n]):.1f}" if n in times else "-" for n in names]
             print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
         print()
 
