@@ -257,3 +257,18 @@ def test_corrupt_quantized_checkpoint_is_refused(quantized_dirs, tokenizer_path,
         save_file(tensors, str(bad / QUANTIZED_FILE), metadata=metadata)
     with pytest.raises(ValueError, match=message):
         Llama.build(str(bad), str(tokenizer_path), 32, 1)
+
+
+def test_hugging_face_source_gives_the_same_quantized_tensors(bf16_ckpt, quantized_dirs, tmp_path):
+    from llama.convert import to_hf
+
+    hf_dir = to_hf(str(bf16_ckpt), tmp_path / "hf", progress=False)
+    out = write_quantized_checkpoint(str(hf_dir), tmp_path / "q", "int4", 32, progress=False)
+    from_hf, from_meta = QuantizedCheckpoint(out), QuantizedCheckpoint(quantized_dirs["int4"])
+    assert sorted(from_hf.keys()) == sorted(from_meta.keys())
+    for key in from_meta.keys():
+        if key.endswith(("norm.weight", "tok_embeddings.weight")):
+            assert torch.equal(from_hf.read(key), from_meta.read(key)), key
+        else:
+            for part, tensor in from_meta.read_parts(key).items():
+                assert torch.equal(from_hf.read_parts(key)[part], tensor), (key, part)
