@@ -173,8 +173,20 @@ def dequantize(
 
 
 def _torch_int4_pack(values: torch.Tensor) -> torch.Tensor:
-    """torch's CPU int4 packing of codes [N, K] (N a multiple of `INT4_BLOCK_ROWS`)."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+    """torch's CPU int4 packing of codes [N, K] (N a multiple of `INT4_BLOCK_ROWS`), done
+    `_ROW_BLOCK` rows at a time: its blocks of 32 rows are independent, and the int32 copy it
+    needs is 8 times the packed size."""
+    chunks = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            values[start : start + _ROW_BLOCK].to(torch.int32), 1
+        )
+        for start in range(0, values.shape[0], _ROW_BLOCK)
+    ]
+    return (
+        chunks[0]
+        if len(chunks) == 1
+        else torch.cat([c.reshape(-1) for c in chunks]).view(values.shape[0], -1)
+    )
 
 
 def _torch_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
