@@ -14,12 +14,15 @@ what was quantized against. `QuantizedWeight` holds one rank's part of a layer; 
 one place that chooses how to multiply by it (see `linear` for the measured choice).
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama import kernels
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -28,9 +31,9 @@ STORAGE_DTYPE = torch.bfloat16  # scales and zeros
 INT8_MAX = 127
 INT4_MID = 8  # code of the group's zero
 INT4_MAX = 15
-# Activation rows up to which torch's weight-only kernels beat dequantizing then F.linear on the
-# CPU (benchmarks/quantized_linear.py; beyond it the matrix product dominates).
-TORCH_OP_MAX_ROWS = 16
+# Rows of fp32 activations up to which torch's weight-only kernels beat dequantizing then fp32
+# F.linear on an AVX2 CPU (benchmarks/quantized_linear.py: faster up to 64 rows, slower from 96).
+TORCH_OP_MAX_ROWS = 64
 # Rows per block of torch's CPU int4 packing.
 INT4_BLOCK_ROWS = 32
 # Rows quantized at a time: bounds the fp32 temporaries to a few tens of MB for any layer.
@@ -312,11 +315,19 @@ def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
     return buffer[:numel].view(shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _bf16_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """bf16 activations on a CPU without bf16 instructions: torch's weight-only kernels then beat
+    a bf16 F.linear at every row count (3x at 512 rows on AVX2)."""
+    return dtype == torch.bfloat16 and not kernels.cpu_has_avx512_bf16()
+
+
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
 
     The choice, measured on an AVX2 CPU (benchmarks/quantized_linear.py): on the CPU, up to
-    `TORCH_OP_MAX_ROWS` rows of activations (decoding), torch's weight-only kernels
+    `TORCH_OP_MAX_ROWS` rows of activations (decoding, short prompts), and for any number of
+    bf16 rows on CPUs without bf16 instructions, torch's weight-only kernels
     (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the weights once at
     their quantized size; with more rows (prefill), on GPUs, or with `torch_ops` off: the plain
     path, dequantize into x's dtype (into a reused buffer), then `F.linear`, which runs at the
@@ -325,7 +336,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """
     rows = x.numel() // max(weight.in_features, 1)
     has_op = weight.torch_int4 or (weight.torch_ops and weight.scheme.mode == "int8")
-    if has_op and 0 < rows <= TORCH_OP_MAX_ROWS:
+    if has_op and 0 < rows and (rows <= TORCH_OP_MAX_ROWS or _bf16_matmul_is_slow(x.dtype)):
         flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
         if weight.torch_int4:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
