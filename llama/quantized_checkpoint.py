@@ -244,13 +244,19 @@ def load_model(
         if layout.is_linear_weight(key):
             parts = source.read_parts(key, rank, world_size)
             in_features = source.shape(key)[1] // (world_size if layout.split_dim(key) == 1 else 1)
+            weight = QuantizedWeight(parts, source.scheme, in_features, device, torch_ops)
+            if weight.torch_int4:  # repacked: the parts as read are not used
+                for tensor in parts.values():
+                    checkpoint.release_pages(tensor)
             delattr(module, name)
-            setattr(module, name, QuantizedWeight(parts, source.scheme, in_features, device, torch_ops))
+            setattr(module, name, weight)
         else:
             stored = source.read(key, rank, world_size)
             tensor = stored.to(device=device, dtype=dtype)
-            if tensor.data_ptr() != stored.data_ptr() and isinstance(source, QuantizingReader):
-                source.ckpt.release(key)  # converted: the checkpoint's copy is not used
+            if tensor.data_ptr() != stored.data_ptr():  # converted: the tensor as read is not used
+                checkpoint.release_pages(stored)
+                if isinstance(source, QuantizingReader):
+                    source.ckpt.release(key)  # the shards it was gathered from
             setattr(module, name, nn.Parameter(tensor, requires_grad=False))
         checkpoint.return_free_memory()  # the freed temporaries of this tensor
     unset = [name for name, param in model.named_parameters() if param.is_meta]
