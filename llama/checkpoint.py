@@ -4,6 +4,7 @@ model without a second copy of the weights."""
 
 import contextlib
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -200,6 +201,7 @@ def assign_weights(
 _MADV_DONTNEED = 4  # Linux
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> "ctypes.CDLL | None":
     if not sys.platform.startswith("linux"):
         return None
