@@ -31,6 +31,8 @@ def main(
     prompt: Optional[str] = None,
     prompt_file: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    quantize_group_size: Optional[int] = None,
 ):
     """Print each prompt and its completion.
 
@@ -45,11 +47,22 @@ def main(
         prompt: complete this text instead of the built-in prompts.
         prompt_file: complete the contents of this file instead of the built-in prompts.
         dtype: "bfloat16", "float16" or "float32" (default: chosen for the device).
+        quantize: "int8" or "int4": quantize the weights while loading (a quantized checkpoint
+            loads quantized without it).
+        quantize_group_size: int4 group size, 32, 64 or 128 (default 64).
     """
     own = user_prompt(prompt, prompt_file)
     prompts = PROMPTS if own is None else [own]
     ckpt_dir, tokenizer_path = model_paths(ckpt_dir, tokenizer_path, Path(__file__).parent)
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, dtype=dtype)
+    generator = Llama.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len,
+        max_batch_size,
+        dtype=dtype,
+        quantize=quantize,
+        quantize_group_size=quantize_group_size,
+    )
     results = generator.text_completion(
         prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len
     )

@@ -45,6 +45,8 @@ def main(
     prompt_file: Optional[str] = None,
     system: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    quantize_group_size: Optional[int] = None,
 ):
     """Print each dialog and the model's answer.
 
@@ -60,13 +62,24 @@ def main(
         prompt_file: ask the contents of this file instead of the built-in instructions.
         system: with --prompt or --prompt_file, a system message to put before it.
         dtype: "bfloat16", "float16" or "float32" (default: chosen for the device).
+        quantize: "int8" or "int4": quantize the weights while loading (a quantized checkpoint
+            loads quantized without it).
+        quantize_group_size: int4 group size, 32, 64 or 128 (default 64).
     """
     own = user_prompt(prompt, prompt_file)
     if system is not None and own is None:
         raise ValueError("--system goes with --prompt or --prompt_file")
     dialogs = DIALOGS if own is None else user_dialog(own, None if system is None else str(system))
     ckpt_dir, tokenizer_path = model_paths(ckpt_dir, tokenizer_path, Path(__file__).parent)
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, dtype=dtype)
+    generator = Llama.build(
+        ckpt_dir,
+        tokenizer_path,
+        max_seq_len,
+        max_batch_size,
+        dtype=dtype,
+        quantize=quantize,
+        quantize_group_size=quantize_group_size,
+    )
     results = generator.chat_completion(
         dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len
     )

@@ -171,14 +171,21 @@ class Engine:
 
 
 class CodeLlamaEngine(Engine):
-    def __init__(self, ckpt: Path, name: str = "codellama", compile: bool = False):
+    """This engine on the bf16 weights, or (`quantize`) on int8/int4 weights quantized while loading,
+    then with the device's default activation dtype (fp32 on CPUs without bf16 instructions)."""
+
+    def __init__(
+        self, ckpt: Path, name: str = "codellama", compile: bool = False, quantize: Optional[str] = None
+    ):
         from llama import Llama
 
         self.name = name
         kwargs = {"compile": True} if compile else {}
-        self.llama = Llama.build(
-            str(ckpt), str(ckpt / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH, dtype="bfloat16", **kwargs
-        )
+        if quantize is not None:
+            kwargs.update(quantize=quantize, dtype=None)
+        else:
+            kwargs["dtype"] = "bfloat16"
+        self.llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH, **kwargs)
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
         tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
@@ -272,7 +279,12 @@ def make_engine(name: str, ckpt: Path) -> Engine:
         return CodeLlamaEngine(ckpt, name, compile=True)
     if name == "transformers":
         return TransformersEngine(ckpt)
-    raise ValueError(f"unknown engine {name!r}; use codellama, codellama-compile or transformers")
+    if name.startswith("codellama-int"):  # codellama-int8, codellama-int4
+        return CodeLlamaEngine(ckpt, name, quantize=name.removeprefix("codellama-"))
+    raise ValueError(
+        f"unknown engine {name!r}; use codellama, codellama-compile, codellama-int8, codellama-int4 "
+        "or transformers"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +636,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}"
     )
+    parser.add_argument(
+        "--quantize",
+        default="",
+        help="comma-separated int8, int4: also run this engine with weights quantized while loading",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every engine")
@@ -631,6 +648,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     opts = parser.parse_args(argv)
     engines = [e.strip() for e in opts.engines.split(",") if e.strip()]
+    engines += [f"codellama-{mode.strip()}" for mode in opts.quantize.split(",") if mode.strip()]
     cases = [c.strip() for c in opts.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:

@@ -3,8 +3,12 @@
 model without a second copy of the weights."""
 
 import contextlib
+import ctypes
+import functools
+import mmap
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple, Union
@@ -13,7 +17,7 @@ import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 from torch import nn
 
-from llama import hf_format, sharding
+from llama import hf_format, layout, sharding
 from llama.model import ModelArgs, Transformer
 
 # Keys some released checkpoints carry that are not parameters.
@@ -218,6 +222,44 @@ def assign_weights(
         param.requires_grad_(False)
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> "ctypes.CDLL | None":
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages that lie wholly inside `tensor` from this process's resident memory
+    (Linux `madvise(MADV_DONTNEED)`; a no-op elsewhere).
+
+    Only for tensors of a memory-mapped checkpoint that were read and are not needed again:
+    their pages are clean copies of the file, so touching them later reads the file again.
+    """
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def return_free_memory() -> None:
+    """Hand memory that the C allocator holds free back to the system (glibc `malloc_trim`):
+    loading frees many large temporaries, which would otherwise stay counted in RSS."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class MetaCheckpoint:
     """The memory-mapped `consolidated.NN.pth` shards of a Meta checkpoint, read as whole tensors
     or as any model-parallel rank's part (for any number of ranks)."""
@@ -259,6 +301,12 @@ class MetaCheckpoint:
         """Rank `rank` of `world_size`'s part of `key` (the whole tensor for world_size=1)."""
         return sharding.rank_part(key, [shard[key] for shard in self.shards], rank, world_size)
 
+    def release(self, key: str) -> None:
+        """Drop `key`'s pages of every shard from resident memory, once it was read and is not
+        used as it is (e.g. quantized): the file stays mapped and is read again if needed."""
+        for shard in self.shards:
+            release_pages(shard[key])
+
 
 Checkpoint = Union[MetaCheckpoint, hf_format.HFCheckpoint]
 
@@ -296,23 +344,14 @@ def check_splittable(ckpt: Checkpoint, params: Dict, world_size: int) -> None:
 def full_shapes(params: Dict, vocab_size: int) -> Dict[str, Tuple[int, ...]]:
     """Shape of every whole (unsharded) tensor of the model `params` describes."""
     args = ModelArgs(**params)
-    q, kv, hidden = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (vocab_size, args.dim), "norm.weight": (args.dim,)}
-    for i in range(args.n_layers):
-        layer = {
-            "attention.wq.weight": (q, args.dim),
-            "attention.wk.weight": (kv, args.dim),
-            "attention.wv.weight": (kv, args.dim),
-            "attention.wo.weight": (args.dim, q),
-            "feed_forward.w1.weight": (hidden, args.dim),
-            "feed_forward.w2.weight": (args.dim, hidden),
-            "feed_forward.w3.weight": (hidden, args.dim),
-            "attention_norm.weight": (args.dim,),
-            "ffn_norm.weight": (args.dim,),
-        }
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
-    shapes["output.weight"] = (vocab_size, args.dim)
-    return shapes
+    sizes = {
+        "vocab": vocab_size,
+        "dim": args.dim,
+        "q": args.n_heads * args.head_dim,
+        "kv": args.kv_heads * args.head_dim,
+        "hidden": args.ffn_hidden_dim,
+    }
+    return layout.full_shapes(sizes, args.n_layers)
 
 
 def check_full_shapes(ckpt: Checkpoint, params: Dict) -> None:

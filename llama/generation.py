@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kernels
+from llama import checkpoint, distributed, kernels, quantized_checkpoint
 from llama.engine import Engine
 from llama.model import ModelArgs, Transformer
 from llama.prompts import (
@@ -61,6 +61,8 @@ class Llama:
         seed: int = 1,
         dtype: Union[None, str, torch.dtype] = None,
         compile: bool = False,
+        quantize: Optional[str] = None,
+        quantize_group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
 
@@ -83,6 +85,10 @@ class Llama:
             compile: run the decode step (one new token per row) through `torch.compile`:
                 the first generation sets it up and pays the compilation, later steps run
                 fused code.
+            quantize: "int8" or "int4": quantize the linear layers' weights while loading, one
+                tensor at a time (`llama.quantization`). A quantized checkpoint (written by
+                `python -m llama.quantize`) loads quantized without it.
+            quantize_group_size: int4 group size (32, 64 or 128; default 64).
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -106,15 +112,25 @@ class Llama:
         args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
         _check_cache_fits(args, mp_size, model_dtype, device)
 
-        state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
-        model = checkpoint.empty_model(args)
-        checkpoint.check_state_dict(model, state_dict, ckpt_dir)
-        checkpoint.assign_weights(model, state_dict, model_dtype, device)
-        del state_dict
+        if (
+            quantize is None
+            and quantize_group_size is None
+            and not quantized_checkpoint.is_quantized_dir(ckpt_dir)
+        ):
+            state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
+            model = checkpoint.empty_model(args)
+            checkpoint.check_state_dict(model, state_dict, ckpt_dir)
+            checkpoint.assign_weights(model, state_dict, model_dtype, device)
+            del state_dict
+        else:
+            source = quantized_checkpoint.open_source(ckpt_dir, quantize, quantize_group_size)
+            model = quantized_checkpoint.load_model(
+                source, params, args, mp_rank, mp_size, model_dtype, device, torch_ops=kernels.enabled()
+            )
         model.allocate_cache(model_dtype, device)
         model.eval()
 
-        n_params = sum(p.numel() for p in model.parameters()) * mp_size
+        n_params = quantized_checkpoint.parameter_count(model) * mp_size
         size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
         print(
             f"Loaded {size}-parameter model from {ckpt_dir} (MP={mp_size}, "

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llama import sharding
+from llama import layout, sharding
 from llama.model import ModelArgs
 
 CONFIG_FILE = "config.json"
@@ -21,23 +21,9 @@ INDEX_FILE = "model.safetensors.index.json"
 # params.json and config.json are a few hundred bytes, the index of a 70B model about 70 kB.
 MAX_JSON_BYTES = 1 << 20
 
-# Meta name suffix -> Hugging Face name suffix, for the tensors of one layer.
-_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+# Meta name suffix -> Hugging Face name suffix, for the tensors of one layer, and the others.
+_LAYER_NAMES = {t.meta_name: t.hf_name for t in layout.TENSORS if t.per_layer}
+_TOP_NAMES = {t.meta_name: t.hf_name for t in layout.TENSORS if not t.per_layer}
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Buffers some older Hugging Face exports saved; they are recomputed, not loaded.
@@ -424,6 +410,9 @@ class HFCheckpoint:
     def dtype(self, key: str) -> torch.dtype:
         path, name = self._location[key]
         return SAFETENSORS_DTYPES[self._files[path].get_slice(name).get_dtype()]
+
+    def release(self, key: str) -> None:
+        """Nothing to drop: `read` returns copies, not views of the files."""
 
     def read(self, key: str, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """Rank `rank` of `world_size`'s part of the Meta-layout tensor `key`."""

@@ -266,7 +266,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rounding of each output, like torch's own bf16 matmul); for more bf16 rows on a CPU without
     bf16 instructions, torch's fp32 matmul on weights widened a chunk at a time (the same
     rounding; see `widens_bf16_matmul`); `F.linear` otherwise.
+    A quantized weight (`llama.quantization.QuantizedWeight`) multiplies itself.
     """
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x)
     if not kernel_applies(x, weight):
         if widens_bf16_matmul(x, weight):
             return _widened_linear(x, weight)

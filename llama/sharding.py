@@ -9,28 +9,15 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-# Tensors fairscale splits across model-parallel ranks, and along which dim.
-# ParallelEmbedding splits the embedding dim; ColumnParallelLinear its output rows;
-# RowParallelLinear its input columns. Everything else (the RMSNorm weights) is replicated.
-SPLIT_DIMS: Dict[str, int] = {
-    "tok_embeddings.weight": 1,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "output.weight": 0,
-}
+from llama import layout
+
+# Tensors fairscale splits across model-parallel ranks, and along which dim (from the layout table).
+SPLIT_DIMS: Dict[str, int] = {t.meta_name: t.split_dim for t in layout.TENSORS if t.split_dim is not None}
 
 
 def split_dim(key: str) -> Optional[int]:
     """The dim along which `key` (a Meta checkpoint key) is split across ranks, None if replicated."""
-    for suffix, dim in SPLIT_DIMS.items():
-        if key == suffix or key.endswith("." + suffix):
-            return dim
-    return None
+    return layout.split_dim(key)
 
 
 def full_shape(key: str, piece_shapes: Sequence[Tuple[int, ...]]) -> Tuple[int, ...]:
@@ -62,7 +49,7 @@ def rank_range(key: str, shape: Sequence[int], rank: int, world_size: int) -> Op
             divide evenly.
     """
     dim = split_dim(key)
-    if dim is None:
+    if dim is None or dim >= len(shape):  # replicated (or a per-row scale of a row-parallel layer)
         return None
     size = shape[dim]
     if size % world_size != 0:

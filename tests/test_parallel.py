@@ -25,7 +25,9 @@ TIMEOUT_S = 240
 TOL = 1e-4
 
 
-def _launch_torchrun(job_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def _launch_torchrun(
+    job_path: Path, nproc: int = 2, worker: str = "parallel_worker.py"
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -33,7 +35,7 @@ def _launch_torchrun(job_path: Path, nproc: int = 2) -> subprocess.CompletedProc
         "torch.distributed.run",
         "--standalone",  # rendezvous on a free port chosen by the launcher
         f"--nproc_per_node={nproc}",
-        str(ROOT / "tests" / "parallel_worker.py"),
+        str(ROOT / "tests" / worker),
         str(job_path),
     ]
     # Own process group, so a timeout kills the launcher and both workers.

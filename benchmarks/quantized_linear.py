@@ -1,0 +1,106 @@
+"""How to multiply by a quantized weight on this CPU: torch's weight-only kernels against
+dequantizing then `F.linear`, and both against the 16-bit and fp32 weights.
+
+Times one TinyLlama layer's matrices (wq, wk, wv, wo, w1, w3, w2: 44 M weights, random) for
+a number of activation rows (1-16: decode steps of that batch size; 128-512: prefill), with
+activations in fp32 (the default on CPUs without bf16 instructions) and bf16. Columns:
+`F.linear` on fp32 and bf16 weights; `llama.quantization.linear` on int8 and int4 (group size
+64) weights with torch's kernels (`torch_ops`) and without (dequantize into a reused buffer,
+then `F.linear`; the torch-op columns use the op at every row count). Medians of `--repeats`
+rounds in which the variants alternate, milliseconds per layer. `llama.quantization.linear` picks,
+per case, the faster of its two ways from this table.
+
+    python benchmarks/quantized_linear.py [--rows 1,4,8,16,32,128,512] [--threads 2]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from llama import quantization  # noqa: E402
+
+DIM, FFN, KV_DIM = 2048, 5632, 256
+SHAPES = [(DIM, DIM), (KV_DIM, DIM), (KV_DIM, DIM), (DIM, DIM), (FFN, DIM), (FFN, DIM), (DIM, FFN)]
+
+
+def timed_once(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def layer_variants() -> Dict[str, List]:
+    """Each way of holding the layer's weights: plain tensors or `QuantizedWeight`s."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*shape, generator=gen) * shape[1] ** -0.5 for shape in SHAPES]
+    device = torch.device("cpu")
+    variants: Dict[str, List] = {
+        "fp32 F.linear": weights,
+        "bf16 F.linear": [w.to(torch.bfloat16) for w in weights],
+    }
+    for mode, group in (("int8", None), ("int4", 64)):
+        scheme = quantization.make_scheme(mode, group)
+        parts = [quantization.quantize(w, scheme) for w in weights]
+        for ops in (True, False):
+            name = f"{mode} {'torch op' if ops else 'dequant+F.linear'}"
+            variants[name] = [
+                quantization.QuantizedWeight(p, scheme, w.shape[1], device, torch_ops=ops)
+                for p, w in zip(parts, weights)
+            ]
+    return variants
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", default="1,4,8,16,32,128,512")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quantization.TORCH_OP_MAX_ROWS = 1 << 30  # time torch's ops at every row count
+    variants = layer_variants()
+    names = list(variants)
+    print(f"torch {torch.__version__}, {args.threads} threads; ms per TinyLlama layer (44 M weights)\n")
+    for act_dtype in (torch.float32, torch.bfloat16):
+        print(f"activations {str(act_dtype).removeprefix('torch.')}")
+        print("| rows | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = {k: torch.randn(rows, k).to(act_dtype) for k in (DIM, FFN)}
+            runs = {}
+            for name in names:
+                weights = variants[name]
+                is_plain = isinstance(weights[0], torch.Tensor)
+                if is_plain and weights[0].dtype != act_dtype:
+                    continue
+
+                def run(weights=weights, x=x, is_plain=is_plain) -> None:
+                    with torch.inference_mode():
+                        for w in weights:
+                            F.linear(x[w.shape[1]], w) if is_plain else w.linear(x[w.shape[1]])
+
+                run()  # warm-up
+                runs[name] = run
+            times: Dict[str, List[float]] = {name: [] for name in runs}
+            for _ in range(args.repeats):  # the variants alternate, so a drift of the machine hits all
+                for name, run in runs.items():
+                    times[name].append(timed_once(run))
+            cells = [f"{1e3 * statistics.median(times[n]):.1f}" if n in times else "-" for n in names]
+            print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Weight-only quantization of linear layers: the stored representation, and multiplying by it.
+
+Two schemes, both stored in a plain, device-independent layout:
+
+- **int8**: one scale per output row. `codes` int8 [N, K] in -127..127, `scales` bf16 [N];
+  weight = codes * scale.
+- **int4**: one scale and one zero per group of `group_size` consecutive inputs of a row.
+  `codes` uint8 [N, K/2] (input 2j in the low nibble of byte j, 2j+1 in the high nibble), values
+  0..15; `scales` and `zeros` bf16 [N, K/group_size]; weight = (code - 8) * scale + zero (the
+  zero is the weight value of the middle code, as torch's int4 kernels define it).
+
+Codes are computed from the bf16-rounded scales and zeros, so dequantizing reproduces exactly
+what was quantized against. `QuantizedWeight` holds one rank's part of a layer; `linear` is the
+one place that chooses how to multiply by it (see `linear` for the measured choice).
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama import kernels
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+STORAGE_DTYPE = torch.bfloat16  # scales and zeros
+INT8_MAX = 127
+INT4_MID = 8  # code of the group's zero
+INT4_MAX = 15
+# Rows of fp32 activations up to which torch's weight-only kernels beat dequantizing then fp32
+# F.linear on an AVX2 CPU (benchmarks/quantized_linear.py: faster up to 64 rows, slower from 96).
+TORCH_OP_MAX_ROWS = 64
+# Rows per block of torch's CPU int4 packing.
+INT4_BLOCK_ROWS = 32
+# Rows quantized at a time: bounds the fp32 temporaries to a few tens of MB for any layer.
+_ROW_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization scheme: `mode` "int8" or "int4", and the int4 group size (None for int8)."""
+
+    mode: str
+    group_size: Optional[int] = None
+
+    def __str__(self) -> str:
+        return self.mode if self.group_size is None else f"{self.mode} with group size {self.group_size}"
+
+
+def make_scheme(mode: str, group_size: Optional[int] = None) -> Scheme:
+    """The scheme for `mode` ("int8" or "int4") and, for int4, `group_size` (default 64).
+
+    Raises:
+        ValueError: for another mode, a group size other than 32, 64 or 128, or a group size
+            given for int8 (which has one scale per output row).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "int8":
+        if group_size is not None:
+            raise ValueError("int8 has one scale per output row and takes no group size: drop the group size")
+        return Scheme("int8")
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"int4 group size {group_size!r} is not supported: use one of {', '.join(map(str, GROUP_SIZES))}"
+        )
+    return Scheme("int4", int(group_size))
+
+
+def check_groups(key: str, in_features: int, scheme: Scheme, world_size: int, split_inputs: bool) -> None:
+    """Check that `scheme`'s groups tile the inputs of the linear weight `key` as each rank holds
+    them (`split_inputs`: a row-parallel layer, whose `in_features` are split over the ranks).
+
+    Raises:
+        ValueError: naming the tensor, the group size and the share that it does not divide.
+    """
+    if scheme.group_size is None:
+        return
+    split = split_inputs and world_size > 1
+    share = in_features // world_size if split else in_features
+    if share % scheme.group_size == 0:
+        return
+    fits = [str(g) for g in GROUP_SIZES if share % g == 0]
+    fix = f"use group size {' or '.join(fits)}" if fits else "use int8"
+    if split:
+        raise ValueError(
+            f"int4 group size {scheme.group_size} does not divide the inputs of {key} on each rank: it has "
+            f"{in_features} input columns, {share} on each of {world_size} model-parallel ranks. "
+            f"{fix.capitalize()}, or another number of model-parallel ranks"
+        )
+    raise ValueError(
+        f"int4 group size {scheme.group_size} does not divide the {in_features} input columns of {key}: {fix}"
+    )
+
+
+def int8_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-row int8 scales [N] (bf16) of a whole weight [N, K]: the row's largest magnitude / 127."""
+    scales = torch.empty(weight.shape[0], dtype=STORAGE_DTYPE)
+    for start in range(0, weight.shape[0], _ROW_BLOCK):
+        block = weight[start : start + _ROW_BLOCK].float()
+        scales[start : start + _ROW_BLOCK] = (block.abs().amax(dim=1) / INT8_MAX).clamp_min(1e-12)
+    return scales
+
+
+def quantize(
+    weight: torch.Tensor, scheme: Scheme, row_scales: Optional[torch.Tensor] = None
+) -> Dict[str, torch.Tensor]:
+    """The stored parts of `weight` [N, K] under `scheme`: {"weight": codes, "scales": ..., and
+    "zeros" for int4}, on the CPU.
+
+    `row_scales` (int8 only) are the scales of the whole rows when `weight` holds only some of a
+    row's columns (a row-parallel layer's rank part), so that every rank quantizes against the
+    scales of the whole checkpoint.
+
+    Raises:
+        ValueError: if `weight` is not 2-D or K is not a multiple of the group size.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"only 2-D linear weights are quantized, got shape {tuple(weight.shape)}")
+    weight = weight.cpu()
+    rows, cols = weight.shape
+    if scheme.mode == "int8":
+        scales = int8_scales(weight) if row_scales is None else row_scales.to(STORAGE_DTYPE)
+        codes = torch.empty(rows, cols, dtype=torch.int8)
+        for start in range(0, rows, _ROW_BLOCK):
+            block = weight[start : start + _ROW_BLOCK].float()
+            scale = scales[start : start + _ROW_BLOCK].float()[:, None]
+            codes[start : start + _ROW_BLOCK] = (block / scale).round().clamp(-INT8_MAX, INT8_MAX)
+        return {"weight": codes, "scales": scales}
+    group = scheme.group_size
+    if cols % group != 0 or cols % 2 != 0:
+        raise ValueError(f"cannot quantize a weight of {cols} inputs in groups of {group}")
+    codes = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // group, dtype=STORAGE_DTYPE)
+    zeros = torch.empty(rows, cols // group, dtype=STORAGE_DTYPE)
+    for start in range(0, rows, _ROW_BLOCK):
+        block = weight[start : start + _ROW_BLOCK].float().unflatten(1, (-1, group))
+        low, high = block.amin(dim=2), block.amax(dim=2)
+        scale = ((high - low) / INT4_MAX).clamp_min(1e-8).to(STORAGE_DTYPE)
+        zero = (low + INT4_MID * scale.float()).to(STORAGE_DTYPE)
+        q = ((block - zero.float()[..., None]) / scale.float()[..., None]).round() + INT4_MID
+        q = q.clamp(0, INT4_MAX).to(torch.uint8).flatten(1)
+        codes[start : start + _ROW_BLOCK] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales[start : start + _ROW_BLOCK], zeros[start : start + _ROW_BLOCK] = scale, zero
+    return {"weight": codes, "scales": scales, "zeros": zeros}
+
+
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [N, K/2] (two per byte, low nibble first) -> uint8 [N, K] values 0..15."""
+    return torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
+
+
+def dequantize(
+    parts: Dict[str, torch.Tensor], scheme: Scheme, dtype: torch.dtype, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The weight [N, K] in `dtype` that the stored `parts` stand for (written into `out` when
+    given: a scratch buffer of that shape and dtype saves an allocation per call)."""
+    codes = parts["weight"]
+    if scheme.mode == "int4":
+        codes = unpack_int4(codes)
+    if out is None:
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    out.copy_(codes)
+    if scheme.mode == "int8":
+        return out.mul_(parts["scales"].to(dtype)[:, None])
+    grouped = out.view(out.shape[0], -1, scheme.group_size)
+    grouped.sub_(INT4_MID).mul_(parts["scales"].to(dtype)[..., None]).add_(
+        parts["zeros"].to(dtype)[..., None]
+    )
+    return out
+
+
+def _torch_int4_pack(values: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 packing of codes [N, K] (N a multiple of `INT4_BLOCK_ROWS`), done
+    `_ROW_BLOCK` rows at a time: its blocks of 32 rows are independent, and the int32 copy it
+    needs is 8 times the packed size."""
+    chunks = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            values[start : start + _ROW_BLOCK].to(torch.int32), 1
+        )
+        for start in range(0, values.shape[0], _ROW_BLOCK)
+    ]
+    return (
+        chunks[0]
+        if len(chunks) == 1
+        else torch.cat([c.reshape(-1) for c in chunks]).view(values.shape[0], -1)
+    )
+
+
+def _torch_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Codes [rows, cols] (a uint8 view, not a copy) of torch's CPU int4 packing: blocks of 32
+    rows, each input k of a block as 16 bytes whose low nibbles are rows 0-15 and high nibbles
+    rows 16-31 of the block."""
+    half = INT4_BLOCK_ROWS // 2
+    blocks = packed.reshape(rows // INT4_BLOCK_ROWS, cols, half)
+    values = torch.cat((blocks & 0x0F, blocks >> 4), dim=2)  # [blocks, K, 32]
+    return values.permute(0, 2, 1).reshape(rows, cols)
+
+
+_int4_layout_checked: Optional[bool] = None
+
+
+def torch_int4_layout_known() -> bool:
+    """Whether this torch packs int4 CPU weights as `_torch_int4_unpack` reads them (checked
+    once on a small random weight): only then is the packed form the only one kept."""
+    global _int4_layout_checked
+    if _int4_layout_checked is None:
+        try:
+            values = torch.randint(
+                0, INT4_MAX + 1, (2 * INT4_BLOCK_ROWS, 64), generator=torch.Generator().manual_seed(0)
+            )
+            packed = _torch_int4_pack(values)
+            _int4_layout_checked = torch.equal(_torch_int4_unpack(packed, *values.shape).long(), values)
+        except (RuntimeError, AttributeError):  # an older torch, or a build without the op
+            _int4_layout_checked = False
+    return _int4_layout_checked
+
+
+class QuantizedWeight(nn.Module):
+    """One rank's part of a quantized linear weight [out_features, in_features], in place of the
+    layer's `weight` parameter: `llama.kernels.linear(x, weight)` calls its `linear`.
+
+    On the CPU with `torch_ops`, int4 codes are repacked at load into the form of torch's CPU
+    int4 kernel (rows padded to a multiple of 32) and kept only in that form, so the memory
+    stays at 4 bits a weight; every other case keeps the stored parts as they are.
+    """
+
+    def __init__(
+        self,
+        parts: Dict[str, torch.Tensor],
+        scheme: Scheme,
+        in_features: int,
+        device: torch.device,
+        torch_ops: bool = True,
+    ):
+        super().__init__()
+        self.scheme = scheme
+        self.out_features, self.in_features = parts["weight"].shape[0], in_features
+        self.torch_ops = torch_ops and device.type == "cpu"
+        self.torch_int4 = self.torch_ops and scheme.mode == "int4" and torch_int4_layout_known()
+        if self.torch_int4:
+            pad = -self.out_features % INT4_BLOCK_ROWS
+            values = F.pad(unpack_int4(parts["weight"]), (0, 0, 0, pad), value=INT4_MID)
+            pairs = torch.stack((parts["scales"], parts["zeros"]), dim=-1)  # [N, groups, 2]
+            pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
+            self.register_buffer("codes", _torch_int4_pack(values), persistent=False)
+            self.register_buffer("scales_and_zeros", pairs, persistent=False)
+        else:
+            self.register_buffer("codes", parts["weight"].to(device).contiguous(), persistent=False)
+            self.register_buffer("scales", parts["scales"].to(device).contiguous(), persistent=False)
+            if "zeros" in parts:
+                self.register_buffer("zeros", parts["zeros"].to(device).contiguous(), persistent=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def parts(self) -> Dict[str, torch.Tensor]:
+        """The stored parts this weight was built from, in the stored layout."""
+        if not self.torch_int4:
+            parts = {"weight": self.codes, "scales": self.scales}
+            return parts if self.scheme.mode == "int8" else {**parts, "zeros": self.zeros}
+        rows = self.scales_and_zeros.shape[1]
+        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
+        pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
+        return {
+            "weight": values[:, 0::2] | (values[:, 1::2] << 4),
+            "scales": pairs[..., 0].contiguous(),
+            "zeros": pairs[..., 1].contiguous(),
+        }
+
+    def dequantize(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight [N, K] in `dtype` (written into `out` when given)."""
+        if not self.torch_int4:
+            return dequantize(
+                {"weight": self.codes, "scales": self.scales, **self._zeros()}, self.scheme, dtype, out
+            )
+        rows = self.scales_and_zeros.shape[1]
+        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
+        pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        out.copy_(values)
+        grouped = out.view(self.out_features, -1, self.scheme.group_size)
+        grouped.sub_(INT4_MID).mul_(pairs[..., 0, None].to(dtype)).add_(pairs[..., 1, None].to(dtype))
+        return out
+
+    def _zeros(self) -> Dict[str, torch.Tensor]:
+        return {"zeros": self.zeros} if self.scheme.mode == "int4" else {}
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight)`: see the module-level `linear`."""
+        return linear(x, self)
+
+
+_scratch: Dict[tuple, torch.Tensor] = {}
+
+
+def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer for a dequantized weight: allocating (and page-faulting) a fresh one per
+    call costs more than the dequantization itself on the CPU."""
+    key = (dtype, device)
+    buffer = _scratch.get(key)
+    numel = shape[0] * shape[1]
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """bf16 activations on a CPU without bf16 instructions: torch's weight-only kernels then beat
+    a bf16 F.linear at every row count (3x at 512 rows on AVX2)."""
+    return dtype == torch.bfloat16 and not kernels.cpu_has_avx512_bf16()
+
+
+def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
+
+    The choice, measured on an AVX2 CPU (benchmarks/quantized_linear.py): on the CPU, up to
+    `TORCH_OP_MAX_ROWS` rows of activations (decoding, short prompts), and for any number of
+    bf16 rows on CPUs without bf16 instructions, torch's weight-only kernels
+    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the weights once at
+    their quantized size; with more rows (prefill), on GPUs, or with `torch_ops` off: the plain
+    path, dequantize into x's dtype (into a reused buffer), then `F.linear`, which runs at the
+    matrix-product speed of that dtype. torch's weight-only kernels are fast only for bf16
+    activations, so other activations are rounded to bf16 for them and the result converted back.
+    """
+    rows = x.numel() // max(weight.in_features, 1)
+    has_op = weight.torch_int4 or (weight.torch_ops and weight.scheme.mode == "int8")
+    if has_op and 0 < rows and (rows <= TORCH_OP_MAX_ROWS or _bf16_matmul_is_slow(x.dtype)):
+        flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
+        if weight.torch_int4:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, weight.codes, weight.scheme.group_size, weight.scales_and_zeros
+            )[:, : weight.out_features]
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight.codes, weight.scales)
+        return out.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight.dequantize(x.dtype))
+    return F.linear(x, weight.dequantize(x.dtype, out=_scratch_buffer(weight.shape, x.dtype, x.device)))
