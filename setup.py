@@ -19,7 +19,9 @@ setup(
         "test": ["pytest>=7", "transformers>=4.40", "protobuf"],
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
+        "mask": ["pillow"],
     },
+    entry_points={"console_scripts": ["codellama = llama.commands:entry_point"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -37,6 +37,21 @@ class Segment(NamedTuple):
     start: int  # cache position of its first token
 
 
+def packed_segments(lengths: Sequence[int], row_offset: int = 0) -> List[Segment]:
+    """The layout of sequences of `lengths` laid end to end in one chunk, each from position 0 of
+    its own cache row (`row_offset`, `row_offset + 1`, ...): what a packed prefill attends over."""
+    ends = accumulate(lengths)  # one past each sequence's last token
+    return [Segment(row_offset + i, end - n, n, 0) for i, (end, n) in enumerate(zip(ends, lengths))]
+
+
+def causal_visibility(
+    n_queries: int, kv_len: int, first_pos: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """[n_queries, kv_len] bool: whether query i (at cache position `first_pos + i`) sees key j
+    (cache position j) of its own row: iff j <= first_pos + i."""
+    return torch.ones(n_queries, kv_len, dtype=torch.bool, device=device).tril(first_pos)
+
+
 @dataclass
 class AttentionInputs:
     """What every layer's attention needs to know about a chunk (computed once per forward).
@@ -254,8 +269,7 @@ class Attention(nn.Module):
                 last = min(seg.length, first + self.query_block)
                 n, kv_len = last - first, seg.start + last
                 block = slice(seg.offset + first, seg.offset + last)
-                # Key j is visible to the query at position p iff j <= p (p = start + first + i).
-                visible = torch.ones(n, kv_len, dtype=torch.bool, device=q.device).tril(seg.start + first)
+                visible = causal_visibility(n, kv_len, seg.start + first, q.device)
                 mask = visible.expand(self.n_rep, n, kv_len).reshape(1, 1, self.n_rep * n, kv_len)
                 queries = q[block].transpose(0, 1).reshape(1, self.n_local_kv_heads, self.n_rep * n, -1)
                 attended = F.scaled_dot_product_attention(
@@ -431,8 +445,8 @@ class Transformer(nn.Module):
         tokens = torch.cat([seq.reshape(-1) for seq in sequences])[None]  # [1, T]
         device = tokens.device
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-        ends = list(accumulate(lengths))  # one past each sequence's last token
-        segments = [Segment(row_offset + i, end - n, n, 0) for i, (end, n) in enumerate(zip(ends, lengths))]
+        segments = packed_segments(lengths, row_offset)
+        ends = [seg.offset + seg.length for seg in segments]  # one past each sequence's last token
         inputs = AttentionInputs(*self._rotary(positions), segments=segments)
         h = self._layers(self.tok_embeddings(tokens), inputs)[0]
         if last_only:
