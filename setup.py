@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=(ROOT / "requirements.txt").read_text().split(),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "pillow"],
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
         "mask": ["pillow"],

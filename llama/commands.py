@@ -11,7 +11,9 @@ Bad input ends with one line on stderr and exit status 2.
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
+import inspect
 import json
 import runpy
 import sys
@@ -492,14 +494,20 @@ def run_mask(args: argparse.Namespace) -> int:
 
 
 def _delegate(command: str, argv: List[str]) -> int:
-    """Run `python -m llama.<tool>` with `argv` (its own parser reads them)."""
-    module = DELEGATED[command]
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"`{PROG} {command}` needs {module}, which this installation does not have")
+    """Run `python -m llama.<tool>` with `argv` (its own parser reads them): its `main(argv)` when
+    it has one, else the module as a script."""
+    module_name = DELEGATED[command]
+    if importlib.util.find_spec(module_name) is None:
+        raise UsageError(f"`{PROG} {command}` needs {module_name}, which this installation does not have")
     saved = sys.argv
     sys.argv = [f"{PROG} {command}"] + argv
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        module = importlib.import_module(module_name)
+        tool_main = getattr(module, "main", None)
+        if callable(tool_main):  # sys.argv is set too, for a main() that reads it
+            takes_argv = bool(inspect.signature(tool_main).parameters)
+            return (tool_main(argv) if takes_argv else tool_main()) or 0
+        runpy.run_module(module_name, run_name="__main__", alter_sys=True)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     finally:
