@@ -1,6 +1,6 @@
 """Which keys each query token attends to when prompts are prefilled, as a grid of tokens.
 
-The grid is built from the model's own layout code (`llama.model.packed_segments`, the layout of a
+The grid is built from the model's own layout code (`llama.model.pack_segments`, the layout of a
 packed prefill, and `llama.model.causal_visibility`, the mask its attention applies to each
 segment), so it shows what the engine computes: rows are query tokens, columns key tokens, and a
 prompt packed next to others sees only its own tokens.
@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 import torch
 
-from llama.model import causal_visibility, packed_segments
+from llama.model import causal_visibility, pack_segments
 from llama.tokenizer import Tokenizer
 
 VISIBLE, HIDDEN = "■", "⬚"
@@ -39,7 +39,8 @@ def packed_mask(prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         raise ValueError("the mask needs at least one prompt, each with at least one token")
     total = sum(lengths)
     mask = torch.zeros(total, total, dtype=torch.bool)
-    for seg in packed_segments(lengths):
+    # Each prompt from position 0 of its own cache row, as a batch's prefill lays them out.
+    for seg in pack_segments([(row, 0, n) for row, n in enumerate(lengths)]):
         keys = seg.start + seg.length
         seen = causal_visibility(seg.length, keys, seg.start)
         # In a prefill the row's cache positions 0.. hold this segment's own tokens.

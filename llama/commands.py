@@ -17,16 +17,28 @@ import inspect
 import json
 import runpy
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, List, NoReturn, Optional, Tuple
+from typing import Callable, Iterator, List, NoReturn, Optional, TextIO, Tuple
 
 from llama import distributed, memory_plan
 from llama.attention_mask import mask_grid, render_text, write_png
 from llama.chat_repl import HELP, ChatSession, run_chat
 from llama.cli import model_paths
+from llama.engine import Completion, Request
 from llama.generation import Llama
 from llama.model import ModelArgs
-from llama.prompts import Dialog, infilling_prompt_tokens, split_fill_me, validate_dialog
+from llama.prompts import (
+    UNSAFE_ERROR,
+    Dialog,
+    infilling_prompt_tokens,
+    instruct_prompt_tokens,
+    is_unsafe,
+    split_fill_me,
+    turn_prompt_tokens,
+    validate_dialog,
+)
+from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
 
 PROG = "codellama"
@@ -81,6 +93,14 @@ def _sampling_options(temperature: float, top_p: float, max_gen_len: int) -> arg
         "--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})"
     )
     group.add_argument("--top_p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    group.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    group.add_argument(
+        "--min_p", type=float, default=0.0, help="drop tokens below min_p x the likeliest (0: off)"
+    )
+    group.add_argument("--repetition_penalty", type=float, default=1.0, help="multiplicative (1: off)")
+    group.add_argument("--presence_penalty", type=float, default=0.0, help="additive, in [-2, 2] (0: off)")
+    group.add_argument("--frequency_penalty", type=float, default=0.0, help="additive, in [-2, 2] (0: off)")
+    group.add_argument("--stop", action="append", default=[], help="stop before this text (up to 4 times)")
     group.add_argument(
         "--max_gen_len",
         type=int,
@@ -228,45 +248,130 @@ def _print_json(result: dict) -> None:
 # ----------------------------------------------------------------------------------- generation
 
 
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+    )
+
+
+def _on_first_rank(generator: Llama, work: Callable[[], int]) -> int:
+    """Run `work` on model-parallel rank 0 with the engine stepping in its own thread (so Ctrl-C
+    lands in the reading loop, never inside a step); the other ranks follow rank 0's steps until
+    it shuts the engine down."""
+    engine = generator.engine
+    if not distributed.is_first_model_parallel_rank():
+        engine.follow()
+        return 0
+    engine.start()
+    try:
+        return work()
+    finally:
+        engine.shutdown()
+
+
+def _submit(
+    generator: Llama, args: argparse.Namespace, prompt_tokens: List[int], default_stop: int
+) -> Request:
+    """Queue `prompt_tokens` with the command's sampling options; at most --max_gen_len tokens,
+    never past --max_seq_len.
+
+    Raises:
+        UsageError: if the prompt leaves no room to generate, or an option is out of range.
+    """
+    room = generator.model.params.max_seq_len - len(prompt_tokens)
+    if room < 1:
+        raise UsageError(
+            f"the prompt is {len(prompt_tokens)} tokens long, which leaves no room to generate within "
+            f"--max_seq_len {generator.model.params.max_seq_len}: raise it or shorten the prompt"
+        )
+    if args.max_gen_len < 1:
+        raise UsageError(f"--max_gen_len must be at least 1, got {args.max_gen_len}")
+    return generator.engine.submit(
+        prompt_tokens,
+        max_tokens=min(args.max_gen_len, room),
+        sampling=_sampling(args),
+        stop=args.stop,
+        default_stop=default_stop,
+        logprobs=0 if args.logprobs else None,
+    )
+
+
+def _stream(request: Request, out: TextIO = sys.stdout) -> None:
+    """Print the request's text as it is generated; Ctrl-C cancels it."""
+    try:
+        for event in request:
+            out.write(event.text)
+            out.flush()
+    except KeyboardInterrupt:
+        request.cancel()
+        raise
+
+
+def _completion_json(generator: Llama, completion: Completion, **texts: str) -> dict:
+    """A result dictionary: the texts, finish reason and usage, and pieces and log-probabilities
+    when they were asked for."""
+    result: dict = dict(texts)
+    result["finish_reason"] = completion.finish_reason
+    result["usage"] = asdict(completion.usage)
+    if completion.logprobs:
+        result["tokens"] = [generator.tokenizer.token_piece(t) for t in completion.token_ids]
+        result["logprobs"] = completion.logprobs
+    return result
+
+
 def run_complete(args: argparse.Namespace) -> int:
-    """Print the continuation of the prompt."""
+    """Stream the continuation of the prompt (exact text: it continues the prompt as typed)."""
     prompt = _first_rank_input(lambda: _read_prompt(args.prompt, args.file))
     generator = _load(args)
-    prompt = distributed.share_from_first_rank(prompt)
-    result = generator.text_completion(
-        [prompt], args.temperature, args.top_p, args.max_gen_len, logprobs=args.logprobs
-    )[0]
-    if args.json:
-        _print_json(result)
-    else:
-        print(result["generation"], flush=True)
-    return 0
+
+    def work() -> int:
+        ids = generator.tokenizer.encode(prompt, bos=True, eos=False)
+        request = _submit(generator, args, ids, generator.tokenizer.eos_id)
+        if args.json:
+            completion = request.result()
+            _print_json(_completion_json(generator, completion, generation=completion.text))
+            return 0
+        _stream(request)
+        print(flush=True)
+        return 0
+
+    return _on_first_rank(generator, work)
 
 
 def run_infill(args: argparse.Namespace) -> int:
-    """Print the code generated at the prompt's <FILL_ME> (or the whole text with --full_text)."""
+    """Stream the code generated at the prompt's <FILL_ME> (between the prefix and the suffix with
+    --full_text)."""
 
-    def read() -> str:
+    def read() -> Tuple[str, str]:
         text = _read_prompt(args.prompt, args.file)
-        split_fill_me([text])  # exactly one marker, before loading anything
-        return text
+        prefixes, suffixes = split_fill_me([text])  # exactly one marker, before loading anything
+        return prefixes[0], suffixes[0]
 
-    prompt = _first_rank_input(read)
+    prefix, suffix = _first_rank_input(read) or ("", "")
     generator = _load(args)
-    prompt = distributed.share_from_first_rank(prompt)
-    result = generator.text_infilling(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_gen_len=args.max_gen_len,
-        logprobs=args.logprobs,
-        suffix_first=args.suffix_first,
-        prompts=[prompt],
-    )[0]
-    if args.json:
-        _print_json(result)
-    else:
-        print(result["full_text"] if args.full_text else result["generation"], flush=True)
-    return 0
+
+    def work() -> int:
+        tokenizer = generator.tokenizer
+        ids = infilling_prompt_tokens(tokenizer, prefix, suffix, suffix_first=args.suffix_first)
+        request = _submit(generator, args, ids, tokenizer.eot_id)
+        if args.json:
+            completion = request.result()
+            texts = dict(generation=completion.text, full_text=prefix + completion.text + suffix)
+            _print_json(_completion_json(generator, completion, **texts))
+            return 0
+        if args.full_text:
+            sys.stdout.write(prefix)
+        _stream(request)
+        print(suffix if args.full_text else "", flush=True)
+        return 0
+
+    return _on_first_rank(generator, work)
 
 
 # ----------------------------------------------------------------------------------- chat
@@ -315,36 +420,63 @@ def _read_terminal_line() -> Optional[str]:
     return line if line else None
 
 
+def _answer_stream(generator: Llama, args: argparse.Namespace) -> Callable[[Dialog], Iterator[str]]:
+    """Streams the answer to a dialog in the model's chat format (Instruct, or the 70B turns)."""
+    tokenizer = generator.tokenizer
+    turns = tokenizer.step_id is not None
+
+    def answer(dialog: Dialog) -> Iterator[str]:
+        validate_dialog(dialog, 0)
+        if is_unsafe(dialog):
+            yield UNSAFE_ERROR
+            return
+        ids = (turn_prompt_tokens if turns else instruct_prompt_tokens)(tokenizer, dialog)
+        request = _submit(generator, args, ids, tokenizer.step_id if turns else tokenizer.eos_id)
+        started = False
+        try:
+            for event in request:
+                text = event.text
+                if not started and text:
+                    # The answer follows "[/INST]" (or "\n\n") with one space that belongs to the format.
+                    text, started = text[1:] if text.startswith(" ") else text, True
+                yield text
+        finally:
+            if not request.finished:  # Ctrl-C or the reader stopped early
+                request.cancel()
+
+    return answer
+
+
 def run_chat_command(args: argparse.Namespace) -> int:
     """Answer a dialog file once, or chat on the terminal (see llama.chat_repl)."""
     ckpt_dir, _ = model_paths(args.ckpt_dir, args.tokenizer_path, PACKAGE_ROOT)
     _require_instruct(ckpt_dir, args.instruct)
     dialogs = _first_rank_input(lambda: _read_dialogs(args.dialog)) if args.dialog else None
     generator = _load(args)
-    if args.dialog:
-        dialogs = distributed.share_from_first_rank(dialogs)
-        results = generator.chat_completion(
-            dialogs, args.temperature, args.top_p, args.max_gen_len, logprobs=args.logprobs
-        )
-        for result in results:
+    answer = _answer_stream(generator, args)
+
+    def answer_dialogs() -> int:
+        for dialog in dialogs:
             if args.json:
-                _print_json(result)
+                message = {"role": "assistant", "content": "".join(answer(dialog))}
+                if generator.tokenizer.step_id is not None:
+                    message["destination"] = "user"
+                _print_json({"generation": message})
             else:
-                print(result["generation"]["content"], flush=True)
+                for piece in answer(dialog):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                print(flush=True)
         return 0
 
-    def answer(dialog: Dialog) -> Iterator[str]:
-        result = generator.chat_completion([dialog], args.temperature, args.top_p, args.max_gen_len)[0]
-        yield result["generation"]["content"]
+    def chat() -> int:
+        if sys.stdin.isatty():
+            print(f"chat with {ckpt_dir} ({HELP}; Ctrl-C stops an answer)", file=sys.stderr)
+        session = ChatSession(answer, turn_format=generator.tokenizer.step_id is not None, system=args.system)
+        run_chat(session, _read_terminal_line)
+        return 0
 
-    def read_line() -> Optional[str]:
-        return distributed.share_from_first_rank(_first_rank_input(_read_terminal_line))
-
-    if sys.stdin.isatty() and distributed.is_first_rank():
-        print(f"chat with {ckpt_dir} ({HELP}; Ctrl-C stops an answer)", file=sys.stderr)
-    session = ChatSession(answer, turn_format=generator.tokenizer.step_id is not None, system=args.system)
-    run_chat(session, read_line)
-    return 0
+    return _on_first_rank(generator, answer_dialogs if args.dialog else chat)
 
 
 # ----------------------------------------------------------------------------------- plan

@@ -32,15 +32,6 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def steps_between_stop_checks(device: torch.device) -> int:
-    """Decode steps between two checks whether every sequence has stopped.
-
-    Checking reads a flag back to the host: free on the CPU, but on a GPU it waits for the
-    queued work, so there it happens every few steps (the extra steps' tokens are discarded).
-    """
-    return 1 if device.type == "cpu" else 8
-
-
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -137,16 +128,6 @@ def is_first_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def share_from_first_rank(value: object) -> object:
-    """`value` as rank 0 has it, on every rank (for input only rank 0 reads, e.g. a prompt from
-    standard input); the value itself in a one-process group."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def available_memory_bytes(device: torch.device) -> Optional[int]:
     """Free memory on `device` (GPU free memory, or the host's MemAvailable), None if unknown."""
     if device.type == "cuda":
@@ -160,3 +141,33 @@ def available_memory_bytes(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def model_parallel_world_size() -> int:
+    """Ranks in this process's model-parallel group (1 when model parallelism is not initialised)."""
+    if not fs_init.model_parallel_is_initialized():
+        return 1
+    return fs_init.get_model_parallel_world_size()
+
+
+def is_first_model_parallel_rank() -> bool:
+    """Whether this process is rank 0 of its model-parallel group (the one that decides)."""
+    return model_parallel_world_size() == 1 or fs_init.get_model_parallel_rank() == 0
+
+
+def broadcast_from_first_rank(obj: object) -> object:
+    """`obj` of model-parallel rank 0, on every rank of its group (pickled; small objects only).
+
+    Returns `obj` unchanged without model parallelism. Blocks until rank 0 sends.
+    """
+    if model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    device = compute_device() if cuda_available() else None
+    dist.broadcast_object_list(
+        holder,
+        src=fs_init.get_model_parallel_src_rank(),
+        group=fs_init.get_model_parallel_group(),
+        device=device,
+    )
+    return holder[0]

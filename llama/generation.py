@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Tuple, TypedDict, Union
 import torch
 
 from llama import checkpoint, distributed, kernels, memory_plan
+from llama.engine import Engine
 from llama.model import ModelArgs, Transformer
 from llama.prompts import (
     UNSAFE_ERROR,
@@ -23,6 +24,7 @@ from llama.prompts import (
     turn_prompt_tokens,
     validate_dialog,
 )
+from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
 
 
@@ -126,14 +128,14 @@ class Llama:
         self.tokenizer = tokenizer
         self.compile = compile
         self._compiled_model: Optional[Callable[..., torch.Tensor]] = None
+        self.engine = Engine(model, tokenizer)
 
-    def _decode_step(self, tokens: torch.Tensor, start_pos: Union[int, List[int]], **kwargs) -> torch.Tensor:
-        """The model's forward for one new token per row; compiled on first use with `compile`."""
-        if not self.compile:
-            return self.model(tokens, start_pos, **kwargs)
-        if self._compiled_model is None:  # set up here, not in build: loading stays a load
-            self._compiled_model = _compiled(self.model)
-        return self._compiled_model(tokens, start_pos, **kwargs)
+    def _set_up_compile(self) -> None:
+        """With `compile`, the engine's decode pass runs compiled; set up by the first generation
+        (not in build: loading stays a load)."""
+        if self.compile and self._compiled_model is None:
+            self._compiled_model = _compiled(self.model.forward_decode)
+            self.engine.decode_fn = self._compiled_model
 
     @torch.inference_mode()
     def generate(
@@ -151,8 +153,9 @@ class Llama:
         Greedy at `temperature == 0`, else nucleus sampling of softmax(logits / temperature)
         with `top_p`. Each sequence stops at `stop_token` (default EOS; like the reference,
         only that token stops it), after `max_gen_len` tokens, or at `max_seq_len`; the stop
-        token is not returned. More prompts than `max_batch_size` run in successive batches.
-        A prompt's greedy result does not depend on the other prompts in its batch.
+        token is not returned. The prompts run through the engine's loop: more prompts than
+        `max_batch_size` join the running batch as rows finish. A prompt's greedy result does
+        not depend on the other prompts. Thread-safe: concurrent calls share the running batch.
 
         Returns:
             (tokens, logprobs): per prompt, the generated ids (preceded by the prompt with
@@ -163,109 +166,46 @@ class Llama:
             ValueError: if a prompt is empty, holds an id outside the vocabulary or leaves no
                 room to generate within max_seq_len, or max_gen_len is negative.
         """
-        params = self.model.params
         self._check_prompts(prompt_tokens)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        stop_ids = {self.tokenizer.eos_id if stop_token is None else stop_token}
+        if not distributed.is_first_model_parallel_rank():
+            return self.engine.follow(until_result=True)  # rank 0 decides and sends the results
+        self._set_up_compile()
+        max_seq_len = self.model.params.max_seq_len
+        sampling = SamplingParams(temperature=max(float(temperature), 0.0), top_p=top_p)
+        requests = [
+            self.engine._enqueue(
+                list(prompt),
+                min(max_gen_len, max_seq_len - len(prompt)),
+                sampling,
+                stop=(),
+                stop_ids=(),
+                default_stop=self.tokenizer.eos_id if stop_token is None else stop_token,
+                logprobs=0 if logprobs else None,
+                prompt_logprobs=logprobs and echo,
+            )
+            for prompt in prompt_tokens
+        ]
         out_tokens: List[List[int]] = []
         out_logprobs: List[List[float]] = []
-        for first in range(0, len(prompt_tokens), params.max_batch_size):
-            batch = prompt_tokens[first : first + params.max_batch_size]
-            tokens, token_logprobs = self._generate_batch(
-                batch, max_gen_len, temperature, top_p, logprobs, echo, stop_ids
-            )
-            out_tokens += tokens
-            out_logprobs += token_logprobs
-        return out_tokens, (out_logprobs if logprobs else None)
-
-    def _generate_batch(
-        self,
-        prompts: List[List[int]],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
-        logprobs: bool,
-        echo: bool,
-        stop_ids: set,
-    ) -> Tuple[List[List[int]], List[List[float]]]:
-        """One batch of at most max_batch_size prompts: see `generate`."""
-        model, device = self.model, self.device
-        max_seq_len = model.params.max_seq_len
-        lengths = [len(p) for p in prompts]
-        # Tokens each row may generate: never past max_seq_len.
-        budgets = [min(max_gen_len, max_seq_len - n) for n in lengths]
-        steps = max(budgets)
-        stop = torch.tensor(sorted(stop_ids), device=device)
-
-        # Prefill: the prompts laid end to end (no padding) in passes of at most max_seq_len
-        # tokens, each prompt into its own cache row.
-        last_logits, prompt_logprobs = [], []
-        need_all = logprobs and echo  # log-probabilities of the prompt tokens themselves
-        for rows in _pack(lengths, max_seq_len):
-            ids = [torch.tensor(prompts[row], dtype=torch.long, device=device) for row in rows]
-            logits = model.forward_packed(ids, row_offset=rows.start, last_only=not need_all)
-            if need_all:
-                per_prompt = logits.split([lengths[row] for row in rows])
-                for prompt_ids, prompt_logits in zip(ids, per_prompt):
-                    lp = torch.log_softmax(prompt_logits[:-1], dim=-1).gather(-1, prompt_ids[1:, None])[:, 0]
-                    prompt_logprobs.append([0.0] + lp.tolist())
-                logits = torch.stack([prompt_logits[-1] for prompt_logits in per_prompt])
-            last_logits.append(logits)
-        logits = torch.cat(last_logits)
-
-        generated, generated_lp = [], []
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        check_every = distributed.steps_between_stop_checks(device)
-        budget_t = torch.tensor(budgets, device=device)
-        for step in range(steps):
-            next_token = _sample(logits, temperature, top_p)
-            generated.append(next_token)
-            if logprobs:
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
-                generated_lp.append(lp)
-            done |= torch.isin(next_token, stop) | (budget_t <= step + 1)
-            if step + 1 == steps or ((step + 1) % check_every == 0 and bool(done.all())):
-                break
-            # Row r feeds its newest token at position lengths[r] + step; finished rows are
-            # clamped inside the cache and their output ignored.
-            positions = [min(n + step, max_seq_len - 1) for n in lengths]
-            logits = self._decode_step(next_token[:, None], positions, last_only=True)[:, -1]
-
-        gen = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
-        gen_lp = torch.stack(generated_lp, dim=1).tolist() if generated_lp else [[] for _ in prompts]
-        out_tokens, out_logprobs = [], []
-        for row, prompt in enumerate(prompts):
-            toks = gen[row][: budgets[row]]
-            cut = next((i for i, t in enumerate(toks) if t in stop_ids), len(toks))
-            toks = toks[:cut]
-            row_lp = gen_lp[row][:cut] if logprobs else []
+        for prompt, request in zip(prompt_tokens, requests):
+            completion = request.result()
+            toks, lps = list(completion.token_ids), list(completion.logprobs)
             if echo:
                 toks = list(prompt) + toks
-                row_lp = (prompt_logprobs[row] if logprobs else []) + row_lp
+                lps = (completion.prompt_logprobs or []) + lps
             out_tokens.append(toks)
-            out_logprobs.append(row_lp)
-        return out_tokens, out_logprobs
+            out_logprobs.append(lps)
+        result = (out_tokens, (out_logprobs if logprobs else None))
+        distributed.broadcast_from_first_rank(("result", result))
+        return result
 
     def _check_prompts(self, prompt_tokens: List[List[int]], names: Optional[List[str]] = None) -> None:
         """Raise ValueError naming the first prompt that is empty, holds an id outside the
         vocabulary, or leaves no room to generate."""
-        max_seq_len, vocab_size = self.model.params.max_seq_len, self.model.params.vocab_size
         for index, prompt in enumerate(prompt_tokens):
-            name = names[index] if names is not None else f"prompt {index}"
-            if len(prompt) == 0:
-                raise ValueError(f"{name} is empty: it needs at least one token (e.g. BOS)")
-            bad = [t for t in prompt if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(
-                    f"{name} holds token id {bad[0]}, outside the vocabulary of {vocab_size} "
-                    "(ids must come from this model's tokenizer)"
-                )
-            if len(prompt) >= max_seq_len:
-                raise ValueError(
-                    f"{name} is {len(prompt)} tokens long, which leaves no room to generate "
-                    f"within max_seq_len={max_seq_len}: shorten it or build with a larger max_seq_len"
-                )
+            self.engine._check_prompt(list(prompt), names[index] if names is not None else f"prompt {index}")
 
     @property
     def device(self) -> torch.device:
@@ -429,35 +369,15 @@ class Llama:
         return prediction
 
 
-def _pack(lengths: List[int], budget: int) -> List[range]:
-    """Split consecutive prompts into groups of at most `budget` tokens (a longer prompt alone)."""
-    groups, first, total = [], 0, 0
-    for row, n in enumerate(lengths):
-        if row > first and total + n > budget:
-            groups.append(range(first, row))
-            first, total = row, 0
-        total += n
-    groups.append(range(first, len(lengths)))
-    return groups
-
-
-def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:
-    """`model` under torch.compile, for decode steps (prompts are prefilled eagerly).
+def _compiled(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The model's decode pass under torch.compile (prompts are prefilled eagerly).
 
     Fused code keeps the eager rounding of every intermediate bf16/fp16 value
     (`emulate_precision_casts`): without it, fused elementwise chains skip those roundings and
     greedy decoding drifts away from the eager (and reference) tokens at near ties.
     """
     kernels.kernel_available()  # settle the kernel choice before tracing
-    return torch.compile(model, options={"emulate_precision_casts": True})
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return sample_top_p(probs, top_p)
+    return torch.compile(decode, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ fairscale layers ask fairscale for the model-parallel group, which the caller se
 
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -37,11 +37,11 @@ class Segment(NamedTuple):
     start: int  # cache position of its first token
 
 
-def packed_segments(lengths: Sequence[int], row_offset: int = 0) -> List[Segment]:
-    """The layout of sequences of `lengths` laid end to end in one chunk, each from position 0 of
-    its own cache row (`row_offset`, `row_offset + 1`, ...): what a packed prefill attends over."""
-    ends = accumulate(lengths)  # one past each sequence's last token
-    return [Segment(row_offset + i, end - n, n, 0) for i, (end, n) in enumerate(zip(ends, lengths))]
+def pack_segments(chunks: Sequence[Tuple[int, int, int]]) -> List[Segment]:
+    """Lay chunks given as (cache row, start position, length) end to end: their `Segment`s."""
+    lengths = [length for _, _, length in chunks]
+    ends = list(accumulate(lengths))
+    return [Segment(row, end - n, n, start) for (row, start, n), end in zip(chunks, ends)]
 
 
 def causal_visibility(
@@ -56,9 +56,14 @@ def causal_visibility(
 class AttentionInputs:
     """What every layer's attention needs to know about a chunk (computed once per forward).
 
-    Either `segments` (several tokens per sequence: each sequence attends to its own cache row,
-    causally) or, for one new token per row, `rows`/`write_pos`/`kv_len`/`mask`/`lengths` (all
-    rows in one batched attention call).
+    One of three layouts:
+    - `segments`: several tokens per sequence laid end to end; each sequence attends to its own
+      cache row, causally.
+    - `rows`/`write_pos`/`kv_len`/`mask`/`lengths`: one new token per row of a contiguous range of
+      cache rows, all rows in one batched attention call (`Transformer.forward`).
+    - `row_index`/`write_pos`/`lengths`/`kv_len`: one new token for each of any cache rows
+      (`Transformer.forward_decode`); `host_lengths` (eager CPU only) lets each row attend over
+      exactly its own positions, so a row's result does not depend on the other rows.
     """
 
     cos: torch.Tensor  # rotary angles, fp32, broadcastable to [B, L, 1, head_dim // 2]
@@ -69,6 +74,9 @@ class AttentionInputs:
     kv_len: int = 0
     mask: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None  # [B] positions each row attends to (int64)
+    row_index: Optional[torch.Tensor] = None  # [B] cache row of each batch row (int64)
+    host_rows: Optional[List[int]] = None
+    host_lengths: Optional[List[int]] = None
 
 
 @dataclass
@@ -218,7 +226,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
-        if inputs.segments is None:
+        if inputs.row_index is not None:
+            out = self._attend_rows(q, k, v, inputs)
+        elif inputs.segments is None:
             out = self._attend_one_token_per_row(q, k, v, inputs)
         else:
             out = self._attend_segments(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), inputs.segments)
@@ -250,6 +260,32 @@ class Attention(nn.Module):
             mask = mask.expand(-1, -1, self.n_rep, -1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return out.reshape(bsz, 1, -1)
+
+    def _attend_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
+    ) -> torch.Tensor:
+        """One new token for each of any cache rows: q/k/v [B, 1, heads, D]; returns [B, 1, H*D]."""
+        bsz = q.shape[0]
+        rows, positions = inputs.row_index, inputs.write_pos
+        self.cache_k[rows, :, positions] = k[:, 0]
+        self.cache_v[rows, :, positions] = v[:, 0]
+        if inputs.host_lengths is not None:  # each row over exactly its own positions
+            out = torch.empty_like(q)
+            for b, (row, length) in enumerate(zip(inputs.host_rows, inputs.host_lengths)):
+                query = q[b].view(1, self.n_local_kv_heads, self.n_rep, self.head_dim)
+                keys, values = (
+                    self.cache_k[row : row + 1, :, :length],
+                    self.cache_v[row : row + 1, :, :length],
+                )
+                attended = F.scaled_dot_product_attention(query, keys, values)
+                out[b] = attended.view(1, self.n_local_heads, self.head_dim)
+            return out.view(bsz, 1, -1)
+        cache_k, cache_v = self.cache_k[rows, :, : inputs.kv_len], self.cache_v[rows, :, : inputs.kv_len]
+        if kernels.attention_applies(q, cache_k):
+            heads = q.view(bsz, self.n_local_heads, self.head_dim)
+            return kernels.decode_attention(heads, cache_k, cache_v, inputs.lengths).view(bsz, 1, -1)
+        q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        return F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=inputs.mask).reshape(bsz, 1, -1)
 
     def _attend_segments(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: List[Segment]
@@ -441,17 +477,84 @@ class Transformer(nn.Module):
         lengths = [int(seq.numel()) for seq in sequences]
         if not lengths or min(lengths) < 1:
             raise ValueError("forward_packed needs at least one sequence, each with at least one token")
-        self._check_fits(range(row_offset, row_offset + len(lengths)), 0, max(lengths))
-        tokens = torch.cat([seq.reshape(-1) for seq in sequences])[None]  # [1, T]
+        tokens = torch.cat([seq.reshape(-1) for seq in sequences])
+        segments = pack_segments([(row_offset + i, 0, n) for i, n in enumerate(lengths)])
+        return self.forward_segments(tokens, segments, last_only=last_only)
+
+    def forward_segments(
+        self, tokens: torch.Tensor, segments: Sequence[Segment], *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Run chunks of several sequences, laid end to end, each at its own cache row and position.
+
+        Each segment's tokens are written to its cache row from `segment.start` on and attend
+        causally to everything before them in that row (earlier chunks, or a reused prefix).
+
+        Args:
+            tokens: 1-D token ids, the segments' tokens one after another (see `pack_segments`).
+            segments: where each chunk lies in `tokens` and in the cache.
+            last_only: logits of each segment's last token only.
+
+        Returns:
+            float32 logits: [len(segments), vocab] with `last_only`, else [len(tokens), vocab].
+
+        Raises:
+            ValueError: if a segment does not fit in the cache.
+        """
+        for seg in segments:
+            self._check_fits(range(seg.row, seg.row + 1), seg.start, seg.start + seg.length)
         device = tokens.device
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-        segments = packed_segments(lengths, row_offset)
-        ends = [seg.offset + seg.length for seg in segments]  # one past each sequence's last token
-        inputs = AttentionInputs(*self._rotary(positions), segments=segments)
-        h = self._layers(self.tok_embeddings(tokens), inputs)[0]
+        positions = torch.cat(
+            [torch.arange(seg.start, seg.start + seg.length, device=device) for seg in segments]
+        )[None]
+        inputs = AttentionInputs(*self._rotary(positions), segments=list(segments))
+        h = self._layers(self.tok_embeddings(tokens.reshape(1, -1)), inputs)[0]
         if last_only:
-            h = h[torch.tensor([end - 1 for end in ends], device=device)]
+            h = h[torch.tensor([seg.offset + seg.length - 1 for seg in segments], device=device)]
         return self.output(self.norm(h)).float()
+
+    def forward_decode(
+        self, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token for each of any cache rows (the decode step of a running batch).
+
+        Token b is written at position `positions[b]` of cache row `rows[b]` and attends to that
+        row's positions 0..positions[b]. On the CPU (eager) each row attends over exactly its own
+        positions, so its logits are the same whatever other rows share the step; compiled or on
+        a GPU, the rows share one masked attention call.
+
+        Args:
+            tokens, rows, positions: [B] int64 tensors on the model's device.
+
+        Returns:
+            float32 logits [B, vocab].
+
+        Raises:
+            ValueError: if a row or position does not fit in the cache (checked when eager).
+        """
+        lengths = positions + 1
+        host_rows = host_lengths = None
+        kv_len = self.params.max_seq_len
+        if not torch.compiler.is_compiling():
+            host_rows, host_lengths = rows.tolist(), lengths.tolist()
+            for row, length in zip(host_rows, host_lengths):
+                self._check_fits(range(row, row + 1), length - 1, length)
+            kv_len = max(host_lengths)
+            if tokens.device.type != "cpu":
+                host_rows = host_lengths = None
+        keys = torch.arange(kv_len, device=tokens.device)
+        mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        inputs = AttentionInputs(
+            *self._rotary(positions[:, None]),
+            write_pos=positions,
+            kv_len=kv_len,
+            mask=mask,
+            lengths=lengths,
+            row_index=rows,
+            host_rows=host_rows,
+            host_lengths=host_lengths,
+        )
+        h = self._layers(self.tok_embeddings(tokens[:, None]), inputs)
+        return self.output(self.norm(h)).float()[:, 0]
 
     def _layers(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         for layer in self.layers:

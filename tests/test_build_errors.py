@@ -237,8 +237,11 @@ def test_build_twice_in_one_process(checkpoint_dir, tokenizer_path):
     first = build(checkpoint_dir, tokenizer_path)
     before = greedy(first)
     second = build(checkpoint_dir, tokenizer_path, max_seq_len=48, max_batch_size=1)
-    assert greedy(second) == before  # same weights, own cache
-    assert greedy(first) == before  # the first model is untouched by the second build
+    # Same weights, own cache; the first model is untouched by the second build. (Log-probs to
+    # fp32 rounding: a repeated prompt reuses its cached prefix, computed in another shape.)
+    for after in (greedy(second), greedy(first)):
+        assert after[0] == before[0]
+        assert after[1][0] == pytest.approx(before[1][0], abs=1e-6)
     assert (
         first.model.layers[0].attention.cache_k.data_ptr()
         != second.model.layers[0].attention.cache_k.data_ptr()

@@ -35,19 +35,19 @@ def test_compiled_generation_equals_eager_fp32(checkpoint_dir, tokenizer_path):
 
 @torch.inference_mode()
 def test_compiled_bf16_decode_step_matches_eager(checkpoint_dir, tokenizer_path):
-    """bf16 (the benchmark's dtype, with the AVX512-BF16 kernel where the CPU has it)."""
+    """bf16 (the benchmark's dtype, with the AVX512-BF16 kernel where the CPU has it); the decode
+    pass compiles as one graph (fullgraph=True), so on CUDA it can run as a CUDA graph."""
     llama = Llama.build(str(checkpoint_dir), str(tokenizer_path), 32, 4, dtype="bfloat16", compile=True)
     model = llama.model
-    prompt = torch.tensor([PROMPTS[0]])
-    model(prompt, 0, last_only=True)
-    token = torch.tensor([[11]])
-    for position in (7, 8, 9):
-        # Same token at the same position: both write the same cache slot, then read it.
-        eager = model(token, [position], last_only=True)
-        compiled = llama._decode_step(token, [position], last_only=True)
-        scale = eager.abs().max()
-        assert (compiled - eager).abs().max() <= 0.02 * scale
-        model(token, [position], last_only=True)  # leave the eager value in the cache
+    model.forward_packed([torch.tensor(PROMPTS[0]), torch.tensor(PROMPTS[2])], row_offset=1)
+    llama._set_up_compile()
+    rows, tokens = torch.tensor([1, 2]), torch.tensor([11, 12])
+    for step in range(3):
+        positions = torch.tensor([7 + step, 5 + step])
+        # Same tokens at the same positions: both write the same cache slots, then read them.
+        eager = model.forward_decode(tokens, rows, positions)
+        compiled = llama._compiled_model(tokens, rows, positions)
+        assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
 
 
 def test_compiled_bf16_generation_with_the_attention_kernel(tmp_path, tokenizer_path):

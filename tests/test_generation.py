@@ -14,14 +14,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from llama import Llama, distributed
-from llama.generation import _pack
+from llama import Llama
 from llama.model import ModelArgs
 from tests.test_model import ref_logits
 from tests.tiny import make_checkpoint, random_state_dict, tiny_params, write_checkpoint
@@ -133,26 +132,20 @@ def test_greedy_is_batch_invariant(generator, small_batch_generator, sp):
         assert generated == small_batch_generator.generate([prompt], 10, temperature=0, stop_token=-1)[0][0]
 
 
-def test_prefill_passes_are_split_at_max_seq_len(generator, random_model):
-    """Prompts are prefilled end to end in passes of at most max_seq_len (64) tokens; a batch
-    that needs three passes generates what each prompt generates alone (the reference)."""
+def test_prompts_prefilled_in_chunks_equal_the_reference(generator, random_model, monkeypatch):
+    """Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step, next to the
+    other rows' decoding; every prompt still generates what it generates alone (the reference)."""
     params, sd = random_model
+    monkeypatch.setattr(generator.engine, "prefill_chunk", 16)
     gen = torch.Generator().manual_seed(11)
     lengths = [40, 30, 20, 50]
     prompt_tokens = [[BOS] + torch.randint(3, 200, (n - 1,), generator=gen).tolist() for n in lengths]
-    assert [list(group) for group in _pack(lengths, 64)] == [[0], [1, 2], [3]]
     tokens, lps = generator.generate(prompt_tokens, 4, temperature=0, logprobs=True, echo=True, stop_token=-1)
     for prompt, generated, lp in zip(prompt_tokens, tokens, lps):
         assert generated[: len(prompt)] == prompt
         assert generated[len(prompt) :] == reference_greedy(params, sd, prompt, 4)
         expected = [0.0] + reference_logprobs(params, sd, prompt[:1], generated[1:])
         assert lp == pytest.approx(expected, abs=1e-4)
-
-
-def test_pack_groups_consecutive_prompts_within_the_budget():
-    assert [list(g) for g in _pack([5], 8)] == [[0]]
-    assert [list(g) for g in _pack([3, 5, 1], 8)] == [[0, 1], [2]]
-    assert [list(g) for g in _pack([9, 2, 2, 9], 8)] == [[0], [1, 2], [3]]  # too long: alone
 
 
 def test_logprobs_equal_independent_log_softmax(generator, random_model, sp):
@@ -266,9 +259,11 @@ def expected_chain(last: int, stop: int, max_gen_len: int) -> List[int]:
     return out
 
 
-def write_chain_checkpoint(ckpt_dir: Path, vocab_size: int) -> Path:
+def write_chain_checkpoint(
+    ckpt_dir: Path, vocab_size: int, next_of: Callable[[int], int] = chain_next
+) -> Path:
     """Attention and feed-forward write nothing (wo = w2 = 0), so the final hidden state is the
-    embedding of the current token; the output rows then pick `chain_next` of it."""
+    embedding of the current token; the output rows then pick `next_of` it (`chain_next`)."""
     params = tiny_params(vocab_size, dim=256)  # wide enough for 600 nearly orthogonal embeddings
     sd = random_state_dict(ModelArgs(**params), seed=11)
     for key in sd:
@@ -280,11 +275,11 @@ def write_chain_checkpoint(ckpt_dir: Path, vocab_size: int) -> Path:
     normed = embedding * torch.rsqrt(embedding.pow(2).mean(-1, keepdim=True) + params["norm_eps"])
     output = torch.zeros(vocab_size, params["dim"])
     for token in range(vocab_size):
-        output[chain_next(token)] += 40.0 * normed[token] / params["dim"]
+        output[next_of(token)] += 40.0 * normed[token] / params["dim"]
     sd["output.weight"] = output
     logits = normed @ output.T
     top2 = logits.topk(2, dim=-1)
-    assert top2.indices[:, 0].tolist() == [chain_next(t) for t in range(vocab_size)]
+    assert top2.indices[:, 0].tolist() == [next_of(t) for t in range(vocab_size)]
     assert float((top2.values[:, 0] - top2.values[:, 1]).min()) > 10  # unambiguous even when sampling
     return write_checkpoint(ckpt_dir, params, sd)
 
@@ -321,22 +316,6 @@ def test_each_sequence_stops_at_its_stop_token(chain, stop):
     # that reaches EOS runs on to max_gen_len.
     if stop == 6:
         assert tokens[3] == [EOS] * 60
-
-
-def test_stop_checks_every_few_steps_give_the_same_results(chain, monkeypatch):
-    """On GPUs the all-stopped check runs every few steps (it waits for the device): the results
-    are the same, and generation still ends within one interval of the last sequence stopping."""
-    expected = [expected_chain(p[-1], EOS, 60) for p in CHAIN_PROMPTS[:3]]
-    longest = max(len(t) for t in expected)  # every sequence has stopped by then
-    assert longest < 50
-    steps = []
-    decode_step = chain._decode_step
-    monkeypatch.setattr(chain, "_decode_step", lambda *a, **k: steps.append(1) or decode_step(*a, **k))
-    monkeypatch.setattr(distributed, "steps_between_stop_checks", lambda device: 7)
-    tokens, lps = chain.generate(CHAIN_PROMPTS[:3], 60, temperature=0, logprobs=True)
-    assert tokens == expected
-    assert [len(lp) for lp in lps] == [len(t) for t in expected]
-    assert longest <= len(steps) < longest + 7
 
 
 def test_sampling_also_stops_per_sequence(chain):
@@ -539,8 +518,8 @@ def test_empty_prompt_lists_do_not_touch_the_model(chain, monkeypatch):
     def no_forward(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(chain.model, "forward", no_forward)
-    monkeypatch.setattr(chain.model, "forward_packed", no_forward)
+    for name in ("forward", "forward_packed", "forward_segments", "forward_decode"):
+        monkeypatch.setattr(chain.model, name, no_forward)
     assert chain.generate([], 10) == ([], None)
     assert chain.generate([], 10, logprobs=True) == ([], [])
     assert chain.text_completion([]) == []

@@ -95,8 +95,9 @@ def test_two_nodes_on_loopback_complete_like_one_process(tmp_path, tokenizer_pat
         assert node.returncode == 0, err
 
     generator = Llama.build(str(tmp_path / "mp1"), str(tokenizer_path), 512, 1, dtype="float32")
-    expected = generator.text_completion([PROMPT], temperature=0.0, max_gen_len=GEN_LEN)[0]["generation"]
-    assert expected.strip()
+    echoed = generator.text_completion([PROMPT], temperature=0.0, max_gen_len=GEN_LEN, echo=True)[0]
+    expected = echoed["generation"][len(PROMPT) :]  # the continuation in the prompt's context
+    assert echoed["generation"].startswith(PROMPT) and expected.strip()
     (out0, err0), (out1, _) = outputs
     assert out0 == expected + "\n"
     assert out1 == ""  # only global rank 0 prints
