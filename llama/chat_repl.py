@@ -68,9 +68,12 @@ class ChatSession:
 
 
 def run_chat(
-    session: ChatSession, read_line: LineReader, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    session: ChatSession, read_line: LineReader, out: Optional[TextIO] = None, err: Optional[TextIO] = None
 ) -> None:
-    """Answer lines from `read_line` until `/exit` or the end of input (see the module docstring)."""
+    """Answer lines from `read_line` until `/exit` or the end of input (see the module docstring);
+    answers go to `out` (default stdout), notes to `err` (default stderr)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     while True:
         line = read_line()
         if line is None:

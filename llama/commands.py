@@ -19,7 +19,7 @@ import runpy
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, List, NoReturn, Optional, TextIO, Tuple
+from typing import Callable, Iterator, List, NoReturn, Optional, Tuple
 
 from llama import distributed, memory_plan
 from llama.attention_mask import mask_grid, render_text, write_png
@@ -302,12 +302,12 @@ def _submit(
     )
 
 
-def _stream(request: Request, out: TextIO = sys.stdout) -> None:
+def _stream(request: Request) -> None:
     """Print the request's text as it is generated; Ctrl-C cancels it."""
     try:
         for event in request:
-            out.write(event.text)
-            out.flush()
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         request.cancel()
         raise

@@ -10,11 +10,12 @@ One arithmetic for `codellama plan` and for the refusal in `Llama.build` before 
   in the model dtype.
 - **KV cache**: keys and values of every layer for `max_batch_size` rows of `max_seq_len` positions
   (the rank's share of the kv heads).
-- **activations**: the largest buffers alive during one prefill pass of up to `max_seq_len` tokens
-  (prompts are packed into passes of at most that many tokens): the residual stream and layer output
+- **activations**: the largest buffers alive during one prefill step, whose tokens number at most
+  the engine's `prefill_chunk` (and `max_seq_len`): the residual stream and layer output
   (2 x tokens x dim) plus the larger of the feed-forward intermediates (w1 x, w3 x and their product:
   3 x tokens x hidden / MP) and the attention's queries, keys, values (tokens x (heads + 2 kv heads)
-  x head_dim / MP) with the fp32 scores of one block of `QUERY_BLOCK` queries against every key.
+  x head_dim / MP) with the fp32 scores of one block of `QUERY_BLOCK` queries against up to
+  `max_seq_len` keys.
 - **logits**: fp32 logits over the whole vocabulary for every row of a step and their softmax.
 """
 
@@ -56,6 +57,7 @@ QUANTIZATIONS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
 SCALE_BYTES = 2  # bf16 scales and zero points
 QUERY_BLOCK = Attention.query_block
+PREFILL_CHUNK = 512  # the engine's default prefill_chunk: most prompt tokens in one step
 GIB = 2**30
 
 
@@ -70,6 +72,7 @@ class Settings:
     group_size: int = DEFAULT_GROUP_SIZE
     max_seq_len: int = 2048
     max_batch_size: int = 1
+    prefill_chunk: int = PREFILL_CHUNK
 
     def describe(self) -> str:
         """The settings as the command-line flags that select them."""
@@ -178,14 +181,15 @@ def kv_cache_bytes(settings: Settings) -> int:
 
 
 def activation_bytes(settings: Settings) -> int:
-    """Bytes of the largest activation buffers of one prefill pass of `max_seq_len` tokens."""
-    args, mp, tokens = settings.args, settings.mp_size, settings.max_seq_len
+    """Bytes of the largest activation buffers of one prefill step (see the module docstring)."""
+    args, mp, context = settings.args, settings.mp_size, settings.max_seq_len
+    tokens = min(settings.prefill_chunk, context)
     size = itemsize(settings.dtype)
     residual = 2 * tokens * args.dim * size
     feed_forward = 3 * tokens * (args.ffn_hidden_dim // mp) * size
     heads, kv_heads = args.n_heads // mp, args.kv_heads // mp
     attention = tokens * (heads + 2 * kv_heads) * args.head_dim * size
-    attention += heads * min(QUERY_BLOCK, tokens) * tokens * 4
+    attention += heads * min(QUERY_BLOCK, tokens) * context * 4
     return residual + max(feed_forward, attention)
 
 

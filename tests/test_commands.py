@@ -2,6 +2,7 @@
 checkpoint, checked against the Python API, an independent byte count and the causal rule."""
 
 import ast
+import inspect
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama import Llama, commands, distributed
+from llama import Llama, commands, distributed, memory_plan
 from llama.attention_mask import CELL_PX, LABEL_PX
+from llama.engine import Engine
 from llama.model import ModelArgs
 from llama.prompts import infilling_prompt_tokens
 from llama.tokenizer import Tokenizer
@@ -215,9 +217,10 @@ def independent_bytes(size, mp, mode, seq, batch, group=64):
     else:  # 4 bits per value, a bf16 scale and zero per group of a rank's share
         weights = layers * (linear // mp // 2 + 4 * (linear // mp // group)) + rest
     kv_cache = 2 * layers * kv * hd * seq * batch * 2 // mp
-    ffn_buffers = 3 * seq * ffn // mp * 2
-    attention = seq * (heads + 2 * kv) * hd // mp * 2 + heads // mp * min(64, seq) * seq * 4
-    activations = 2 * seq * dim * 2 + max(ffn_buffers, attention)
+    chunk = min(512, seq)  # the engine prefills at most 512 prompt tokens per step
+    ffn_buffers = 3 * chunk * ffn // mp * 2
+    attention = chunk * (heads + 2 * kv) * hd // mp * 2 + heads // mp * 64 * seq * 4
+    activations = 2 * chunk * dim * 2 + max(ffn_buffers, attention)
     logits = 2 * batch * vocab * 4
     return {
         "weights": weights,
@@ -252,6 +255,11 @@ def test_plan_numbers_equal_an_independent_byte_count(capsys, size, mode):
         _, plan = plan_json(capsys, *args, *quantize, "--gpu_memory", "1000GiB")
         assert plan["per_rank"] == independent_bytes(size, ranks, mode, seq, batch)
         assert plan["fits"] is True
+
+
+def test_plan_counts_the_engines_prefill_chunk():
+    default = inspect.signature(Engine).parameters["prefill_chunk"].default
+    assert memory_plan.PREFILL_CHUNK == default
 
 
 def test_plan_of_the_readme_memory_table(capsys):
@@ -398,3 +406,50 @@ def test_missing_tool_is_a_clear_error(tool, capsys):
         pytest.skip(f"{module} is installed")
     assert commands.main([tool, "--help"]) == 2
     assert f"needs {module}, which this installation does not have" in capsys.readouterr().err
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    assert commands.main(["complete", "--temprature", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments: --temprature" in err[0]
+
+
+# ----------------------------------------------------------------------------------- chat loop
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(capsys):
+    """Ctrl-C during an answer closes its stream (which cancels the request) and keeps nothing;
+    /system sets the system message of the next dialogs."""
+    import io
+
+    from llama.chat_repl import ChatSession, run_chat
+
+    asked, closed = [], []
+
+    def answer(dialog):
+        asked.append(dialog)
+        try:
+            yield "partial"
+            if dialog[-1]["content"] == "interrupt me":
+                raise KeyboardInterrupt
+            yield " answer"
+        finally:
+            closed.append(dialog[-1]["content"])
+
+    lines = iter(["first", "interrupt me", "/system Be brief", "second", "/exit", "never read"])
+    session = ChatSession(answer)
+    out = io.StringIO()
+    run_chat(session, lambda: next(lines), out=out)
+    assert out.getvalue() == "partial answer\npartial\npartial answer\n"
+    assert closed == ["first", "interrupt me", "second"]
+    assert asked[1] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "partial answer"},
+        {"role": "user", "content": "interrupt me"},
+    ]
+    assert asked[2] == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "second"}]
+    assert session.turns == [
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "partial answer"},
+    ]
+    assert "(answer stopped)" in capsys.readouterr().err
