@@ -19,7 +19,7 @@ import runpy
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, List, NoReturn, Optional, Tuple
+from typing import Callable, Iterator, List, NoReturn, Optional, Tuple, TypeVar
 
 from llama import distributed, memory_plan
 from llama.attention_mask import mask_grid, render_text, write_png
@@ -51,6 +51,7 @@ DELEGATED = {
     "serve": "llama.server",
 }
 USAGE_ERROR = 2
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -218,7 +219,7 @@ def _read_prompt(prompt: Optional[str], path: Optional[str]) -> str:
     return text
 
 
-def _first_rank_input(read) -> object:
+def _first_rank_input(read: Callable[[], T]) -> Optional[T]:
     """What `read()` returns on rank 0 (the only rank reading input); None on the others."""
     return read() if distributed.is_first_rank() else None
 
