@@ -157,15 +157,16 @@ def test_chat_two_turns_then_reset(checkpoints, tokenizer_path, generator):
     assert "(conversation reset)" in err
 
 
-def test_chat_dialog_file_answers_once(checkpoints, tokenizer_path, generator, tmp_path):
+def test_chat_dialog_file_answers_once(checkpoints, tokenizer_path, generator, tmp_path, capsys):
     dialogs = [
         [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Sort a list."}],
         [{"role": "user", "content": "Reverse a string."}],
     ]
     path = tmp_path / "dialogs.json"
     path.write_text(json.dumps(dialogs))
-    status, out, err = run_cli("chat", "--dialog", path, "--json", *model_flags(checkpoints, tokenizer_path))
-    assert status == 0, err
+    flags = [str(flag) for flag in model_flags(checkpoints, tokenizer_path)]
+    assert commands.main(["chat", "--dialog", str(path), "--json", *flags]) == 0  # in this process
+    out = capsys.readouterr().out
     expected = generator.chat_completion(dialogs, temperature=0.0, max_gen_len=GEN_LEN)
     assert [json.loads(line) for line in out.splitlines()] == expected
 
@@ -173,23 +174,37 @@ def test_chat_dialog_file_answers_once(checkpoints, tokenizer_path, generator, t
 # ----------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("case", ["no prompt", "two fill_me", "unknown model size", "chat without instruct"])
-def test_bad_input_is_one_line_and_exit_2(checkpoints, tokenizer_path, case):
+def test_bad_input_is_one_line_and_exit_2(checkpoints, tokenizer_path):
     flags = model_flags(checkpoints, tokenizer_path)
-    args, expected = {
+    cases = {
         "no prompt": (["complete", *flags], "no prompt"),
-        "two fill_me": (["infill", "a<FILL_ME>b<FILL_ME>c", *flags], "has 2 <FILL_ME> markers"),
+        "two <FILL_ME>": (["infill", "a<FILL_ME>b<FILL_ME>c", *flags], "has 2 <FILL_ME> markers"),
         "unknown model size": (["plan", "--model", "8b"], "unknown model '8b'"),
-        "chat without instruct": (
+        "chat without Instruct": (
             ["chat", *model_flags(checkpoints, tokenizer_path, "base")],
-            "is not an Instruct model",
+            "not an Instruct model",
         ),
-    }[case]
-    status, out, err = run_cli(*args, stdin="")
-    assert status == 2
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("codellama: error: ") and expected in lines[0], err
+    }
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    running = {  # all at once: each only starts Python and stops at its check
+        name: subprocess.Popen(
+            [sys.executable, "-m", "llama", *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, process in running.items():
+        out, err = (stream.decode("utf-8") for stream in process.communicate(timeout=180))
+        lines = err.strip().splitlines()
+        assert process.returncode == 2 and out == "", (name, err)
+        assert len(lines) == 1 and lines[0].startswith("codellama: error: "), (name, err)
+        assert cases[name][1] in lines[0], (name, err)
 
 
 # ----------------------------------------------------------------------------------- plan
