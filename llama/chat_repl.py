@@ -34,6 +34,7 @@ class ChatSession:
         return head + self.turns + [{"role": "user", "content": user_text}]
 
     def reset(self) -> None:
+        """Forget the turns so far (the system message stays)."""
         self.turns = []
 
     def ask(self, user_text: str, out: TextIO) -> Optional[str]:

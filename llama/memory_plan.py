@@ -96,17 +96,21 @@ class RankBytes:
 
     @property
     def total(self) -> int:
+        """All four kinds together."""
         return self.weights + self.kv_cache + self.activations + self.logits
 
     def as_dict(self) -> Dict[str, int]:
+        """The bytes by kind, and the total, by name."""
         return {**asdict(self), "total": self.total}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16, and so on."""
     return str(dtype).removeprefix("torch.")
 
 
 def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per value of `dtype`."""
     return torch.empty(0, dtype=dtype).element_size()
 
 
