@@ -299,7 +299,7 @@ def smallest_fitting(settings: Settings, devices: Devices, max_mp: int = 64) -> 
     return found
 
 
-def host_devices(mp_size: int, local_ranks: int = 1) -> Optional[Devices]:
+def host_devices() -> Optional[Devices]:
     """This machine's free memory: its visible GPUs (free memory of the smallest), or its free RAM
     shared by the ranks; None if unknown."""
     from llama import distributed

@@ -285,14 +285,16 @@ def test_plan_of_the_readme_memory_table(capsys):
 
 
 def test_plan_34b_on_two_24gb_gpus_suggests_what_fits(capsys):
-    status, plan = plan_json(
-        capsys, "--model", "34b", "--model_parallel_size", 2, "--max_seq_len", 4096, "--gpu_memory", "24GB"
-    )
+    asked = ["--model", "34b", "--model_parallel_size", 2, "--max_seq_len", 4096, "--gpu_memory", "24GB"]
+    status, plan = plan_json(capsys, *asked, "--num_gpus", 2)
     assert status == 1 and plan["fits"] is False
     assert plan["per_rank"]["total"] > 24e9
-    suggestion = plan["suggestions"][0]
+    (suggestion,) = plan["suggestions"]  # two GPUs: more ranks cannot help, 8 bits can
     assert "--quantize int8" in suggestion["settings"] and "--model_parallel_size 2" in suggestion["settings"]
     assert suggestion["per_rank"]["total"] <= 24e9
+    _, plan = plan_json(capsys, *asked)  # as many 24 GB GPUs as needed: 4 ranks in bf16
+    assert "--model_parallel_size 4 --dtype bfloat16 --max_seq_len" in plan["suggestions"][0]["settings"]
+    assert plan["suggestions"][0]["per_rank"]["total"] <= 24e9
 
 
 @pytest.mark.parametrize("spare", [0, -1])

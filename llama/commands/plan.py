@@ -39,17 +39,19 @@ def _model_args(model: Optional[str], ckpt_dir: Optional[str]) -> Tuple[ModelArg
     return args, str(folder), 1
 
 
-def _devices(args: argparse.Namespace, mp_size: int) -> Optional[memory_plan.Devices]:
+def _devices(args: argparse.Namespace) -> Optional[memory_plan.Devices]:
 
     if args.gpu_memory is None:
         if args.num_gpus is not None:
             raise UsageError("--num_gpus needs --gpu_memory (the memory of each GPU)")
-        return memory_plan.host_devices(mp_size)
+        return memory_plan.host_devices()
     each = parse_size(args.gpu_memory)
     if args.num_gpus is not None and args.num_gpus < 1:
         raise UsageError(f"--num_gpus must be at least 1, got {args.num_gpus}")
-    count = args.num_gpus if args.num_gpus is not None else mp_size
-    return memory_plan.Devices(each, count=count, label=f"{count} GPU(s) of {each / memory_plan.GIB:.2f} GiB")
+    gib = f"{each / memory_plan.GIB:.2f} GiB"
+    if args.num_gpus is None:  # as many as the ranks need
+        return memory_plan.Devices(each, label=f"one GPU of {gib} per rank")
+    return memory_plan.Devices(each, count=args.num_gpus, label=f"{args.num_gpus} GPU(s) of {gib}")
 
 
 def _gib(n: int) -> str:
@@ -73,7 +75,7 @@ def run_plan(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
     )
     need = memory_plan.rank_bytes(settings)
-    devices = _devices(args, mp_size)
+    devices = _devices(args)
     fits = None if devices is None else devices.fits(need, mp_size)
     suggestions = [] if devices is None or fits else memory_plan.smallest_fitting(settings, devices)
     if args.json:
