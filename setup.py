@@ -25,10 +25,12 @@ setup(
     package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=requirements(ROOT / "requirements.txt"),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging", "pillow"],
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
+        "mask": ["pillow"],
     },
+    entry_points={"console_scripts": ["codellama = llama.commands:entry_point"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

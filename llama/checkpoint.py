@@ -15,7 +15,9 @@ from typing import Dict, Iterator, List, Tuple, Union
 
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from llama import hf_format, layout, sharding
 from llama.model import ModelArgs, Transformer
@@ -216,7 +218,10 @@ def assign_weights(
     A memory-mapped tensor that already has the right dtype and device is used as it is, so
     the weights exist once in memory (backed by the page cache) and not twice.
     """
-    converted = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    quiet = dist.is_initialized() and dist.get_rank() > 0
+    # A bar on stderr only when loading takes over a second (real checkpoints, not tests).
+    items = tqdm(state_dict.items(), desc="loading", unit="tensor", delay=1.0, file=sys.stderr, disable=quiet)
+    converted = {k: v.to(device=device, dtype=dtype) for k, v in items if k not in IGNORED_KEYS}
     model.load_state_dict(converted, strict=True, assign=True)
     for param in model.parameters():
         param.requires_grad_(False)

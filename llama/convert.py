@@ -116,7 +116,9 @@ def to_hf(
         max_position_embeddings=max_position_embeddings,
     )
     with staged_output_dir(out_dir, force=force, source_dir=ckpt_dir) as staging:
-        with tqdm(total=len(keys), unit="tensor", desc="to Hugging Face", disable=not progress) as bar:
+        with tqdm(
+            total=len(keys), unit="tensor", desc="to Hugging Face", delay=1.0, disable=not progress
+        ) as bar:
             for group, filename in zip(groups, filenames):
                 tensors = {}
                 for key in group:

@@ -22,6 +22,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Number of processes of this job on this machine (1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def compute_device() -> torch.device:
     """The device this process computes on: its rank-local GPU when CUDA is there, else the CPU."""
     if cuda_available():
@@ -121,6 +126,14 @@ def silence_non_zero_ranks() -> None:
     """Send stdout of every rank but the first to /dev/null, so output is printed once."""
     if dist.is_initialized() and dist.get_rank() > 0 and sys.stdout is sys.__stdout__:
         sys.stdout = open(os.devnull, "w")
+
+
+def is_first_rank() -> bool:
+    """Whether this process is rank 0 (the one that reads the terminal and prints), also before
+    the process group starts."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def available_memory_bytes(device: torch.device) -> Optional[int]:

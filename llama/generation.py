@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kernels, quantized_checkpoint
+from llama import checkpoint, distributed, kernels, memory_plan, quantized_checkpoint
 from llama.engine import Engine
 from llama.model import ModelArgs, Transformer
 from llama.prompts import (
@@ -110,7 +110,14 @@ class Llama:
 
         tokenizer = Tokenizer(tokenizer_path)
         args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
-        _check_cache_fits(args, mp_size, model_dtype, device)
+        memory_plan.check_fits(
+            args,
+            mp_size,
+            model_dtype,
+            device,
+            quantize,
+            quantize_group_size or memory_plan.DEFAULT_GROUP_SIZE,
+        )
 
         if (
             quantize is None
@@ -444,17 +451,7 @@ def _model_args(
 
 def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
     """Bytes of one rank's KV cache (keys and values of every layer)."""
-    per_token = 2 * args.n_layers * (args.kv_heads // mp_size) * args.head_dim
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return per_token * args.max_batch_size * args.max_seq_len * itemsize
-
-
-def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    needed = kv_cache_bytes(args, mp_size, dtype)
-    available = distributed.available_memory_bytes(device)
-    if available is not None and needed > available:
-        raise ValueError(
-            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} "
-            f"needs {needed / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
-            "free: lower max_seq_len or max_batch_size"
-        )
+    settings = memory_plan.Settings(
+        args, mp_size=mp_size, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size
+    )
+    return memory_plan.kv_cache_bytes(settings)

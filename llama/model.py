@@ -44,6 +44,14 @@ def pack_segments(chunks: Sequence[Tuple[int, int, int]]) -> List[Segment]:
     return [Segment(row, end - n, n, start) for (row, start, n), end in zip(chunks, ends)]
 
 
+def causal_visibility(
+    n_queries: int, kv_len: int, first_pos: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """[n_queries, kv_len] bool: whether query i (at cache position `first_pos + i`) sees key j
+    (cache position j) of its own row: iff j <= first_pos + i."""
+    return torch.ones(n_queries, kv_len, dtype=torch.bool, device=device).tril(first_pos)
+
+
 @dataclass
 class AttentionInputs:
     """What every layer's attention needs to know about a chunk (computed once per forward).
@@ -297,8 +305,7 @@ class Attention(nn.Module):
                 last = min(seg.length, first + self.query_block)
                 n, kv_len = last - first, seg.start + last
                 block = slice(seg.offset + first, seg.offset + last)
-                # Key j is visible to the query at position p iff j <= p (p = start + first + i).
-                visible = torch.ones(n, kv_len, dtype=torch.bool, device=q.device).tril(seg.start + first)
+                visible = causal_visibility(n, kv_len, seg.start + first, q.device)
                 mask = visible.expand(self.n_rep, n, kv_len).reshape(1, 1, self.n_rep * n, kv_len)
                 queries = q[block].transpose(0, 1).reshape(1, self.n_local_kv_heads, self.n_rep * n, -1)
                 attended = F.scaled_dot_product_attention(

@@ -51,7 +51,9 @@ def write_meta_checkpoint(
     checkpoint.check_splittable(ckpt, params, mp)
     keys = ckpt.keys()
     with staged_output_dir(out_dir, force=force, source_dir=ckpt.source) as staging:
-        with tqdm(total=mp * len(keys), unit="tensor", desc=f"MP={mp} shards", disable=not progress) as bar:
+        with tqdm(
+            total=mp * len(keys), unit="tensor", desc=f"MP={mp} shards", delay=1.0, disable=not progress
+        ) as bar:
             for rank in range(mp):
                 shard = {}
                 for key in keys:

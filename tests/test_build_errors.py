@@ -209,7 +209,7 @@ def test_kv_cache_that_does_not_fit(checkpoint_dir, tokenizer_path):
     batch, seq = 4096, 1_000_000
     needed_gib = 2 * args.n_layers * args.n_kv_heads * args.head_dim * batch * seq * 4 / 2**30
     with pytest.raises(
-        ValueError, match=rf"needs {needed_gib:.1f} GiB on cpu .*GiB is free: lower max_seq_len"
+        ValueError, match=rf"on cpu \(weights .*KV cache {needed_gib:.1f} GiB .* is free: lower max_seq_len"
     ):
         build(checkpoint_dir, tokenizer_path, max_seq_len=seq, max_batch_size=batch)
 
