@@ -402,6 +402,13 @@ class Engine:
             self._work.notify_all()
         return request
 
+    def forget_prefixes(self) -> None:
+        """Drop what the free slots remember, so no later request reuses their cached prefixes."""
+        with self._step_lock:
+            for slot in self._slots:
+                if slot.request is None:
+                    slot.tokens.clear()
+
     def stats(self) -> Dict[str, int]:
         """Counts for monitoring: running and waiting requests, free slots, the batch size."""
         with self._lock:

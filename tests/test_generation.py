@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 import pytest
 import torch
@@ -259,9 +259,11 @@ def expected_chain(last: int, stop: int, max_gen_len: int) -> List[int]:
     return out
 
 
-def write_chain_checkpoint(ckpt_dir: Path, vocab_size: int) -> Path:
+def write_chain_checkpoint(
+    ckpt_dir: Path, vocab_size: int, next_of: Callable[[int], int] = chain_next
+) -> Path:
     """Attention and feed-forward write nothing (wo = w2 = 0), so the final hidden state is the
-    embedding of the current token; the output rows then pick `chain_next` of it."""
+    embedding of the current token; the output rows then pick `next_of` it (`chain_next`)."""
     params = tiny_params(vocab_size, dim=256)  # wide enough for 600 nearly orthogonal embeddings
     sd = random_state_dict(ModelArgs(**params), seed=11)
     for key in sd:
@@ -273,11 +275,11 @@ def write_chain_checkpoint(ckpt_dir: Path, vocab_size: int) -> Path:
     normed = embedding * torch.rsqrt(embedding.pow(2).mean(-1, keepdim=True) + params["norm_eps"])
     output = torch.zeros(vocab_size, params["dim"])
     for token in range(vocab_size):
-        output[chain_next(token)] += 40.0 * normed[token] / params["dim"]
+        output[next_of(token)] += 40.0 * normed[token] / params["dim"]
     sd["output.weight"] = output
     logits = normed @ output.T
     top2 = logits.topk(2, dim=-1)
-    assert top2.indices[:, 0].tolist() == [chain_next(t) for t in range(vocab_size)]
+    assert top2.indices[:, 0].tolist() == [next_of(t) for t in range(vocab_size)]
     assert float((top2.values[:, 0] - top2.values[:, 1]).min()) > 10  # unambiguous even when sampling
     return write_checkpoint(ckpt_dir, params, sd)
 
