@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 README = ROOT / "README.md"
+SERVER = ["fastapi>=0.100", "uvicorn>=0.23", "prometheus-client"]
 
 setup(
     name="codellama",
@@ -16,7 +17,8 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=(ROOT / "requirements.txt").read_text().split(),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "openai>=1.0", "httpx"] + SERVER,
+        "server": SERVER,
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
     },
