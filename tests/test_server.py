@@ -563,7 +563,7 @@ def test_disconnect_frees_the_slot(http, main):
     wait_for(
         lambda: metric(http, "codellama_requests_total", labels) == before + 2, "the cancel to be counted"
     )
-    assert metric(http, "codellama_requests_running") == 0
+    wait_for(lambda: metric(http, "codellama_requests_running") == 0, "the slot to free")
     assert metric(http, "codellama_free_slots") == 2
 
 
@@ -618,3 +618,23 @@ def test_sigterm_finishes_running_requests_then_exits_0(main, http):
     assert main.proc.wait(30) == 0
     with pytest.raises(httpx.TransportError):
         http.get("/health")
+
+
+def test_a_dead_model_parallel_rank_fails_requests_and_the_server_exits(servers):
+    mp2 = servers["mp2"]
+    workers = subprocess.run(
+        ["pgrep", "-P", str(mp2.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    ranks = {}
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks[next(int(v[5:]) for v in environ if v.startswith(b"RANK="))] = int(pid)
+    with httpx.stream(
+        "POST", mp2.url + "/v1/completions", json={**LONG, "stream": True}, timeout=30
+    ) as response:
+        lines = (line for line in response.iter_lines() if line)
+        next(lines)
+        os.kill(ranks[1], signal.SIGKILL)
+        last = json.loads(list(lines)[-1][len("data: ") :])
+    assert last["error"]["code"] == "engine_unavailable"
+    mp2.proc.wait(60)  # every process of the server exits instead of hanging

@@ -25,7 +25,7 @@ from llama.server.schemas import (
     CompletionRequest,
     InfillRequest,
     LlamaCppCompletionRequest,
-    _Sampling,
+    OpenAISampling,
 )
 from llama.tokenizer import Tokenizer
 
@@ -96,7 +96,7 @@ def _check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> List[in
     return list(ids)
 
 
-def _openai_sampling(body: _Sampling, vocab_size: int) -> SamplingParams:
+def _openai_sampling(body: OpenAISampling, vocab_size: int) -> SamplingParams:
     if body.n > 1 and body.temperature == 0:
         raise invalid(
             f"n={body.n} with temperature 0 would return {body.n} identical greedy choices: "

@@ -30,7 +30,7 @@ def _check_stop(stop: Union[None, str, List[str]]) -> Union[None, str, List[str]
     return stop
 
 
-class _Sampling(_Body):
+class OpenAISampling(_Body):
     """Sampling fields shared by the OpenAI endpoints (OpenAI's ranges and defaults)."""
 
     model: Optional[str] = None
@@ -64,7 +64,7 @@ class _Sampling(_Body):
         return bias
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(OpenAISampling):
     """POST /v1/completions."""
 
     prompt: Union[str, List[str]]
@@ -99,7 +99,7 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(OpenAISampling):
     """POST /v1/chat/completions."""
 
     messages: List[ChatMessage] = Field(min_length=1)
