@@ -32,8 +32,8 @@ for path in (str(REPO), str(REPO / "benchmarks")):
         sys.path.insert(0, path)
 
 import torch  # noqa: E402
-
 from bench import ensure_checkpoint, machine, random_prompts, versions  # noqa: E402
+
 from llama import Llama  # noqa: E402
 
 # Code Llama's infilling ids (the benchmark tokenizer's pieces there are placeholders).
@@ -48,7 +48,7 @@ def first_token_time(llama: Llama, prompt: List[int], max_tokens: int = 1) -> Tu
     start = time.perf_counter()
     request = llama.engine.submit(prompt, max_tokens=max_tokens, default_stop=None)
     first = None
-    for event in request:
+    for _event in request:
         if first is None:
             first = time.perf_counter() - start
     return first, request.result().token_ids
@@ -312,8 +312,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             gap = 0.5 * (time.perf_counter() - start) / len(work)
         r = arrivals_case(llama, args.requests, 0, args.max_prompt, args.max_new, gap)
         lines.append(
-            f"- {args.requests} requests (prompts 16-{args.max_prompt}, {args.max_new // 4}-{args.max_new} new "
-            f"tokens) arriving at random (mean gap {gap:.2f} s):"
+            f"- {args.requests} requests (prompts 16-{args.max_prompt}, {args.max_new // 4}-{args.max_new} "
+            f"new tokens) arriving at random (mean gap {gap:.2f} s):"
         )
         lines.append("")
         lines.append("  | serving | generated tok/s | makespan | mean latency |")
@@ -334,9 +334,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         r = editor_case(llama, args.file_tokens, args.edits, args.cold)
         for order, v in r.items():
             lines.append(
-                f"- Editor pattern, {order}, {args.edits} infills over a {args.file_tokens}-token file, cursor "
-                f"mid-file: median time to first token {v['warm']:.3f} s with reuse, {v['cold']:.3f} s cold "
-                f"({v['cold'] / v['warm']:.1f}x)."
+                f"- Editor pattern, {order}, {args.edits} infills over a {args.file_tokens}-token file, "
+                f"cursor mid-file: median time to first token {v['warm']:.3f} s with reuse, "
+                f"{v['cold']:.3f} s cold ({v['cold'] / v['warm']:.1f}x)."
             )
     if "agreement" in cases:
         r = agreement_case(llama, 20, 32)

@@ -4,7 +4,8 @@
     python -m llama.convert from-hf --hf_dir CodeLlama-7b-hf --out_dir CodeLlama-7b --mp 1
 
 Only names, the wq/wk per-head row order and the config format change; the numbers are copied
-bit for bit. Output goes to a staging folder that replaces `--out_dir` once complete.
+bit for bit. `to-hf` also writes the tokenizer, chat template and generation files transformers
+reads (`llama.hf_tokenizer`). Output goes to a staging folder that replaces `--out_dir` once complete.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llama import checkpoint, hf_format
+from llama import checkpoint, hf_format, hf_tokenizer
 from llama.output_dir import PathLike, copy_if_present, owns_storage, staged_output_dir
 from llama.reshard import TOKENIZER_FILE, write_meta_checkpoint
 
@@ -72,15 +73,19 @@ def to_hf(
 ) -> Path:
     """Write the Meta checkpoint in `ckpt_dir` (any shard count) as a Hugging Face
     LlamaForCausalLM folder: `config.json`, `model.safetensors` (or `model-0000k-of-0000n`
-    files and `model.safetensors.index.json` when larger than `max_shard_size`) and
-    `tokenizer.model` if present. Holds at most one output file's tensors in memory.
+    files and `model.safetensors.index.json` when larger than `max_shard_size`),
+    `generation_config.json`, and if the checkpoint has a `tokenizer.model`, that file with the
+    `tokenizer_config.json` (chat template included) and `special_tokens_map.json` that make
+    transformers' AutoTokenizer encode like this engine. Holds at most one output file's
+    tensors in memory.
 
     Returns:
         `out_dir`.
 
     Raises:
         FileNotFoundError: missing params.json or shards.
-        ValueError: unreadable shards, a bad size, or a non-empty `out_dir` without `force`.
+        ValueError: unreadable shards or tokenizer, a bad size, or a non-empty `out_dir`
+            without `force`.
     """
     max_bytes = parse_size(max_shard_size)
     if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int):
@@ -133,7 +138,10 @@ def to_hf(
             }
             (staging / hf_format.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (staging / hf_format.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        copy_if_present(ckpt_dir, TOKENIZER_FILE, staging)
+        has_tokenizer = copy_if_present(ckpt_dir, TOKENIZER_FILE, staging)
+        hf_tokenizer.write_tokenizer_files(
+            str(Path(ckpt_dir) / TOKENIZER_FILE) if has_tokenizer else None, staging, max_position_embeddings
+        )
     return Path(out_dir)
 
 

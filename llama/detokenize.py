@@ -9,7 +9,7 @@ the start of a stop string before knowing whether it completes.
 
 import threading
 import weakref
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 from llama.tokenizer import Tokenizer
 
@@ -26,6 +26,11 @@ class _PieceTable:
         sp = tokenizer.sp_model
         self.byte_values: List[int] = []
         self.texts: List[str] = []
+        decode_one = tokenizer.decode_infilling
+        try:
+            decode_one([tokenizer.bos_id])
+        except ValueError:  # a normaliser that changes whitespace: each piece's own text instead
+            decode_one = _piece_text(tokenizer)
         for token_id in range(tokenizer.n_words):
             if sp.is_byte(token_id):
                 self.byte_values.append(int(sp.id_to_piece(token_id)[3:5], 16))  # "<0xNN>"
@@ -34,7 +39,23 @@ class _PieceTable:
                 # Control tokens decode to "", <unk> to its surface, other pieces to their text
                 # with "▁" as a space; decoding without the dummy prefix keeps a leading space.
                 self.byte_values.append(_NOT_A_BYTE)
-                self.texts.append(tokenizer.decode_infilling([token_id]))
+                self.texts.append(decode_one([token_id]))
+
+
+def _piece_text(tokenizer: Tokenizer) -> Callable[[List[int]], str]:
+    """Text of one id from its piece ("▁" as a space), for tokenizers that cannot decode exactly
+    without the leading space: control pieces give "", the unknown piece what SentencePiece gives."""
+    sp = tokenizer.sp_model
+
+    def decode(ids: List[int]) -> str:
+        (token_id,) = ids
+        if sp.is_control(token_id):
+            return ""
+        if sp.is_unknown(token_id):
+            return sp.decode([token_id])
+        return sp.id_to_piece(token_id).replace("\u2581", " ")
+
+    return decode
 
 
 _tables: "weakref.WeakKeyDictionary[Tokenizer, _PieceTable]" = weakref.WeakKeyDictionary()

@@ -22,6 +22,7 @@ the plans. Nothing relies on the ranks' random generators agreeing.
 import asyncio
 import itertools
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -455,7 +456,10 @@ class Engine:
             if idle:
                 distributed.broadcast_from_first_rank(("idle",))
                 continue
-            self._drive()
+            try:
+                self._drive()
+            except Exception:  # already handed to the failed requests; keep serving the next ones
+                traceback.print_exc()
 
     def _wake(self) -> None:
         with self._lock:
@@ -478,6 +482,7 @@ class Engine:
                     request._fail(error)
                 raise
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit, compute and sample once. Returns whether any request was live."""
         plan, rows = self._plan()
@@ -488,6 +493,7 @@ class Engine:
         self._advance(plan, rows, decode_logits, prefill_logits)
         return True
 
+    @torch.inference_mode()
     def follow(self, until_result: bool = False) -> Any:
         """On model-parallel ranks > 0: run rank 0's plans until it shuts down (or, with
         `until_result`, until it broadcasts a batch result, which is returned)."""

@@ -38,7 +38,14 @@ def read_hf_tensors(folder):
 def test_hf_layout_names_permutation_and_config(layouts, tmp_path):
     params, full, dirs = layouts
     out = to_hf(str(dirs[2]), tmp_path / "hf", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     tensors = read_hf_tensors(out)
     assert len(tensors) == len(full) and all(t.dtype == torch.float32 for t in tensors.values())
 

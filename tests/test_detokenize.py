@@ -171,3 +171,26 @@ def test_detokenizer_and_stop_matcher_together_over_random_splits(tok):
         if stopped:
             break
     assert stopped and "".join(out) == text.split("\n\n")[0]
+
+
+def test_tokenizer_that_normalises_whitespace_streams_its_pieces(tmp_path):
+    """Such a tokenizer cannot decode exactly without the leading space (no infilling): the deltas
+    are its pieces' text, which is SentencePiece's decoding with the first space kept."""
+    import sentencepiece as spm
+
+    from tests.tiny import corpus_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text(), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "nfkc"),
+        vocab_size=400,
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    tok = Tokenizer(str(tmp_path / "nfkc.model"))
+    with pytest.raises(ValueError):
+        tok.decode_infilling([5])
+    ids = tok.encode("def f(x): return x + 1", bos=False, eos=False)
+    assert "".join(deltas(tok, ids)) == " " + tok.decode(ids)

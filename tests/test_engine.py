@@ -395,3 +395,23 @@ def test_mp2_interleaved_requests_equal_mp1(tmp_path, tokenizer_path, sp):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(out.read_text()) == expected
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_the_next(engine, sp, monkeypatch):
+    ps = prompts(sp)
+    expected = alone(engine, ps[0], 5)
+    real = engine.model.forward_segments
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine.model, "forward_segments", broken)
+    engine.start()
+    try:
+        failed = engine.submit(ps[0], max_tokens=5)
+        with pytest.raises(RuntimeError, match="simulated"):
+            failed.result()
+        monkeypatch.setattr(engine.model, "forward_segments", real)
+        assert engine.submit(ps[0], max_tokens=5, default_stop=None).result().token_ids == expected
+    finally:
+        engine.shutdown()
