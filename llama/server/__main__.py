@@ -128,11 +128,13 @@ def serve(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str) -> int:
             state.load_error = f"{type(error).__name__}: {error}"
             fail(f"loading {ckpt_dir} failed: {state.load_error}")
             return
-        state.set_ready(llama.engine, llama.tokenizer)
+        state.set_ready(
+            llama.engine, llama.tokenizer, model_parallel=int(os.environ.get("WORLD_SIZE", "1")) > 1
+        )
         print(f"Serving {state.model_name} on http://{args.host}:{args.port}", flush=True)
         while not server.should_exit:
             if not state.engine_alive():
-                fail(f"the engine stopped ({state.engine_error}); exiting")
+                fail(f"{state.engine_error}; exiting")
                 return
             time.sleep(WATCHDOG_SECONDS)
 

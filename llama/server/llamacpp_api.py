@@ -87,7 +87,12 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
         body = await read_json(request, LlamaCppCompletionRequest, max_body_bytes)
         engine, tokenizer = state.engine(), state.tokenizer()
         generation = Generation(
-            engine, llamacpp_completion_job(body, tokenizer), state.capacity, state.metrics, "completion"
+            engine,
+            llamacpp_completion_job(body, tokenizer),
+            state.capacity,
+            state.metrics,
+            "completion",
+            state.engine_failed,
         )
         return await run(request, generation, body.stream)
 
@@ -95,7 +100,9 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     async def infill(request: Request) -> Response:
         body = await read_json(request, InfillRequest, max_body_bytes)
         engine, tokenizer = state.engine(), state.tokenizer()
-        generation = Generation(engine, infill_job(body, tokenizer), state.capacity, state.metrics, "infill")
+        generation = Generation(
+            engine, infill_job(body, tokenizer), state.capacity, state.metrics, "infill", state.engine_failed
+        )
         return await run(request, generation, body.stream)
 
     @router.post("/tokenize")

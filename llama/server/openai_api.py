@@ -118,7 +118,9 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
         check_model(state, body.model)
         engine, tokenizer = state.engine(), state.tokenizer()
         job = completion_job(body, tokenizer)
-        generation = Generation(engine, job, state.capacity, state.metrics, "completions")
+        generation = Generation(
+            engine, job, state.capacity, state.metrics, "completions", state.engine_failed
+        )
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -152,7 +154,7 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
         check_model(state, body.model)
         engine, tokenizer = state.engine(), state.tokenizer()
         job = chat_job(body, tokenizer)
-        generation = Generation(engine, job, state.capacity, state.metrics, "chat")
+        generation = Generation(engine, job, state.capacity, state.metrics, "chat", state.engine_failed)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage

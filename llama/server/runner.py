@@ -68,15 +68,25 @@ class ChoiceEvent:
 class Generation:
     """A job's engine requests. Iterate `events()` once; `cancel()` ends every unfinished choice.
 
-    Construction submits the requests.
+    Construction submits the requests. `on_engine_error` turns an error the engine raised while
+    generating into the error to answer with.
 
     Raises:
         APIError: 503 when the queue is full, 400 when the engine refuses the request (e.g. a
             prompt that does not fit the context with its max_tokens, giving the counts).
     """
 
-    def __init__(self, engine: Engine, job: Job, capacity: Capacity, metrics: ServerMetrics, endpoint: str):
+    def __init__(
+        self,
+        engine: Engine,
+        job: Job,
+        capacity: Capacity,
+        metrics: ServerMetrics,
+        endpoint: str,
+        on_engine_error: Callable[[BaseException], APIError],
+    ):
         self.job = job
+        self._on_engine_error = on_engine_error
         self._metrics = metrics
         self._endpoint = endpoint
         self._capacity = capacity
@@ -140,7 +150,7 @@ class Generation:
         event carrying its finish reason. Cancels what is unfinished when the consumer stops.
 
         Raises:
-            EngineUnavailable: if the engine failed while generating.
+            APIError: from `on_engine_error`, if the engine failed while generating.
         """
         queue: "asyncio.Queue[tuple]" = asyncio.Queue()
 
@@ -158,7 +168,7 @@ class Generation:
             while self._open:
                 index, event, error = await queue.get()
                 if error is not None:
-                    raise EngineUnavailable(str(error) or type(error).__name__)
+                    raise self._on_engine_error(error)
                 self._observe(index, event, last_token_at)
                 if self.job.strip_leading_space and not started[index] and event.text:
                     event.text = event.text[1:] if event.text.startswith(" ") else event.text

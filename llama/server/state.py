@@ -25,12 +25,15 @@ class ServerState:
         self.engine_: Optional[Engine] = None
         self.tokenizer_: Optional[Tokenizer] = None
         self.capacity: Optional[Capacity] = None
+        self.model_parallel = False
         self.load_error: Optional[str] = None
         self.engine_error: Optional[str] = None
         self.metrics = ServerMetrics(self.engine_stats)
 
-    def set_ready(self, engine: Engine, tokenizer: Tokenizer) -> None:
-        """Serve with `engine` (already started) from now on."""
+    def set_ready(self, engine: Engine, tokenizer: Tokenizer, model_parallel: bool = False) -> None:
+        """Serve with `engine` (already started) from now on. With `model_parallel`, a failed
+        engine step is fatal: the ranks no longer run the same steps."""
+        self.model_parallel = model_parallel
         self.capacity = Capacity(engine.stats()["max_batch_size"], self.max_queue)
         self.tokenizer_ = tokenizer
         self.engine_ = engine
@@ -45,8 +48,18 @@ class ServerState:
     def engine_alive(self) -> bool:
         """False once the engine's thread has died (e.g. a model-parallel rank went away)."""
         if self.engine_ is not None and not self.engine_.thread_running and self.engine_error is None:
-            self.engine_error = "its step loop ended (a model-parallel rank may have exited)"
+            self.engine_error = "the step loop ended (a model-parallel rank may have exited)"
         return self.engine_error is None
+
+    def engine_failed(self, error: BaseException) -> APIError:
+        """The answer to a request the engine failed while generating: 503 (and the server stops)
+        under model parallelism, where a failed step means a rank is gone or out of step; 500
+        otherwise (the engine keeps serving the next requests)."""
+        reason = str(error) or type(error).__name__
+        if self.model_parallel:
+            self.engine_error = f"a model-parallel step failed: {reason}"
+            return EngineUnavailable(self.engine_error)
+        return APIError(500, f"generation failed: {reason}", code="engine_error")
 
     def engine(self) -> Engine:
         """The running engine.
