@@ -136,12 +136,16 @@ def servers(models, tokenizer_path, plain_tokenizer_path, tmp_path_factory):
             torchrun=True,
         ),
     }
+    empty = tmp_path_factory.mktemp("no_checkpoint")
+    broken = ServerProcess(
+        ["--ckpt_dir", str(empty), "--tokenizer_path", str(tokenizer_path)], logs / "broken.log"
+    )
     try:
         for server in started.values():
             server.wait_ready()
-        yield started
+        yield {**started, "broken": broken}
     finally:
-        for server in started.values():
+        for server in [*started.values(), broken]:
             server.stop()
 
 
@@ -369,6 +373,16 @@ def test_stop_strings(client):
     assert cut.choices[0].text == whole[: whole.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_token_id_prompts(client, http, reference):
+    text = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=12, temperature=0)
+    ids = http.post("/tokenize", json={"content": "import os\n", "add_special": True}).json()["tokens"]
+    assert ids == reference.tokenizer.encode("import os\n", bos=True, eos=False)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == text.choices[0].text
+    by_batch = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=12, temperature=0)
+    assert by_batch.choices[0].text == text.choices[0].text and len(by_batch.choices) == 2
+
+
 def test_tokenize_detokenize(http, reference):
     ids = http.post("/tokenize", json={"content": PREFIX}).json()["tokens"]
     assert ids == reference.tokenizer.encode(PREFIX, bos=False, eos=False)
@@ -539,6 +553,12 @@ def test_infilling_on_a_model_that_cannot_infill_is_501(servers):
         assert "cannot infill" in error["message"]
     ok = httpx.post(url + "/v1/completions", json={"prompt": PREFIX, "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_checkpoint_that_fails_to_load_exits_1_with_the_reason(servers):
+    broken = servers["broken"]
+    assert broken.proc.wait(60) == 1
+    assert "params.json" in broken.log.read_text()
 
 
 # ---------------------------------------------------------------- disconnects, queue, shutdown

@@ -46,7 +46,7 @@ class Job:
     sampling: SamplingParams
     stop: List[str] = field(default_factory=list)
     stop_token_ids: List[int] = field(default_factory=list)
-    default_stop: Optional[int] = None
+    default_stops: List[Optional[int]] = field(default_factory=list)  # per prompt: its format's stop id
     logprobs: Optional[int] = None
     echo: bool = False
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' too
@@ -129,10 +129,20 @@ def completion_job(body: CompletionRequest, tokenizer: Tokenizer) -> Job:
     Raises:
         APIError: 400 for inconsistent fields, 501 for infilling with a model that cannot infill.
     """
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    tokens, infilling = [], False
-    for prompt in prompts:
-        literal = literal_infill(prompt)
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    tokens, texts, stops = [], [], []
+    for item in prompt:
+        if not isinstance(item, str):  # token ids, used as they are
+            if body.suffix is not None:
+                raise invalid("suffix needs the prompt as text, not token ids", "suffix")
+            tokens.append(_check_token_ids(item, tokenizer.n_words, "prompt"))
+            texts.append(tokenizer.decode(item))
+            stops.append(tokenizer.eos_id)
+            continue
+        texts.append(item)
+        literal = literal_infill(item)
         if body.suffix is not None:
             if literal is not None:
                 raise invalid(
@@ -140,22 +150,22 @@ def completion_job(body: CompletionRequest, tokenizer: Tokenizer) -> Job:
                     "prefix as prompt and the suffix as suffix, or the templated prompt alone",
                     "suffix",
                 )
-            tokens.append(_infill_tokens(tokenizer, prompt, body.suffix, body.suffix_first))
-            infilling = True
+            tokens.append(_infill_tokens(tokenizer, item, body.suffix, body.suffix_first))
         elif literal is not None:
             tokens.append(_infill_tokens(tokenizer, literal["prefix"], literal["suffix"]))
-            infilling = True
         else:
-            tokens.append(tokenizer.encode(prompt, bos=True, eos=False))
+            tokens.append(tokenizer.encode(item, bos=True, eos=False))
+        infilling = body.suffix is not None or literal is not None
+        stops.append(tokenizer.eot_id if infilling else tokenizer.eos_id)
     return Job(
         prompts=tokens,
-        prompt_texts=prompts,
+        prompt_texts=texts,
         n=body.n,
         max_tokens=16 if body.max_tokens is None else body.max_tokens,
         sampling=_openai_sampling(body, tokenizer.n_words),
         stop=_stops(body.stop),
         stop_token_ids=_check_token_ids(body.stop_token_ids or [], tokenizer.n_words, "stop_token_ids"),
-        default_stop=tokenizer.eot_id if infilling else tokenizer.eos_id,
+        default_stops=stops,
         logprobs=body.logprobs,
         echo=body.echo,
         prompt_logprobs=body.echo and body.logprobs is not None,
@@ -201,7 +211,7 @@ def chat_job(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Job:
         sampling=_openai_sampling(body, tokenizer.n_words),
         stop=_stops(body.stop),
         stop_token_ids=_check_token_ids(body.stop_token_ids or [], tokenizer.n_words, "stop_token_ids"),
-        default_stop=tokenizer.step_id if turns else tokenizer.eos_id,
+        default_stops=[tokenizer.step_id if turns else tokenizer.eos_id],
         logprobs=logprobs,
         strip_leading_space=True,
     )
@@ -273,6 +283,6 @@ def _llamacpp_job(
         max_tokens=None if body.n_predict < 0 else body.n_predict,
         sampling=_llamacpp_sampling(body, tokenizer.n_words),
         stop=list(body.stop),
-        default_stop=default_stop,
+        default_stops=[default_stop],
         logprobs=body.n_probs or None,
     )

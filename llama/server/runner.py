@@ -107,7 +107,7 @@ class Generation:
                         sampling=job.sampling_for(choice),
                         stop=job.stop,
                         stop_token_ids=job.stop_token_ids,
-                        default_stop=job.default_stop,
+                        default_stop=job.default_stops[choice // job.n],
                         logprobs=job.logprobs,
                         prompt_logprobs=job.prompt_logprobs,
                     )

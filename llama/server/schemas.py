@@ -67,7 +67,7 @@ class OpenAISampling(_Body):
 class CompletionRequest(OpenAISampling):
     """POST /v1/completions."""
 
-    prompt: Union[str, List[str]]
+    prompt: Union[str, List[str], List[int], List[List[int]]]  # text(s) or token ids
     suffix: Optional[str] = None
     suffix_first: bool = False  # extra: the suffix-prefix-middle infilling order
     max_tokens: Optional[int] = Field(16, ge=0)
@@ -76,9 +76,11 @@ class CompletionRequest(OpenAISampling):
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, prompt: Union[str, List[str]]) -> Union[str, List[str]]:
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+    def _check_prompt(cls, prompt: Union[str, list]) -> Union[str, list]:
+        if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
+            raise ValueError(
+                "prompt must be a string, a non-empty list of strings, or non-empty token id lists"
+            )
         return prompt
 
 
