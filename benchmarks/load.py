@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -248,7 +249,7 @@ def markdown(args: argparse.Namespace, rows: List[dict]) -> str:
     lines = [
         "## HTTP server under load (`benchmarks/load.py`)",
         "",
-        f"- Command: `python benchmarks/load.py {' '.join(sys.argv[1:])}`",
+        f"- Command: `python benchmarks/load.py {shlex.join(sys.argv[1:])}`",
         f"- Machine: {args.machine}; Python {platform.python_version()}; "
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Server: `python -m llama.server` ({args.ckpt_dir or 'bundled demo model'}), --max_batch_size "
