@@ -490,6 +490,8 @@ ERROR_CASES = [
     ("bias value", {"json": {"prompt": "x", "logit_bias": {"5": 101}}}, 400, "logit_bias", None),
     ("greedy n", {"json": {"prompt": "x", "n": 2, "temperature": 0}}, 400, "n", None),
     ("negative max_tokens", {"json": {"prompt": "x", "max_tokens": -1}}, 400, "max_tokens", None),
+    ("n over capacity", {"json": {"prompt": "x", "n": 4, "temperature": 1}}, 400, "n", None),
+    ("token prompt", {"json": {"prompt": [1, 10**6]}}, 400, "prompt", None),
 ]
 
 

@@ -31,8 +31,15 @@ class Capacity:
         """Reserve `count` generations.
 
         Raises:
-            APIError: 503 with Retry-After when they do not fit.
+            APIError: 400 when `count` exceeds what the server ever holds; 503 with Retry-After
+                when they do not fit now.
         """
+        if count > self.limit:
+            raise invalid(
+                f"the request asks for {count} generations (prompts x n) but this server holds at most "
+                f"{self.limit} at once: send fewer prompts or a smaller n",
+                "n",
+            )
         if self.in_flight + count > self.limit:
             raise APIError(
                 503,
@@ -44,10 +51,13 @@ class Capacity:
         self.in_flight += count
 
     def release(self, count: int) -> None:
+        """Give back `count` reserved generations."""
         self.in_flight -= count
 
 
 class EngineUnavailable(APIError):
+    """503: the engine can no longer generate (its loop ended, or a model-parallel rank is gone)."""
+
     def __init__(self, reason: str):
         super().__init__(
             503,
