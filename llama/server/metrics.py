@@ -6,10 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-STATS = {
-    "running": "Requests generating in an engine slot",
-    "waiting": "Requests queued for a slot",
-    "free_slots": "Engine slots free",
+# Gauge name -> (key of `Engine.stats()`, help).
+ENGINE_GAUGES = {
+    "codellama_requests_running": ("running", "Requests generating in an engine slot"),
+    "codellama_requests_waiting": ("waiting", "Requests queued for a slot"),
+    "codellama_free_slots": ("free_slots", "Engine slots free"),
 }
 
 
@@ -21,12 +22,8 @@ class _EngineStatsCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self._stats() or {}
-        for key, help_text in STATS.items():
-            yield GaugeMetricFamily(
-                f"codellama_requests_{key}" if key != "free_slots" else "codellama_free_slots",
-                help_text,
-                value=stats.get(key, 0),
-            )
+        for name, (key, help_text) in ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(name, help_text, value=stats.get(key, 0))
 
 
 class ServerMetrics:
