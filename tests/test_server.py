@@ -92,17 +92,18 @@ def write_tiny_checkpoint(ckpt_dir: Path, tokenizer_path: Path, mp: int) -> Path
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_path, plain_tokenizer_path):
+def models(tmp_path_factory, tokenizer_path, plain_tokenizer_path, step_tokenizer_path):
     root = tmp_path_factory.mktemp("server_models")
     return {
         "mp1": write_tiny_checkpoint(root / "mp1", tokenizer_path, 1),
         "mp2": write_tiny_checkpoint(root / "mp2", tokenizer_path, 2),
         "plain": write_tiny_checkpoint(root / "plain", plain_tokenizer_path, 1),
+        "step": write_tiny_checkpoint(root / "step", step_tokenizer_path, 1),
     }
 
 
 @pytest.fixture(scope="module")
-def servers(models, tokenizer_path, plain_tokenizer_path, tmp_path_factory):
+def servers(models, tokenizer_path, plain_tokenizer_path, step_tokenizer_path, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server_logs")
     common = ["--max_seq_len", str(MAX_SEQ_LEN), "--dtype", "float32", "--model_name", MODEL]
     started = {
@@ -129,6 +130,10 @@ def servers(models, tokenizer_path, plain_tokenizer_path, tmp_path_factory):
         "plain": ServerProcess(
             ["--ckpt_dir", str(models["plain"]), "--tokenizer_path", str(plain_tokenizer_path)] + common,
             logs / "plain.log",
+        ),
+        "step": ServerProcess(
+            ["--ckpt_dir", str(models["step"]), "--tokenizer_path", str(step_tokenizer_path)] + common,
+            logs / "step.log",
         ),
         "mp2": ServerProcess(
             ["--ckpt_dir", str(models["mp2"]), "--tokenizer_path", str(tokenizer_path)] + common,
@@ -387,6 +392,21 @@ def test_tokenize_detokenize(http, reference):
     ids = http.post("/tokenize", json={"content": PREFIX}).json()["tokens"]
     assert ids == reference.tokenizer.encode(PREFIX, bos=False, eos=False)
     assert http.post("/detokenize", json={"tokens": ids}).json()["content"] == PREFIX
+
+
+def test_turn_format_chat_matches_chat_completion_and_stops_at_step(servers, models, step_tokenizer_path):
+    reference = Llama.build(str(models["step"]), str(step_tokenizer_path), MAX_SEQ_LEN, 1, dtype="float32")
+    client = openai.OpenAI(base_url=servers["step"].url + "/v1", api_key="unused", max_retries=0)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list."}]
+    want = reference.chat_completion([dialog], temperature=0, max_gen_len=20)[0]["generation"]
+    answer = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content == want["content"]
+    assert answer.choices[0].message.model_extra["destination"] == want["destination"] == "user"
+    step = {str(reference.tokenizer.step_id): 100}
+    stopped = client.chat.completions.create(
+        model=MODEL, messages=dialog, max_tokens=20, temperature=0, logit_bias=step
+    ).choices[0]
+    assert stopped.message.content == "" and stopped.finish_reason == "stop"
 
 
 # ---------------------------------------------------------------- editor plugins' request bodies
