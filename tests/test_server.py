@@ -549,7 +549,25 @@ def test_other_invalid_requests_and_the_server_still_answers(http, client, refer
     # A body over --max_body_bytes is refused from its Content-Length, before it is read.
     big = http.post("/v1/completions", content=b"x" * 70_000, headers={"Content-Type": "application/json"})
     assert_error(big, 413, code="request_too_large")
+    chunked = http.post("/v1/completions", content=iter([b"x" * 40_000] * 2))  # no Content-Length
+    assert_error(chunked, 413, code="request_too_large")
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_while_loading_health_and_generation_answer_503():
+    """The app before its model is loaded (in process: no model is ever set)."""
+    from starlette.testclient import TestClient
+
+    from llama.server.app import create_app
+    from llama.server.state import ServerState
+
+    with TestClient(create_app(ServerState(MODEL, max_queue=4))) as loading:
+        health = loading.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        refused = loading.post("/v1/completions", json={"prompt": "x"})
+        assert_error(refused, 503, code="model_loading")
+        assert refused.headers["Retry-After"] == "1"
+        assert loading.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 
 def test_api_key(main):
