@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 README = ROOT / "README.md"
+SERVER = ["fastapi>=0.100", "uvicorn>=0.23", "prometheus-client"]
 
 
 def requirements(path: Path) -> list:
@@ -25,7 +26,9 @@ setup(
     package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=requirements(ROOT / "requirements.txt"),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging", "pillow"],
+        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging", "pillow", "openai>=1.0", "httpx"]
+        + SERVER,
+        "server": SERVER,
         "bench": ["transformers>=4.40", "psutil"],
         "dev": ["black", "ruff"],
         "mask": ["pillow"],
