@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 README = ROOT / "README.md"
-SERVER = ["fastapi>=0.100", "uvicorn>=0.23", "prometheus-client"]
+SERVER = ["fastapi>=0.100", "starlette", "pydantic>=2", "uvicorn>=0.23", "prometheus-client"]
 
 
 def requirements(path: Path) -> list:

@@ -37,6 +37,29 @@ def install_requires() -> Tuple[List[Requirement], SpecifierSet]:
     return [Requirement(line) for line in dist.install_requires], SpecifierSet(dist.python_requires)
 
 
+# Optional parts of the package and the extra that installs what only they import.
+OPTIONAL_PARTS = {"server": "server", "attention_mask.py": "mask"}
+# Imported only as a fallback when the extra's own package is missing.
+FALLBACKS = {"matplotlib"}
+
+
+@functools.lru_cache(maxsize=None)
+def extras() -> Dict[str, Set[str]]:
+    from distutils.core import run_setup
+
+    dist = run_setup(str(ROOT / "setup.py"), stop_after="init")
+    return {
+        name: {canonicalize_name(Requirement(r).name) for r in reqs}
+        for name, reqs in dist.extras_require.items()
+    }
+
+
+def optional_extra(file: str) -> Optional[str]:
+    """The extra a file of the package belongs to (None for the core)."""
+    parts = Path(file).parts
+    return OPTIONAL_PARTS.get(parts[0])
+
+
 def version_condition(test: ast.expr) -> Optional[Tuple[str, Tuple[int, ...]]]:
     """("<" or ">=", version) for a test of the form `sys.version_info >= (3, 11)`, else None."""
     if (
@@ -76,7 +99,7 @@ def third_party_imports(pythons: Set[str]) -> Dict[str, Dict[str, Set[str]]]:
         for module, versions in imports(ast.parse(path.read_text(), str(path)), pythons):
             if module in sys.stdlib_module_names or module == "llama" or not versions:
                 continue
-            found.setdefault(module, {}).setdefault(path.name, set()).update(versions)
+            found.setdefault(module, {}).setdefault(str(path.relative_to(PACKAGE)), set()).update(versions)
     return found
 
 
@@ -99,6 +122,14 @@ def test_every_imported_module_is_a_declared_requirement():
     problems = []
     for module, files in sorted(found.items()):
         name = distribution(module)
+        wanted = {optional_extra(f) for f in files}
+        if None not in wanted:  # imported by optional parts only: their extras must declare it
+            missing = sorted(e for e in wanted if name not in extras().get(e, set()))
+            if missing and module not in FALLBACKS:
+                problems.append(
+                    f"{module} (imported by {sorted(files)}) needs {name} in the extras {missing}"
+                )
+            continue
         if name not in declared:
             problems.append(f"{module} (imported by {sorted(files)}) needs {name} in requirements.txt")
             continue
