@@ -28,7 +28,7 @@ from tests.tiny import random_state_dict, tiny_params, write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 MODEL = "tiny-code"
-MAX_SEQ_LEN = 2048
+MAX_SEQ_LEN = 8192  # long enough that a LONG generation outlasts any check made during it
 START_TIMEOUT_S = 90
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return result\n"
 
@@ -603,7 +603,7 @@ def test_a_checkpoint_that_fails_to_load_exits_1_with_the_reason(servers):
 
 # ---------------------------------------------------------------- disconnects, queue, shutdown
 
-LONG = {"prompt": "def f(x):", "max_tokens": 1900, "temperature": 0}
+LONG = {"prompt": "def f(x):", "max_tokens": MAX_SEQ_LEN - 100, "temperature": 0}
 
 
 def test_disconnect_frees_the_slot(http, main):
