@@ -541,8 +541,10 @@ class Transformer(nn.Module):
             kv_len = max(host_lengths)
             if tokens.device.type != "cpu":
                 host_rows = host_lengths = None
-        keys = torch.arange(kv_len, device=tokens.device)
-        mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
+        mask = None  # each row attends over exactly its own positions: no mask needed
+        if host_lengths is None:
+            keys = torch.arange(kv_len, device=tokens.device)
+            mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
         inputs = AttentionInputs(
             *self._rotary(positions[:, None]),
             write_pos=positions,
