@@ -24,7 +24,7 @@ from llama.prompts import (
     turn_prompt_tokens,
     validate_dialog,
 )
-from llama.sampling import SamplingParams
+from llama.sampling import SamplingParams, sample_top_p  # noqa: F401  (the reference's name)
 from llama.tokenizer import Tokenizer
 
 
@@ -153,9 +153,10 @@ class Llama:
         self._compiled_model: Optional[Callable[..., torch.Tensor]] = None
         self.engine = Engine(model, tokenizer)
 
-    def _set_up_compile(self) -> None:
-        """With `compile`, the engine's decode pass runs compiled; set up by the first generation
-        (not in build: loading stays a load)."""
+    def set_up_compile(self) -> None:
+        """With `compile`, make the engine's decode pass run compiled (a no-op without it, or when
+        done). The first generation calls it on every model-parallel rank (not build: loading
+        stays a load); callers that drive the engine directly (a server) call it themselves."""
         if self.compile and self._compiled_model is None:
             self._compiled_model = _compiled(self.model.forward_decode)
             self.engine.decode_fn = self._compiled_model
@@ -192,34 +193,42 @@ class Llama:
         self._check_prompts(prompt_tokens)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        # Checked on every rank before the followers start waiting for rank 0, so a refusal
+        # is raised everywhere at once.
+        sampling = SamplingParams(temperature=max(float(temperature), 0.0), top_p=top_p)
+        sampling.validate(self.model.params.vocab_size)
+        self.set_up_compile()
         if not distributed.is_first_model_parallel_rank():
             return self.engine.follow(until_result=True)  # rank 0 decides and sends the results
-        self._set_up_compile()
         max_seq_len = self.model.params.max_seq_len
-        sampling = SamplingParams(temperature=max(float(temperature), 0.0), top_p=top_p)
-        requests = [
-            self.engine._enqueue(
-                list(prompt),
-                min(max_gen_len, max_seq_len - len(prompt)),
-                sampling,
-                stop=(),
-                stop_ids=(),
-                default_stop=self.tokenizer.eos_id if stop_token is None else stop_token,
-                logprobs=0 if logprobs else None,
-                prompt_logprobs=logprobs and echo,
-            )
-            for prompt in prompt_tokens
-        ]
-        out_tokens: List[List[int]] = []
-        out_logprobs: List[List[float]] = []
-        for prompt, request in zip(prompt_tokens, requests):
-            completion = request.result()
-            toks, lps = list(completion.token_ids), list(completion.logprobs)
-            if echo:
-                toks = list(prompt) + toks
-                lps = (completion.prompt_logprobs or []) + lps
-            out_tokens.append(toks)
-            out_logprobs.append(lps)
+        requests = []
+        try:
+            for prompt in prompt_tokens:
+                requests.append(
+                    self.engine.submit(
+                        prompt,
+                        max_tokens=min(max_gen_len, max_seq_len - len(prompt)),
+                        sampling=sampling,
+                        default_stop=self.tokenizer.eos_id if stop_token is None else stop_token,
+                        logprobs=0 if logprobs else None,
+                        prompt_logprobs=logprobs and echo,
+                    )
+                )
+            out_tokens: List[List[int]] = []
+            out_logprobs: List[List[float]] = []
+            for prompt, request in zip(prompt_tokens, requests):
+                completion = request.result()
+                toks, lps = list(completion.token_ids), list(completion.logprobs)
+                if echo:
+                    toks = list(prompt) + toks
+                    lps = (completion.prompt_logprobs or []) + lps
+                out_tokens.append(toks)
+                out_logprobs.append(lps)
+        except BaseException as error:
+            for request in requests:
+                request.cancel()
+            distributed.broadcast_from_first_rank(("error", f"{type(error).__name__}: {error}"))
+            raise
         result = (out_tokens, (out_logprobs if logprobs else None))
         distributed.broadcast_from_first_rank(("result", result))
         return result
@@ -228,7 +237,7 @@ class Llama:
         """Raise ValueError naming the first prompt that is empty, holds an id outside the
         vocabulary, or leaves no room to generate."""
         for index, prompt in enumerate(prompt_tokens):
-            self.engine._check_prompt(list(prompt), names[index] if names is not None else f"prompt {index}")
+            self.engine.check_prompt(list(prompt), names[index] if names is not None else f"prompt {index}")
 
     @property
     def device(self) -> torch.device:
@@ -401,24 +410,6 @@ def _compiled(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     """
     kernels.kernel_available()  # settle the kernel choice before tracing
     return torch.compile(decode, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probability mass reaches `p`.
-
-    Args:
-        probs: [batch, vocab] probabilities.
-        p: nucleus mass; p -> 0 keeps only the most likely token (greedy).
-
-    Returns:
-        [batch] sampled token ids.
-    """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs_sort, num_samples=1)
-    return torch.gather(probs_idx, -1, choice)[:, 0]
 
 
 def _model_args(

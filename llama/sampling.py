@@ -6,16 +6,13 @@ rows may all use different settings; a seeded row's token depends only on its ow
 generator, never on the other rows.
 """
 
-import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-MAX_LOGIT_BIAS = 100.0
-MAX_ADDITIVE_PENALTY = 2.0
-_SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
+from llama import limits
+from llama.limits import check_number, is_int
 
 
 @dataclass(frozen=True)
@@ -29,11 +26,11 @@ class SamplingParams:
     `temperature` and `top_k`, `top_p` and `min_p` restrict the distribution sampled from.
     """
 
-    temperature: float = 0.0  # 0 = greedy; must be >= 0
-    top_p: float = 1.0  # (0, 1]
-    top_k: int = 0  # 0 = off; >= 0
+    temperature: float = 0.0  # [0, 100]; below limits.GREEDY_TEMPERATURE (0 included) = greedy
+    top_p: float = 1.0  # (0, 1]; below limits.MIN_TOP_P it keeps only the most likely token
+    top_k: int = 0  # 0 = off; [0, 2**31 - 1], values beyond the vocabulary keep every token
     min_p: float = 0.0  # [0, 1]
-    repetition_penalty: float = 1.0  # > 0, multiplicative (HF/CTRL form), prompt + generated tokens
+    repetition_penalty: float = 1.0  # [0.01, 100], multiplicative (HF/CTRL form), prompt + generated
     presence_penalty: float = 0.0  # [-2, 2], additive OpenAI form, generated tokens
     frequency_penalty: float = 0.0  # [-2, 2], additive OpenAI form, generated tokens
     logit_bias: Optional[Mapping[int, float]] = None  # token id -> bias in [-100, 100]
@@ -41,8 +38,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """True when the next token is the argmax (temperature 0); the seed is then unused."""
-        return self.temperature == 0
+        """True when the next token is the argmax (temperature below `limits.GREEDY_TEMPERATURE`,
+        0 included); the seed is then unused."""
+        return self.temperature < limits.GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -55,46 +53,56 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, vocab_size: int) -> None:
-        """Check every field against its allowed range.
+        """Check every field against its bounds in `llama.limits` (all finite, so no value can
+        overflow a sampling step).
 
         Raises:
             ValueError: naming the first parameter out of range, its value and the range.
         """
-        _check_number("temperature", self.temperature, "a number >= 0 (0 = greedy)", lambda v: v >= 0)
-        _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
-        _check_number(
-            "repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)", lambda v: v > 0
+        check_number(
+            "temperature",
+            self.temperature,
+            f"a number in [0, {limits.MAX_TEMPERATURE:g}] (below {limits.GREEDY_TEMPERATURE:g} = greedy)",
+            lambda v: 0 <= v <= limits.MAX_TEMPERATURE,
+        )
+        check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        limits.check_int("top_k", self.top_k, 0, limits.MAX_TOP_K, " (0 = off)")
+        check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
+        low, high = limits.MIN_REPETITION_PENALTY, limits.MAX_REPETITION_PENALTY
+        check_number(
+            "repetition_penalty",
+            self.repetition_penalty,
+            f"in [{low:g}, {high:g}] (1 = off)",
+            lambda v: low <= v <= high,
         )
         for name in ("presence_penalty", "frequency_penalty"):
-            _check_number(name, getattr(self, name), "in [-2, 2]", lambda v: abs(v) <= MAX_ADDITIVE_PENALTY)
+            check_number(
+                name, getattr(self, name), "in [-2, 2]", lambda v: abs(v) <= limits.MAX_ADDITIVE_PENALTY
+            )
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, Mapping):
                 raise ValueError(
                     f"logit_bias must map token ids to biases, got {type(self.logit_bias).__name__}"
                 )
+            if len(self.logit_bias) > limits.MAX_LOGIT_BIAS_ENTRIES:
+                raise ValueError(
+                    f"logit_bias holds at most {limits.MAX_LOGIT_BIAS_ENTRIES} entries, "
+                    f"got {len(self.logit_bias)}"
+                )
             for token_id, bias in self.logit_bias.items():
-                if not _is_int(token_id) or not 0 <= token_id < vocab_size:
+                if not is_int(token_id) or not 0 <= token_id < vocab_size:
                     raise ValueError(
                         f"logit_bias token id {token_id!r} is outside the vocabulary: "
                         f"ids must be integers in [0, {vocab_size - 1}]"
                     )
-                _check_number(
-                    f"logit_bias[{token_id}]", bias, "in [-100, 100]", lambda v: abs(v) <= MAX_LOGIT_BIAS
+                check_number(
+                    f"logit_bias[{token_id}]",
+                    bias,
+                    "in [-100, 100]",
+                    lambda v: abs(v) <= limits.MAX_LOGIT_BIAS,
                 )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < limits.SEED_LIMIT):
             raise ValueError(f"seed must be None or an integer in [0, 2**64 - 1], got {self.seed!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value: object, allowed: str, in_range) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value) or not in_range(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 class RowSampler:
@@ -222,16 +230,37 @@ def sample_rows(logits: torch.Tensor, samplers: List[RowSampler]) -> torch.Tenso
     return out
 
 
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches `p`
+    (the reference release's sampler).
+
+    Args:
+        probs: [batch, vocab] probabilities.
+        p: nucleus mass; p -> 0 keeps only the most likely token (greedy).
+
+    Returns:
+        [batch] sampled token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, choice)[:, 0]
+
+
+def _top_p(params: SamplingParams) -> float:
+    """The nucleus mass used: tiny masses (which round to 0 in float32) keep the top token."""
+    return max(params.top_p, limits.MIN_TOP_P)
+
+
 def _sample(logits: torch.Tensor, params: List[SamplingParams], generator: Optional[torch.Generator]):
     """One multinomial draw per row of `logits` [rows, vocab] from the filtered distributions."""
     temperatures = {p.temperature for p in params}
     top_ps = {p.top_p for p in params}
     plain = all(p.top_k == 0 and p.min_p == 0 for p in params)
     if generator is None and plain and len(temperatures) == 1 and len(top_ps) == 1:
-        # Imported here, not at the top: generation.py builds on this module.
-        from llama.generation import sample_top_p
-
-        return sample_top_p(torch.softmax(logits / params[0].temperature, dim=-1), params[0].top_p)
+        return sample_top_p(torch.softmax(logits / params[0].temperature, dim=-1), _top_p(params[0]))
     probs_sort, probs_idx = _filtered_sorted_probs(logits, params)
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, choice)[:, 0]
@@ -250,13 +279,14 @@ def _filtered_sorted_probs(
 
     top_k = [p.top_k for p in params]
     if any(top_k):
-        k = torch.tensor([kk if kk > 0 else probs.shape[-1] for kk in top_k], device=device)
+        vocab = probs.shape[-1]
+        k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=device)
         probs_sort = probs_sort.masked_fill(positions >= k[:, None], 0.0)
         # top_p then measures mass within the top k tokens.
         has_k = torch.tensor([kk > 0 for kk in top_k], device=device)
         probs_sort = torch.where(has_k[:, None], probs_sort / probs_sort.sum(-1, keepdim=True), probs_sort)
 
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)
+    top_p = torch.tensor([_top_p(p) for p in params], dtype=probs.dtype, device=device)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort = probs_sort.masked_fill(mass_before > top_p[:, None], 0.0)
 
@@ -289,7 +319,7 @@ def token_logprobs(
             f"expected logits [batch, vocab] and tokens [batch], got {tuple(logits.shape)} and "
             f"{tuple(tokens.shape)}"
         )
-    if not _is_int(top) or not 0 <= top <= logits.shape[-1]:
+    if not is_int(top) or not 0 <= top <= logits.shape[-1]:
         raise ValueError(f"top must be an integer in [0, {logits.shape[-1]}], got {top!r}")
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(-1, tokens.to(torch.long)[:, None])[:, 0]

@@ -40,7 +40,7 @@ def test_compiled_bf16_decode_step_matches_eager(checkpoint_dir, tokenizer_path)
     llama = Llama.build(str(checkpoint_dir), str(tokenizer_path), 32, 4, dtype="bfloat16", compile=True)
     model = llama.model
     model.forward_packed([torch.tensor(PROMPTS[0]), torch.tensor(PROMPTS[2])], row_offset=1)
-    llama._set_up_compile()
+    llama.set_up_compile()
     rows, tokens = torch.tensor([1, 2]), torch.tensor([11, 12])
     for step in range(3):
         positions = torch.tensor([7 + step, 5 + step])

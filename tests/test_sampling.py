@@ -6,7 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from llama.generation import sample_top_p
+from llama import limits
+from llama.generation import sample_top_p as reference_name
+from llama.sampling import sample_top_p
 from llama.sampling import RowSampler, SamplingParams, sample_rows, token_logprobs
 
 VOCAB = 32
@@ -19,24 +21,34 @@ def sampler(prompt=(), vocab=VOCAB, **params) -> RowSampler:
 @pytest.mark.parametrize(
     "params, message",
     [
-        (dict(temperature=-0.1), "temperature must be a number >= 0"),
+        (dict(temperature=-0.1), r"temperature must be a number in \[0, 100\]"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=1e308), r"temperature must be a number in \[0, 100\]"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
-        (dict(top_k=-1), "top_k must be an integer >= 0"),
-        (dict(top_k=2.5), "top_k must be an integer >= 0"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_k=-1), r"top_k must be an integer in \[0, 2147483647\]"),
+        (dict(top_k=2.5), "top_k must be an integer in"),
+        (dict(top_k=2**63), "top_k must be an integer in"),
         (dict(min_p=-0.01), r"min_p must be in \[0, 1\]"),
         (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be in \[0.01, 100\]"),
+        (dict(repetition_penalty=1e-39), r"repetition_penalty must be in \[0.01, 100\]"),
+        (dict(repetition_penalty=1e39), r"repetition_penalty must be in \[0.01, 100\]"),
         (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
         (dict(frequency_penalty=-2.01), r"frequency_penalty must be in \[-2, 2\]"),
         (dict(logit_bias={VOCAB: 1.0}), r"token id 32 is outside the vocabulary.*\[0, 31\]"),
         (dict(logit_bias={-1: 1.0}), "outside the vocabulary"),
         (dict(logit_bias={3: 100.5}), r"logit_bias\[3\] must be in \[-100, 100\]"),
+        (dict(logit_bias={3: 1e39}), r"logit_bias\[3\] must be in \[-100, 100\]"),
+        (dict(logit_bias={3: float("-inf")}), r"logit_bias\[3\] must be in \[-100, 100\]"),
+        (dict(logit_bias={i: 1.0 for i in range(1025)}), "logit_bias holds at most 1024 entries"),
         (dict(logit_bias=[(3, 1.0)]), "logit_bias must map token ids"),
         (dict(seed="7"), "seed must be None or an integer"),
         (dict(seed=1.5), "seed must be None or an integer"),
         (dict(seed=-1), "seed must be None or an integer"),
+        (dict(seed=2**64), "seed must be None or an integer"),
     ],
 )
 def test_each_invalid_parameter_names_itself_and_its_range(params, message):
@@ -62,6 +74,32 @@ def test_greedy_ignores_the_seed_and_top_k_1_is_greedy():
         assert torch.equal(sample_rows(logits, [sampler(seed=seed) for _ in range(6)]), argmax)
     top1 = [sampler(temperature=1.3, top_k=1, seed=row if row % 2 else None) for row in range(6)]
     assert torch.equal(sample_rows(logits, top1), argmax)
+
+
+def test_edge_values_inside_the_bounds_sample_finite_tokens():
+    """Values a client may send that used to overflow a step: a denormal temperature is greedy,
+    a tiny nucleus keeps the top token, a top_k beyond the vocabulary keeps every token, and the
+    extreme penalties and biases still give a valid distribution."""
+    assert reference_name is sample_top_p  # the reference's import path still works
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1)) * 30
+    argmax = logits.argmax(-1)
+    for temperature in (1e-39, 5e-324, limits.GREEDY_TEMPERATURE / 2):
+        assert SamplingParams(temperature=temperature).is_greedy
+        rows = [sampler(temperature=temperature, seed=row if row % 2 else None) for row in range(4)]
+        assert torch.equal(sample_rows(logits, rows), argmax)
+    rows = [sampler(temperature=0.7, top_p=5e-324, seed=row if row % 2 else None) for row in range(4)]
+    assert torch.equal(sample_rows(logits, rows), argmax)
+    rows = [sampler(temperature=limits.GREEDY_TEMPERATURE, top_p=1e-30) for row in range(4)]
+    assert torch.equal(sample_rows(logits, rows), argmax)
+    extreme = [
+        sampler(temperature=limits.MAX_TEMPERATURE, top_k=limits.MAX_TOP_K, seed=1),
+        sampler(temperature=limits.GREEDY_TEMPERATURE, repetition_penalty=limits.MIN_REPETITION_PENALTY,
+                prompt=[1, 2, 3], seed=2),
+        sampler(temperature=1.0, repetition_penalty=limits.MAX_REPETITION_PENALTY, prompt=[4], seed=3),
+        sampler(temperature=0.5, logit_bias={i: -limits.MAX_LOGIT_BIAS for i in range(VOCAB)}, seed=4),
+    ]  # fmt: skip
+    tokens = sample_rows(logits, extreme)
+    assert ((tokens >= 0) & (tokens < VOCAB)).all()
 
 
 # p = [0.5, 0.25, 0.15, 0.07, 0.03]

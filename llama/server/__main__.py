@@ -82,7 +82,7 @@ def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
     )
     # `generate` sets up the compiled decode step on first use; the server drives the engine
     # directly, so it sets it up here (a no-op without --compile).
-    llama._set_up_compile()
+    llama.set_up_compile()
     return llama
 
 

@@ -1,0 +1,401 @@
+"""`Engine`: requests join and leave a running batch, one step at a time.
+
+Each `step` asks the scheduler for a plan (admitting waiting requests, retiring cancelled ones),
+broadcasts it to the other model-parallel ranks, has the executor run it, then samples a token
+for every row whose logits are due, with each request's own settings, and publishes it as an
+`Event` (exact text delta, ids, log-probabilities, and at the end the finish reason and usage).
+
+Decode rows and prefill chunks run in separate passes so a row's numbers never depend on what
+else shares its step. A row whose sampling or bookkeeping raises is failed alone; only an
+error of the model pass itself fails every live request.
+"""
+
+import itertools
+import threading
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from llama import distributed
+from llama.engine.executor import Executor
+from llama.engine.request import Request, check_options, check_prompt
+from llama.engine.scheduler import Scheduler, Step
+from llama.engine.stream import Event
+from llama.model import Transformer
+from llama.sampling import RowSampler, SamplingParams, sample_rows, token_logprobs
+from llama.tokenizer import Tokenizer
+
+# While idle under model parallelism, rank 0 tells the other ranks it is alive this often, so
+# their wait for the next plan never reaches the process group's timeout.
+IDLE_HEARTBEAT_SECONDS = 10.0
+_DEFAULT = object()
+
+
+class Engine:
+    """The one generation loop of the project: see the module docstring.
+
+    Args:
+        model: a loaded `Transformer` (its KV cache rows are the slots).
+        tokenizer: the model's tokenizer (EOS is the default stop token).
+        prefill_chunk: most prompt tokens prefilled in one step (bounds the step time).
+        prefix_reuse: reuse the keys and values of a cached prefix (a free slot whose tokens
+            start the new prompt) instead of recomputing them.
+        decode_fn: replaces `model.forward_decode` (e.g. a compiled version).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        prefill_chunk: int = 512,
+        prefix_reuse: bool = True,
+        decode_fn: Optional[Callable[..., torch.Tensor]] = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(model.params.max_batch_size, prefill_chunk, prefix_reuse)
+        self.executor = Executor(model, decode_fn)
+        self.max_seq_len = model.params.max_seq_len
+        self.vocab_size = model.params.vocab_size
+        self._lock = threading.Lock()  # guards the scheduler's queues and the thread flags
+        self._step_lock = threading.Lock()  # one step at a time
+        self._work = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.scheduler.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {value}")
+        self.scheduler.prefill_chunk = value
+
+    @property
+    def prefix_reuse(self) -> bool:
+        return self.scheduler.prefix_reuse
+
+    @prefix_reuse.setter
+    def prefix_reuse(self, value: bool) -> None:
+        self.scheduler.prefix_reuse = value
+
+    @property
+    def decode_fn(self) -> Optional[Callable[..., torch.Tensor]]:
+        return self.executor.decode_fn
+
+    @decode_fn.setter
+    def decode_fn(self, value: Optional[Callable[..., torch.Tensor]]) -> None:
+        self.executor.decode_fn = value
+
+    @property
+    def device(self) -> torch.device:
+        return self.executor.device
+
+    @property
+    def thread_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ submitting
+
+    def check_prompt(self, prompt: Sequence[int], name: str = "the prompt") -> None:
+        """Refuse a prompt this engine cannot run (see `llama.engine.check_prompt`).
+
+        Raises:
+            ValueError: naming `name` and what to change.
+        """
+        check_prompt(list(prompt), self.vocab_size, self.max_seq_len, name)
+
+    def submit(
+        self,
+        prompt_tokens: Sequence[int],
+        *,
+        max_tokens: int,
+        sampling: Optional[SamplingParams] = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        default_stop: Any = _DEFAULT,
+        logprobs: Optional[int] = None,
+        include_stop_str: bool = False,
+        prompt_logprobs: bool = False,
+    ) -> Request:
+        """Queue a request; it joins the running batch at the next step. Thread-safe.
+
+        Args:
+            prompt_tokens: the prompt's ids (BOS included when wanted).
+            max_tokens: most tokens to generate; prompt + max_tokens must fit max_seq_len.
+            sampling: temperature, top_p, top_k, min_p, penalties, logit bias and seed
+                (default greedy), within the bounds of `llama.limits`.
+            stop: up to 4 non-empty strings; generation stops before the first one (matched
+                across token boundaries); the text excludes it unless `include_stop_str`.
+            stop_token_ids: ids that stop generation, besides `default_stop`.
+            default_stop: the format's own stop id (EOS by default; `tokenizer.eot_id` for
+                infilling, `tokenizer.step_id` for turn-based chat; None for none).
+            logprobs: None for none, 0 for each token's log-probability, 1..5 to add that
+                many most likely alternatives.
+            prompt_logprobs: also compute the prompt tokens' log-probabilities (no prefix reuse).
+
+        Returns:
+            the `Request`.
+
+        Raises:
+            ValueError: naming the parameter and its allowed range, or the token counts of a
+                prompt that does not fit; nothing else running is affected.
+        """
+        prompt = list(prompt_tokens)
+        self.check_prompt(prompt)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        stop_ids = list(stop_token_ids)
+        check_options(max_tokens, len(prompt), self.max_seq_len, stop, stop_ids, self.vocab_size, logprobs)
+        sampling = SamplingParams() if sampling is None else sampling
+        sampler = RowSampler(sampling, prompt, self.vocab_size, self.device)  # validates `sampling`
+        default = self.tokenizer.eos_id if default_stop is _DEFAULT else default_stop
+        if default is not None:
+            stop_ids.append(default)
+        request = Request(
+            f"req-{next(self._ids)}",
+            prompt,
+            max_tokens,
+            sampling,
+            sampler,
+            self.tokenizer,
+            stop,
+            stop_ids,
+            logprobs,
+            prompt_logprobs,
+            include_stop_str,
+            advance=self._drive,
+            engine_thread_running=lambda: self.thread_running,
+            wake=self._wake,
+        )
+        with self._lock:
+            self.scheduler.add(request)
+            self._work.notify_all()
+        return request
+
+    def forget_prefixes(self) -> None:
+        """Drop what the free slots remember, so no later request reuses their cached prefixes."""
+        with self._step_lock, self._lock:
+            self.scheduler.forget_prefixes()
+
+    def stats(self) -> Dict[str, int]:
+        """Counts for monitoring: running and waiting requests, free slots, the batch size."""
+        with self._lock:
+            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            free = self.scheduler.free_slots()
+        return {
+            "running": running,
+            "waiting": waiting,
+            "free_slots": free,
+            "max_batch_size": len(self.scheduler.slots),
+        }
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Run steps in a daemon thread whenever there is work (what a server does)."""
+        with self._lock:
+            if self.thread_running:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="codellama-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread: live requests end "cancelled"; other ranks are released."""
+        try:
+            with self._lock:
+                self._stopping = True
+                for request in list(self.scheduler.waiting) + self.scheduler.running:
+                    request.cancelled = True
+                self._work.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+            try:
+                self._drive()  # retire what is left
+            except Exception:  # already handed to the failed requests
+                traceback.print_exc()
+        finally:
+            distributed.broadcast_from_first_rank(("shutdown",))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self.scheduler.has_work() and not self._stopping:
+                    self._work.wait(timeout=IDLE_HEARTBEAT_SECONDS)
+                if self._stopping:
+                    return
+                idle = not self.scheduler.has_work()
+            if idle:
+                distributed.broadcast_from_first_rank(("idle",))
+                continue
+            try:
+                self._drive()
+            except Exception:  # already handed to the failed requests; keep serving the next ones
+                traceback.print_exc()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._work.notify_all()
+
+    def _drive(self) -> None:
+        """Run one step unless another thread is running one (then wait for it)."""
+        with self._step_lock:
+            try:
+                self.step()
+            except Exception as error:  # the model failed: fail every live request with it
+                with self._lock:
+                    failed = self.scheduler.drain()
+                for request in failed:
+                    request.stream.fail(error)
+                raise
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit, compute and sample once. Returns whether any request was live."""
+        with self._lock:
+            step = self.scheduler.schedule()
+        for request in step.retired:
+            request.stream.publish(Event("", finish_reason="cancelled", usage=request.usage()))
+        if step.plan is None:
+            return False
+        distributed.broadcast_from_first_rank(("step", step.plan))
+        decode_logits, prefill_logits = self.executor.run(step.plan)
+        self._advance(step, decode_logits, prefill_logits)
+        return True
+
+    def follow(self, until_result: bool = False) -> Any:
+        """On model-parallel ranks > 0: run rank 0's plans until it shuts down (or, with
+        `until_result`, until it broadcasts a batch result, which is returned).
+
+        Raises:
+            FollowerError: with `until_result`, when rank 0 failed the batch call.
+        """
+        return self.executor.follow(until_result)
+
+    # ------------------------------------------------------------------ results
+
+    def _advance(
+        self, step: Step, decode_logits: Optional[torch.Tensor], prefill_logits: Optional[torch.Tensor]
+    ) -> None:
+        """Record what the passes computed, sample the rows that are due, publish events."""
+        plan = step.plan
+        due: List[Request] = list(step.decoding)
+        logits = [decode_logits] if step.decoding else []
+        offset = 0
+        for request, (_, start, chunk) in zip(step.prefilling, plan.prefill):
+            with self._lock:
+                self.scheduler.prefilled(request, chunk)
+            if plan.all_logits:
+                chunk_logits = prefill_logits[offset : offset + len(chunk)]
+                offset += len(chunk)
+                if request.prompt_logprobs:
+                    targets = request.prompt_tokens[start + 1 : start + len(chunk) + 1]
+                    lp = torch.log_softmax(chunk_logits[: len(targets)], dim=-1)
+                    ids = torch.tensor(targets, device=lp.device)[:, None]
+                    request.prompt_lps += lp.gather(-1, ids)[:, 0].tolist()
+                last = chunk_logits[-1:]
+            else:
+                last = prefill_logits[offset : offset + 1]
+                offset += 1
+            if not request.prefilled:
+                continue
+            if request.max_tokens == 0:
+                self._finish(request, "length", "")
+                continue
+            due.append(request)
+            logits.append(last)
+        with self._lock:
+            for request in step.decoding:
+                self.scheduler.decoded(request)
+        if not due:
+            return
+        all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        tokens, errors = self._sample(all_logits, due)
+        want = [r.logprobs for r in due if r.logprobs is not None]
+        chosen_lp = top = None
+        if want:
+            chosen_lp, top = token_logprobs(all_logits, torch.tensor(tokens, device=all_logits.device), max(want))
+            chosen_lp = chosen_lp.tolist()
+            if top is not None:
+                top = (top[0].tolist(), top[1].tolist())
+        for i, (request, token) in enumerate(zip(due, tokens)):
+            if i in errors:
+                self._fail(request, errors[i])
+                continue
+            lp = None if chosen_lp is None else chosen_lp[i]
+            alternatives = None
+            if top is not None and request.logprobs:
+                k = request.logprobs
+                alternatives = dict(zip(top[0][i][:k], top[1][i][:k]))
+            try:
+                self._accept(request, token, lp, alternatives)
+            except Exception as error:  # this request's bookkeeping failed: it alone ends
+                self._fail(request, error)
+
+    def _sample(self, logits: torch.Tensor, due: List[Request]) -> Tuple[List[int], Dict[int, Exception]]:
+        """Each due row's token; a row whose sampling raises gets token 0 and its error."""
+        try:
+            return sample_rows(logits, [r.sampler for r in due]).tolist(), {}
+        except Exception:  # find the rows that fail, and sample the others on their own
+            tokens, errors = [], {}
+            for i, request in enumerate(due):
+                try:
+                    tokens.append(int(sample_rows(logits[i : i + 1], [request.sampler])[0]))
+                except Exception as error:
+                    tokens.append(0)
+                    errors[i] = error
+            return tokens, errors
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        with self._lock:
+            self.scheduler.release(request)
+        request.stream.fail(error)
+
+    def _accept(
+        self, request: Request, token: int, logprob: Optional[float], alternatives: Optional[Dict[int, float]]
+    ) -> None:
+        """Add one sampled token to a request, publish it, and finish the request when due."""
+        request.sampled += 1
+        request.sampler.observe(token)
+        if token in request.stop_ids:
+            self._finish(request, "stop", "")
+            return
+        request.generated.append(token)
+        event = Event(request.detokenizer.add(token), [token])
+        if request.logprobs is not None:
+            event.logprobs.append(logprob)
+            if request.logprobs:
+                event.top_logprobs.append(alternatives)
+        event.text, stopped = request.stops.feed(event.text)
+        finish = None
+        if stopped:
+            finish = "stop"
+        elif len(request.generated) >= request.max_tokens:
+            finish = "length"
+        elif len(request.prompt_tokens) + len(request.generated) >= self.max_seq_len:
+            finish = "length"  # no room to feed this token
+        if finish is None:
+            request.pending = token
+            request.stream.publish(event)
+            return
+        self._finish(request, finish, event.text, event, flush=not stopped)
+
+    def _finish(
+        self, request: Request, reason: str, text: str, event: Optional[Event] = None, flush: bool = True
+    ) -> None:
+        if flush:
+            tail, stopped = request.stops.feed(request.detokenizer.flush())
+            text += tail + ("" if stopped else request.stops.flush())
+        event = event or Event("")
+        event.text, event.finish_reason, event.usage = text, reason, request.usage()
+        with self._lock:
+            self.scheduler.release(request)
+        request.stream.publish(event)

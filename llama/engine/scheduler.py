@@ -1,0 +1,186 @@
+"""Which requests run in the next step: plain data in, a plan out (no torch, no threads).
+
+The scheduler owns the cache slots and the queues. `schedule()` retires cancelled requests,
+admits waiting ones into free slots (the slot holding the longest cached prefix of the prompt,
+else the least recently used one) and chooses the step's work: one decode position for every
+running sequence with a token to feed, and prompt chunks of at most `prefill_chunk` tokens in
+all, oldest request first. The caller serialises access (the engine holds its lock).
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional, Tuple
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The scheduling state of one request."""
+
+    prompt_tokens: List[int]
+    max_tokens: int
+    prompt_logprobs: bool = False  # every prompt position's logits are needed (no prefix reuse)
+    slot: Optional[int] = None
+    computed: int = 0  # prompt tokens whose keys and values are in the slot
+    cached: int = 0  # of those, reused from an earlier request
+    generated: List[int] = field(default_factory=list)
+    pending: Optional[int] = None  # sampled token to feed at the next decode pass
+    cancelled: bool = False
+
+    @property
+    def prefilled(self) -> bool:
+        """True once every prompt token's keys and values are cached."""
+        return self.computed == len(self.prompt_tokens)
+
+
+@dataclass
+class Slot:
+    """One cache row and the ids whose keys and values it holds."""
+
+    index: int
+    tokens: List[int] = field(default_factory=list)
+    last_used: int = 0
+    sequence: Optional[Sequence] = None
+
+
+@dataclass
+class Plan:
+    """One step's model work, as plain ids (what rank 0 broadcasts to the other ranks)."""
+
+    decode: List[Tuple[int, int, int]]  # (slot, position, token)
+    prefill: List[Tuple[int, int, List[int]]]  # (slot, start position, tokens)
+    all_logits: bool = False  # prefill logits at every position (prompt log-probabilities)
+
+
+@dataclass
+class Step:
+    """What `schedule` decided: the retired sequences and, when there is work, the plan with the
+    sequence of each decode row and each prefill chunk (in plan order)."""
+
+    retired: List[Sequence]
+    plan: Optional[Plan] = None
+    decoding: List[Sequence] = field(default_factory=list)
+    prefilling: List[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    """The waiting queue, the running sequences and the cache slots.
+
+    Args:
+        num_slots: cache rows (the model's max_batch_size).
+        prefill_chunk: most prompt tokens prefilled in one step.
+        prefix_reuse: admit a prompt into the free slot that caches its longest prefix.
+    """
+
+    def __init__(self, num_slots: int, prefill_chunk: int, prefix_reuse: bool = True):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.slots = [Slot(i) for i in range(num_slots)]
+        self.prefill_chunk = prefill_chunk
+        self.prefix_reuse = prefix_reuse
+        self.waiting: Deque[Sequence] = deque()
+        self.running: List[Sequence] = []  # in admission order
+        self._clock = itertools.count(1)
+
+    def has_work(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a sequence; it is admitted when a slot is free."""
+        self.waiting.append(sequence)
+
+    def schedule(self) -> Step:
+        """Retire cancelled sequences (released), admit waiting ones, and plan the step."""
+        retired = [s for s in self.waiting if s.cancelled]
+        for sequence in retired:
+            self.waiting.remove(sequence)
+        cancelled_running = [s for s in self.running if s.cancelled]
+        for sequence in cancelled_running:
+            self.release(sequence)
+        retired += cancelled_running
+        while self.waiting and len(self.running) < len(self.slots):
+            self._admit(self.waiting.popleft())
+        if not self.running:
+            return Step(retired)
+        decoding = [s for s in self.running if s.pending is not None]
+        plan = Plan(
+            decode=[(s.slot, len(s.prompt_tokens) + len(s.generated) - 1, s.pending) for s in decoding],
+            prefill=[],
+        )
+        budget = self.prefill_chunk
+        prefilling = []
+        for sequence in self.running:
+            remaining = len(sequence.prompt_tokens) - sequence.computed
+            if remaining == 0 or budget == 0:
+                continue
+            n = min(remaining, budget)
+            budget -= n
+            chunk = sequence.prompt_tokens[sequence.computed : sequence.computed + n]
+            plan.prefill.append((sequence.slot, sequence.computed, chunk))
+            plan.all_logits |= sequence.prompt_logprobs
+            prefilling.append(sequence)
+        return Step(retired, plan, decoding, prefilling)
+
+    def _admit(self, sequence: Sequence) -> None:
+        free = [slot for slot in self.slots if slot.sequence is None]
+        prompt = sequence.prompt_tokens
+        reuse = self.prefix_reuse and not sequence.prompt_logprobs
+
+        def cached_prefix(slot: Slot) -> int:
+            if not reuse:
+                return 0
+            n = 0
+            for cached, wanted in zip(slot.tokens, prompt):
+                if cached != wanted:
+                    break
+                n += 1
+            return min(n, len(prompt) - 1)  # the last prompt token is always computed: its logits
+
+        best = max(free, key=lambda slot: (cached_prefix(slot), -slot.last_used))
+        sequence.cached = sequence.computed = cached_prefix(best)
+        del best.tokens[sequence.computed :]
+        best.sequence = sequence
+        best.last_used = next(self._clock)
+        sequence.slot = best.index
+        self.running.append(sequence)
+
+    def prefilled(self, sequence: Sequence, chunk: List[int]) -> None:
+        """Record that `chunk` (the next prompt tokens of `sequence`) is now cached."""
+        self.slots[sequence.slot].tokens.extend(chunk)
+        sequence.computed += len(chunk)
+
+    def decoded(self, sequence: Sequence) -> None:
+        """Record that the fed token's keys and values are now cached."""
+        self.slots[sequence.slot].tokens.append(sequence.pending)
+        sequence.pending = None
+
+    def release(self, sequence: Sequence) -> None:
+        """Take a sequence out of the queues and free its slot (its cached ids stay for reuse)."""
+        if sequence.slot is not None:
+            slot = self.slots[sequence.slot]
+            slot.sequence = None
+            slot.last_used = next(self._clock)
+            sequence.slot = None
+        sequence.pending = None
+        if sequence in self.running:
+            self.running.remove(sequence)
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+
+    def drain(self) -> List[Sequence]:
+        """Release and return every waiting and running sequence (the engine failed them)."""
+        live = list(self.waiting) + list(self.running)
+        for sequence in live:
+            self.release(sequence)
+        return live
+
+    def forget_prefixes(self) -> None:
+        """Free slots forget their cached ids, so no later request reuses them."""
+        for slot in self.slots:
+            if slot.sequence is None:
+                slot.tokens.clear()
+
+    def free_slots(self) -> int:
+        """Slots without a running sequence."""
+        return sum(slot.sequence is None for slot in self.slots)
