@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from llama import kernels
 
@@ -179,3 +180,22 @@ def broadcast_from_first_rank(obj: object) -> object:
         device=device,
     )
     return holder[0]
+
+
+def model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over the model-parallel ranks (a new tensor; `x` is left unchanged).
+
+    Uses the functional collectives, which `torch.compile` traces into a full graph (fairscale's
+    autograd mappings cannot be traced).
+    """
+    if fs_init.get_model_parallel_world_size() == 1:
+        return x
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", fs_init.get_model_parallel_group()))
+
+
+def model_parallel_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """The model-parallel ranks' `x` concatenated along the last dimension, in rank order."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return x
+    group = fs_init.get_model_parallel_group()
+    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, group))

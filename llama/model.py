@@ -1,7 +1,8 @@
 """The Code Llama Transformer: the Llama 2 equations, sharded with fairscale model parallelism.
 
 This module is only the math. It knows nothing about files, prompts or process groups: the
-fairscale layers ask fairscale for the model-parallel group, which the caller set up.
+fairscale layers ask fairscale for the model-parallel group, which the caller set up, and sum or
+gather the ranks' partial results through `llama.distributed`.
 """
 
 from dataclasses import dataclass
@@ -16,13 +17,9 @@ from fairscale.nn.model_parallel.layers import (
     ParallelEmbedding,
     RowParallelLinear,
 )
-from fairscale.nn.model_parallel.mappings import (
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-)
 from torch import nn
 
-from llama import kernels
+from llama import distributed, kernels
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -167,9 +164,17 @@ class ColumnLinear(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.linear(x, self.weight)
-        if self.gather_output and fs_init.get_model_parallel_world_size() > 1:
-            out = gather_from_model_parallel_region(out)
+        if self.gather_output:
+            out = distributed.model_parallel_gather_last_dim(out)
         return out
+
+
+class Embedding(ParallelEmbedding):
+    """fairscale's parallel embedding (each rank holds a slice of every token's vector), its
+    slices gathered with a collective that `torch.compile` can trace."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return distributed.model_parallel_gather_last_dim(F.embedding(tokens, self.weight))
 
 
 class RowLinear(RowParallelLinear):
@@ -177,10 +182,7 @@ class RowLinear(RowParallelLinear):
     multiplying with `kernels.linear`, then summing the ranks' partial results."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.linear(x, self.weight)
-        if fs_init.get_model_parallel_world_size() > 1:
-            out = reduce_from_model_parallel_region(out)
-        return out
+        return distributed.model_parallel_all_reduce(kernels.linear(x, self.weight))
 
 
 class Attention(nn.Module):
@@ -355,7 +357,7 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
+        self.tok_embeddings = Embedding(params.vocab_size, params.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)

@@ -8,8 +8,10 @@ compare with a single-process run.
 import json
 import os
 import sys
+import time
 
 import torch
+import torch._dynamo
 import torch.distributed
 
 
@@ -41,10 +43,48 @@ def main(job_path: str) -> None:
     result["greedy"] = generator.generate(job["prompts"], max_gen_len=12, temperature=0.0, logprobs=True)
     result["completion"] = generator.text_completion(job["texts"], temperature=0.0, max_gen_len=8)
     result["sampled"] = generator.generate(job["prompts"], max_gen_len=12, temperature=1.0, top_p=0.95)[0]
+    result["failures"] = failures(generator, job["prompts"], rank)
+    result["after_failures"] = generator.generate(job["prompts"], max_gen_len=12, temperature=0.0)[0]
+
+    # compile=True compiles the decode step on every rank, not only on rank 0.
+    compiled = Llama.build(
+        job["ckpt_dir"], job["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32", compile=True
+    )
+    torch._dynamo.utils.counters.clear()
+    result["compiled_greedy"] = compiled.generate(job["prompts"], max_gen_len=6, temperature=0.0)[0]
+    result["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch.save(result, os.path.join(job["out_dir"], f"rank{rank}.pt"))
     # Leave together: a rank that exits while its peer still talks to it aborts the peer.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def failures(generator, prompts, rank: int) -> dict:
+    """What each rank raised, and how long it took, when rank 0 refuses or fails a batch call."""
+    import llama.engine.core
+
+    seen = {}
+    started = time.monotonic()
+    try:
+        generator.generate(prompts, max_gen_len=4, temperature=0.7, top_p=0.0)
+    except Exception as err:
+        seen["refused"] = (type(err).__name__, str(err), time.monotonic() - started)
+
+    real = llama.engine.core.sample_rows
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampling failed on rank 0 (simulated)")
+
+    if rank == 0:  # only rank 0 samples: the other ranks must hear of its failure
+        llama.engine.core.sample_rows = broken
+    started = time.monotonic()
+    try:
+        generator.generate(prompts, max_gen_len=4, temperature=0.7)
+    except Exception as err:
+        seen["failed"] = (type(err).__name__, str(err), time.monotonic() - started)
+    finally:
+        llama.engine.core.sample_rows = real
+    return seen
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def test_only_rank_zero_prints(mp_run):
     assert "stdout of rank 0" in out
     assert "stdout of rank 1" not in out
     summaries = [line for line in mp_run["proc"].stdout.splitlines() if line.startswith("Loaded ")]
-    assert len(summaries) == 1 and "MP=2" in summaries[0], mp_run["proc"].stdout
+    # Two builds (eager and compiled), each summarised by rank 0 alone.
+    assert len(summaries) == 2 and all("MP=2" in line for line in summaries), mp_run["proc"].stdout
 
 
 def test_heads_not_divisible_by_model_parallel_size(mp_run):
@@ -158,3 +159,20 @@ def test_heads_not_divisible_by_model_parallel_size(mp_run):
         errors = rank["errors"]
         assert "n_kv_heads=1 is not divisible by the model-parallel size 2" in errors["n_kv_heads"]
         assert "n_heads=3 is not divisible by the model-parallel size 2" in errors["n_heads"]
+
+
+def test_rank_zero_refusals_and_failures_reach_every_rank(mp_run):
+    """A bad argument is refused on every rank; a failure inside rank 0's step is raised on the
+    other ranks too (they were waiting for rank 0's result), and generation goes on after both."""
+    for rank in mp_run["ranks"]:
+        failures = rank["failures"]
+        assert failures["refused"][0] == "ValueError" and "top_p" in failures["refused"][1]
+        assert "sampling failed on rank 0 (simulated)" in failures["failed"][1]
+        assert rank["after_failures"] == rank["greedy"][0]
+    assert mp_run["ranks"][1]["failures"]["failed"][0] == "FollowerError"
+
+
+def test_compiled_mp2_runs_compiled_on_every_rank(mp_run):
+    for rank in mp_run["ranks"]:
+        assert rank["compiled_graphs"] > 0  # this rank traced and ran the compiled decode step
+        assert rank["compiled_greedy"] == [tokens[:6] for tokens in rank["greedy"][0]]

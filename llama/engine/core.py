@@ -322,7 +322,9 @@ class Engine:
         want = [r.logprobs for r in due if r.logprobs is not None]
         chosen_lp = top = None
         if want:
-            chosen_lp, top = token_logprobs(all_logits, torch.tensor(tokens, device=all_logits.device), max(want))
+            chosen_lp, top = token_logprobs(
+                all_logits, torch.tensor(tokens, device=all_logits.device), max(want)
+            )
             chosen_lp = chosen_lp.tolist()
             if top is not None:
                 top = (top[0].tolist(), top[1].tolist())

@@ -62,7 +62,9 @@ def check_options(
             f"{limits.MAX_STOP_STRING_CHARS} characters, got {stop!r:.200}"
         )
     if len(stop_token_ids) > limits.MAX_STOP_TOKEN_IDS:
-        raise ValueError(f"stop_token_ids holds at most {limits.MAX_STOP_TOKEN_IDS} ids, got {len(stop_token_ids)}")
+        raise ValueError(
+            f"stop_token_ids holds at most {limits.MAX_STOP_TOKEN_IDS} ids, got {len(stop_token_ids)}"
+        )
     bad = [t for t in stop_token_ids if not limits.is_int(t) or not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"stop_token_ids: {bad[0]!r} is outside the vocabulary of {vocab_size}")
