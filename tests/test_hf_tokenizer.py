@@ -181,9 +181,12 @@ def test_readme_differences_from_the_reference_are_still_true(converted, tokeniz
     hf_ids = load_tokenizer(folder)("  x = 1").input_ids
     assert hf_ids == [ours.bos_id] + ours.encode("  x = 1", bos=False, eos=False)[1:]  # one space fewer
     assert ours.encode("  x = 1", bos=False, eos=False)[0] == space
-    hf_ids = load_tokenizer(folder)("a = <FILL_ME>\nb = 2").input_ids
+    leaky = load_tokenizer(folder)
+    hf_ids = leaky("a = <FILL_ME>\nb = 2").input_ids
     suffix_start = hf_ids.index(ours.suffix_id) + 1
     assert hf_ids[suffix_start] == space and ours.encode_infilling("\nb = 2")[0] != space
+    # Why the README wraps infilling calls: unwrapped, the object's later chat prompts gain a space.
+    assert chat_ids(leaky, ONE_TURN) == [ours.bos_id, space] + instruct_prompt_tokens(ours, ONE_TURN)[1:]
 
 
 def test_chat_template_gives_the_instruct_prompt_ids(converted, tokenizer_path):
@@ -255,10 +258,70 @@ def test_from_hf_round_trips_with_and_without_the_tokenizer_files(converted, tmp
         assert (back / "tokenizer.model").read_bytes() == (ckpt_dir / "tokenizer.model").read_bytes()
 
 
-def test_the_readme_snippet_runs_on_a_converted_folder(converted):
-    _, folder = converted
+def readme_snippet(folder) -> str:
+    """The README's Hugging Face code, reading `folder`."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Hugging Face format", 1)[1].split("\n### ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return code.replace('"CodeLlama-7b-Instruct-hf"', repr(str(folder)))
+
+
+def readme_encode_infilling(folder):
+    """The README's `encode_infilling`, defined on its own (without running the rest of the snippet)."""
+    (definition,) = re.findall(
+        r"^def encode_infilling\(.*?(?=^\S)", readme_snippet(folder), flags=re.S | re.M
+    )
+    namespace: dict = {}
+    exec(compile(definition, "README.md", "exec"), namespace)
+    return namespace["encode_infilling"]
+
+
+def test_the_readme_snippet_runs_on_a_converted_folder(converted, tokenizer_path):
+    _, folder = converted
+    code = readme_snippet(folder)
     assert "apply_chat_template" in code and "<FILL_ME>" in code and "pipeline(" in code
-    exec(compile(code.replace('"CodeLlama-7b-Instruct-hf"', repr(str(folder))), "README.md", "exec"), {})
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    ours = Tokenizer(str(tokenizer_path))
+    # Infilling first, then the other calls on the same object: they still give the reference's ids.
+    assert (
+        namespace["infill"][:2] == [ours.bos_id, ours.prefix_id] and namespace["infill"][-1] == ours.middle_id
+    )
+    assert namespace["plain"] == ours.encode("def f(x):", bos=True, eos=False)
+    assert list(namespace["chat"]) == instruct_prompt_tokens(
+        ours, [{"role": "user", "content": "Sort a list"}]
+    )
+
+
+INFILL_PROMPTS = [
+    ('def add(a, b):\n    """', '"""\n    return a + b\n'),
+    ("import os\n\n\ndef main():\n", "\n\nif __name__ == '__main__':\n    main()\n"),
+]
+
+
+def test_one_tokenizer_infills_then_chats_with_the_reference_ids(converted, tokenizer_path):
+    _, folder = converted
+    ours = Tokenizer(str(tokenizer_path))
+    encode_infilling = readme_encode_infilling(folder)
+    hf_tokenizer = load_tokenizer(folder)
+    # Interleaved, all on one instance: each result must not depend on what the instance did before.
+    for prefix, suffix in INFILL_PROMPTS:
+        ids = encode_infilling(hf_tokenizer, prefix + "<FILL_ME>" + suffix)
+        assert ids == (
+            [ours.bos_id, ours.prefix_id]
+            + ours.encode(prefix, bos=False, eos=False)
+            + [ours.suffix_id]
+            + ours.encode(suffix, bos=False, eos=False)
+            + [ours.middle_id]
+        )
+        assert ids == load_tokenizer(folder)(prefix + "<FILL_ME>" + suffix).input_ids
+        for dialog in (ONE_TURN, MULTI_TURN):
+            ids = chat_ids(hf_tokenizer, dialog)
+            assert ids == instruct_prompt_tokens(ours, dialog)
+            assert ids == chat_ids(load_tokenizer(folder), dialog)
+        for text in CODE_STRINGS:
+            ids = hf_tokenizer(text).input_ids
+            assert ids == ours.encode(text, bos=True, eos=False), repr(text)
+            assert ids == load_tokenizer(folder)(text).input_ids
+        # Where a fresh object differs from the reference (README), this one still acts like a fresh one.
+        assert hf_tokenizer("    return x").input_ids == load_tokenizer(folder)("    return x").input_ids
