@@ -1,5 +1,7 @@
 import pytest
+from sentencepiece import SentencePieceProcessor
 
+from llama import Llama
 from tests.tiny import INFILL_PIECES, make_checkpoint, train_tokenizer
 
 
@@ -28,3 +30,24 @@ def checkpoint_dir(tmp_path_factory, tokenizer_path):
 
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_size=vocab)
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_path):
+    return SentencePieceProcessor(model_file=str(tokenizer_path))
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint_dir, tokenizer_path):
+    """The tiny checkpoint in fp32 with 4 slots of 128 tokens (the engine tests' model)."""
+    return Llama.build(
+        str(checkpoint_dir), str(tokenizer_path), max_seq_len=128, max_batch_size=4, dtype="float32"
+    )
+
+
+@pytest.fixture
+def engine(llama):
+    """The engine of `llama`, with prefix reuse on and the default prefill chunk."""
+    llama.engine.prefix_reuse = True
+    llama.engine.prefill_chunk = 512
+    return llama.engine

@@ -15,7 +15,6 @@ from typing import List
 
 import pytest
 import torch
-from sentencepiece import SentencePieceProcessor
 
 from llama import Llama, kernels
 from llama.engine import Engine
@@ -36,25 +35,6 @@ CODE = [
     "return json.loads(text)",
     "from typing import List",
 ]
-
-
-@pytest.fixture(scope="module")
-def sp(tokenizer_path):
-    return SentencePieceProcessor(model_file=str(tokenizer_path))
-
-
-@pytest.fixture(scope="module")
-def llama(checkpoint_dir, tokenizer_path):
-    return Llama.build(
-        str(checkpoint_dir), str(tokenizer_path), max_seq_len=128, max_batch_size=4, dtype="float32"
-    )
-
-
-@pytest.fixture
-def engine(llama):
-    llama.engine.prefix_reuse = True
-    llama.engine.prefill_chunk = 512
-    return llama.engine
 
 
 def prompts(sp, texts=CODE) -> List[List[int]]:

@@ -17,7 +17,7 @@ from llama import limits
 from llama.engine import Event
 from llama.engine.stream import EventStream
 from llama.sampling import SamplingParams
-from tests.test_engine import alone, engine, llama, prompts, sp  # noqa: F401  (fixtures)
+from tests.test_engine import alone, prompts
 
 HOSTILE = [
     SamplingParams(temperature=1e-39, seed=3),

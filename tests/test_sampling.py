@@ -8,8 +8,7 @@ import torch
 
 from llama import limits
 from llama.generation import sample_top_p as reference_name
-from llama.sampling import sample_top_p
-from llama.sampling import RowSampler, SamplingParams, sample_rows, token_logprobs
+from llama.sampling import RowSampler, SamplingParams, sample_rows, sample_top_p, token_logprobs
 
 VOCAB = 32
 

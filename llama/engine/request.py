@@ -1,6 +1,7 @@
 """A submitted request: its checks, its scheduling state and the stream its consumers read."""
 
-from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence as Seq
+from typing import AsyncIterator, Callable, Iterator, List, Optional
+from typing import Sequence as Seq
 
 from llama import limits
 from llama.detokenize import IncrementalDetokenizer, StopMatcher
