@@ -156,7 +156,7 @@ def machine_line() -> str:
         pass
     return (
         f"{model} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads, "
+        f"{torch.get_num_threads()} thread{'' if torch.get_num_threads() == 1 else 's'}, "
         f"kernel variant {kernels.variant()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
 
