@@ -136,5 +136,7 @@ def describe(device_type: str = "cpu") -> List[str]:
             lines.append(f"{mode}: dequantize the whole weight per call (FALLBACK: {reason})")
             continue
         rows = "any number of rows" if entry.max_rows is None else f"up to {entry.max_rows} rows"
+        if entry.max_rows is not None and uses_op(entry, entry.max_rows + 1, torch.bfloat16, device_type):
+            rows += " (any number of bf16 rows: no bf16 instructions here)"
         lines.append(f"{mode}: {entry.op} for {rows}; load: {entry.packing}")
     return lines
