@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama import quantization, quantized_backends  # noqa: E402
+from llama import kernel_report, quantization, quantized_backends  # noqa: E402
 
 DIM, FFN, KV_DIM = 2048, 5632, 256
 SHAPES = [(DIM, DIM), (KV_DIM, DIM), (KV_DIM, DIM), (DIM, DIM), (FFN, DIM), (FFN, DIM), (DIM, FFN)]
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
         quantized_backends.TABLE[key] = dataclasses.replace(backend, max_rows=None)
     variants = layer_variants()
     names = list(variants)
+    print(kernel_report.report() + "\n")  # the instruction sets and paths behind the numbers
     print(f"torch {torch.__version__}, {args.threads} threads; ms per TinyLlama layer (44 M weights)\n")
     for act_dtype in (torch.float32, torch.bfloat16):
         print(f"activations {str(act_dtype).removeprefix('torch.')}")
