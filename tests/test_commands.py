@@ -219,18 +219,22 @@ PUBLISHED = {
 
 
 def independent_bytes(size, mp, mode, seq, batch, group=64):
-    """Bytes per rank counted from the published shapes, bf16 activations and non-linear weights."""
+    """Bytes per rank counted from the published shapes, bf16 activations and non-linear weights
+    (the linear layers of the published models have multiples of 64 rows, except the output layer)."""
     dim, layers, heads, kv, ffn, vocab, _ = PUBLISHED[size]
     hd = dim // heads
     linear = 2 * dim * heads * hd + 2 * dim * kv * hd + 3 * dim * ffn  # wq, wo, wk, wv, w1, w2, w3
     out_channels = (heads * hd + 2 * kv * hd + 2 * ffn) // mp + 2 * dim  # column-parallel split, wo/w2 whole
-    rest = 2 * (layers * 2 * dim + 2 * vocab * dim // mp + dim)  # norms, embeddings, output in bf16
+    rest = 2 * (layers * 2 * dim + vocab * dim // mp + dim)  # norms, embeddings in bf16
+    out_rows = vocab // mp  # the output layer, quantized like the others
     if mode == "bfloat16":
-        weights = 2 * layers * linear // mp + rest
+        weights = 2 * layers * linear // mp + 2 * out_rows * dim + rest
     elif mode == "int8":
-        weights = layers * (linear // mp + 2 * out_channels) + rest
-    else:  # 4 bits per value, a bf16 scale and zero per group of a rank's share
-        weights = layers * (linear // mp // 2 + 4 * (linear // mp // group)) + rest
+        weights = layers * (linear // mp + 2 * out_channels) + out_rows * dim + 2 * out_rows + rest
+    else:  # 4 bits per value, a bf16 scale and zero per group of a rank's share; rows padded to 64
+        out_rows = -(-out_rows // 64) * 64
+        output = out_rows * dim // 2 + 4 * out_rows * (dim // group)
+        weights = layers * (linear // mp // 2 + 4 * (linear // mp // group)) + output + rest
     kv_cache = 2 * layers * kv * hd * seq * batch * 2 // mp
     chunk = min(512, seq)  # the engine prefills at most 512 prompt tokens per step
     ffn_buffers = 3 * chunk * ffn // mp * 2
