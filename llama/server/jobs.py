@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
+from llama.limits import GREEDY_TEMPERATURE
 from llama.prompts import (
     Dialog,
     infilling_prompt_tokens,
@@ -26,6 +27,7 @@ from llama.server.schemas import (
     InfillRequest,
     LlamaCppCompletionRequest,
     OpenAISampling,
+    parse_token_key,
 )
 from llama.tokenizer import Tokenizer
 
@@ -51,6 +53,7 @@ class Job:
     echo: bool = False
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' too
     strip_leading_space: bool = False  # chat answers start without the word-boundary space
+    cap_to_context: bool = False  # max_tokens beyond what the context leaves is capped, not refused
 
     def choice_count(self) -> int:
         """How many engine requests this job submits."""
@@ -82,7 +85,7 @@ def _logit_bias(bias: Optional[Dict[Union[str, int], float]], vocab_size: int, p
         return None
     out = {}
     for key, value in bias.items():
-        token = int(key)
+        token = key if isinstance(key, int) else parse_token_key(key)
         if not 0 <= token < vocab_size:
             raise invalid(f"{param}: token id {token} is outside the vocabulary of {vocab_size}", param)
         out[token] = float(value)
@@ -97,10 +100,11 @@ def _check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> List[in
 
 
 def _openai_sampling(body: OpenAISampling, vocab_size: int) -> SamplingParams:
-    if body.n > 1 and body.temperature == 0:
+    if body.n > 1 and body.temperature < GREEDY_TEMPERATURE:
         raise invalid(
-            f"n={body.n} with temperature 0 would return {body.n} identical greedy choices: "
-            "use n=1, or a temperature above 0",
+            f"n={body.n} with temperature {body.temperature:g} (below {GREEDY_TEMPERATURE:g}: greedy) "
+            f"would return {body.n} identical choices: use n=1, or a temperature of at least "
+            f"{GREEDY_TEMPERATURE:g}",
             "n",
         )
     return SamplingParams(
@@ -285,4 +289,5 @@ def _llamacpp_job(
         stop=list(body.stop),
         default_stops=[default_stop],
         logprobs=body.n_probs or None,
+        cap_to_context=True,  # as llama.cpp, which stops when the context is full
     )

@@ -68,6 +68,10 @@ class ServerMetrics:
         )
         self.registry.register(_EngineStatsCollector(stats))
 
+    def count_error(self, status: int) -> None:
+        """Count one request answered with the error status `status`."""
+        self.errors.labels(str(status)).inc()
+
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)

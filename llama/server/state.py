@@ -1,12 +1,19 @@
 """What the handlers share: the loaded model (once loaded), the admission bound and the metrics."""
 
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from llama.engine import Engine
 from llama.server.errors import APIError
+from llama.server.jobs import Job
 from llama.server.metrics import ServerMetrics
-from llama.server.runner import RETRY_AFTER_SECONDS, Capacity, EngineUnavailable
+from llama.server.runner import (
+    RETRY_AFTER_SECONDS,
+    Capacity,
+    EngineUnavailable,
+    Generation,
+    start_generation,
+)
 from llama.tokenizer import Tokenizer
 
 
@@ -84,3 +91,11 @@ class ServerState:
         """The model's tokenizer (raises like `engine`)."""
         self.engine()
         return self.tokenizer_
+
+    async def generate(self, endpoint: str, choices: int, make_job: Callable[[], Job]) -> Generation:
+        """Start a generation of `choices` choices whose job `make_job` builds (see
+        `runner.start_generation`; errors as there, and 503 as `engine`)."""
+        engine = self.engine()
+        return await start_generation(
+            engine, self.capacity, self.metrics, endpoint, self.engine_failed, choices, make_job
+        )
