@@ -22,6 +22,10 @@ MAX_LOGIT_BIAS = 100.0  # each bias lies in [-100, 100] (OpenAI's range)
 MAX_LOGIT_BIAS_ENTRIES = 1024
 SEED_LIMIT = 2**64  # seeds lie in [0, 2**64 - 1] (torch.Generator.manual_seed)
 
+# Speculative decoding.
+MAX_SPECULATIVE_TOKENS = 7  # proposals per step: with the fed token, 8 rows (the kernels' fixed order)
+SPECULATION_ROWS = 8  # decode rows a step may grow to with proposals
+
 # Stopping and output.
 MAX_STOP_STRINGS = 4
 MAX_STOP_STRING_CHARS = 1024

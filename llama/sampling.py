@@ -266,6 +266,20 @@ def _sample(logits: torch.Tensor, params: List[SamplingParams], generator: Optio
     return torch.gather(probs_idx, -1, choice)[:, 0]
 
 
+def sampling_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distributions a sampled (not greedy) request with `params` draws from.
+
+    Args:
+        logits: [n, vocab] logits after any penalties, one row per position.
+        params: the request's settings (temperature, top_k, top_p, min_p).
+
+    Returns:
+        [n, vocab] probabilities in vocabulary order, each row summing to 1.
+    """
+    probs_sort, probs_idx = _filtered_sorted_probs(logits, [params] * logits.shape[0])
+    return torch.zeros_like(probs_sort).scatter_(-1, probs_idx, probs_sort)
+
+
 def _filtered_sorted_probs(
     logits: torch.Tensor, params: List[SamplingParams]
 ) -> Tuple[torch.Tensor, torch.Tensor]:

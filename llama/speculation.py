@@ -13,9 +13,39 @@ the proposals, and keeps what the verification rule accepts:
 Either way, one verification pass of k proposals emits between 1 and k + 1 tokens.
 """
 
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from llama import limits
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How one request proposes tokens for the main model to check.
+
+    `method` "lookup" proposes the tokens that followed the latest earlier occurrence of the last
+    n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the text so far. At most
+    `num_tokens` tokens are proposed per step; the number adapts to the request's acceptance,
+    down to none.
+    """
+
+    method: str = "lookup"
+    num_tokens: int = 4
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field out of range."""
+        if self.method != "lookup":
+            raise ValueError(f'speculative method must be "lookup", got {self.method!r}')
+        limits.check_int("speculative num_tokens", self.num_tokens, 1, limits.MAX_SPECULATIVE_TOKENS)
+        limits.check_int("speculative max_ngram", self.max_ngram, 1, 16)
+        limits.check_int(
+            "speculative min_ngram", self.min_ngram, 1, self.max_ngram if _is_int(self.max_ngram) else 16
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Prompt lookup

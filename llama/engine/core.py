@@ -17,13 +17,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama import distributed
+from llama import distributed, limits
 from llama.engine.executor import Executor
 from llama.engine.request import Request, check_options, check_prompt
 from llama.engine.scheduler import Scheduler, Step
 from llama.engine.stream import Event
 from llama.model import Transformer
-from llama.sampling import RowSampler, SamplingParams, sample_rows, token_logprobs
+from llama.sampling import RowSampler, SamplingParams, sample_rows, sampling_probabilities, token_logprobs
+from llama.speculation import Speculation, accept_greedy, verify_sampled
 from llama.tokenizer import Tokenizer
 
 # While idle under model parallelism, rank 0 tells the other ranks it is alive this often, so
@@ -65,6 +66,8 @@ class Engine:
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self.speculative_proposed = 0  # tokens proposed by speculation, and of those accepted
+        self.speculative_accepted = 0
 
     # ------------------------------------------------------------------ settings
 
@@ -124,6 +127,7 @@ class Engine:
         logprobs: Optional[int] = None,
         include_stop_str: bool = False,
         prompt_logprobs: bool = False,
+        speculation: Optional[Speculation] = None,
     ) -> Request:
         """Queue a request; it joins the running batch at the next step. Thread-safe.
 
@@ -140,6 +144,10 @@ class Engine:
             logprobs: None for none, 0 for each token's log-probability, 1..5 to add that
                 many most likely alternatives.
             prompt_logprobs: also compute the prompt tokens' log-probabilities (no prefix reuse).
+            speculation: propose tokens by prompt lookup and check them in the decode pass
+                (`llama.speculation.Speculation`); greedy requests get exactly the tokens they
+                would get without it, sampled ones the same distribution. Requests with
+                penalties or logit bias decode one token at a time.
 
         Returns:
             the `Request`.
@@ -155,6 +163,8 @@ class Engine:
         check_options(max_tokens, len(prompt), self.max_seq_len, stop, stop_ids, self.vocab_size, logprobs)
         sampling = SamplingParams() if sampling is None else sampling
         sampler = RowSampler(sampling, prompt, self.vocab_size, self.device)  # validates `sampling`
+        if speculation is not None:
+            speculation.validate()
         default = self.tokenizer.eos_id if default_stop is _DEFAULT else default_stop
         if default is not None:
             stop_ids.append(default)
@@ -173,6 +183,7 @@ class Engine:
             advance=self._drive,
             engine_thread_running=lambda: self.thread_running,
             wake=self._wake,
+            speculation=speculation,
         )
         with self._lock:
             self.scheduler.add(request)
@@ -194,6 +205,8 @@ class Engine:
             "waiting": waiting,
             "free_slots": free,
             "max_batch_size": len(self.scheduler.slots),
+            "speculative_proposed": self.speculative_proposed,
+            "speculative_accepted": self.speculative_accepted,
         }
 
     # ------------------------------------------------------------------ running
@@ -261,6 +274,7 @@ class Engine:
     def step(self) -> bool:
         """Admit, compute and sample once. Returns whether any request was live."""
         with self._lock:
+            self._propose()
             step = self.scheduler.schedule()
         for request in step.retired:
             request.stream.publish(Event("", finish_reason="cancelled", usage=request.usage()))
@@ -270,6 +284,27 @@ class Engine:
         decode_logits, prefill_logits = self.executor.run(step.plan)
         self._advance(step, decode_logits, prefill_logits)
         return True
+
+    def _propose(self) -> None:
+        """Give each running speculating row its proposals for this step: at most its adaptive
+        length, what fits its context and max_tokens, and `limits.SPECULATION_ROWS` decode rows
+        in all (the kernels' fixed reduction order covers up to 8 rows)."""
+        decoding = [r for r in self.scheduler.running if r.pending is not None and not r.cancelled]
+        room = limits.SPECULATION_ROWS - len(decoding)
+        for request in decoding:
+            request.proposals = []
+            if request.lookup is None or room <= 0:
+                continue
+            position = len(request.prompt_tokens) + len(request.generated) - 1  # of the fed token
+            wanted = min(
+                request.lengths.next_length(),
+                room,
+                self.max_seq_len - 1 - position,
+                request.max_tokens - len(request.generated) - 1,
+            )
+            if wanted > 0:
+                request.proposals = request.lookup.propose(wanted)
+                room -= len(request.proposals)
 
     def follow(self, until_result: bool = False) -> Any:
         """On model-parallel ranks > 0: run rank 0's plans until it shuts down (or, with
@@ -287,8 +322,20 @@ class Engine:
     ) -> None:
         """Record what the passes computed, sample the rows that are due, publish events."""
         plan = step.plan
-        due: List[Request] = list(step.decoding)
-        logits = [decode_logits] if step.decoding else []
+        proposals = {id(r): list(r.proposals) for r in step.decoding}
+        due: List[Request] = []
+        logits = []
+        verifying: List[Tuple[Request, List[int], torch.Tensor]] = []
+        row = 0
+        for request in step.decoding:
+            proposed = proposals[id(request)]
+            rows = decode_logits[row : row + 1 + len(proposed)]
+            row += 1 + len(proposed)
+            if proposed:
+                verifying.append((request, proposed, rows))
+            else:
+                due.append(request)
+                logits.append(rows)
         offset = 0
         for request, (_, start, chunk) in zip(step.prefilling, plan.prefill):
             with self._lock:
@@ -315,6 +362,11 @@ class Engine:
         with self._lock:
             for request in step.decoding:
                 self.scheduler.decoded(request)
+        for request, proposed, rows in verifying:
+            try:
+                self._verify(request, proposed, rows)
+            except Exception as error:  # this request's check failed: it alone ends
+                self._fail(request, error)
         if not due:
             return
         all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]
@@ -341,6 +393,36 @@ class Engine:
                 self._accept(request, token, lp, alternatives)
             except Exception as error:  # this request's bookkeeping failed: it alone ends
                 self._fail(request, error)
+
+    def _verify(self, request: Request, proposed: List[int], logits: torch.Tensor) -> None:
+        """Keep the proposals the main model agrees with (greedy: its argmax; sampled: the
+        speculative sampling rule) and publish them with the main model's own next token."""
+        if request.sampling.is_greedy:
+            targets = logits.argmax(-1).tolist()
+            emitted = targets[: accept_greedy(proposed, targets) + 1]
+        else:
+            probabilities = sampling_probabilities(logits, request.sampling)
+            emitted = verify_sampled(proposed, probabilities, None, request.sampler.generator)
+        accepted = len(emitted) - 1
+        request.lengths.record(len(proposed), accepted)
+        request.proposed += len(proposed)
+        request.accepted += accepted
+        self.speculative_proposed += len(proposed)
+        self.speculative_accepted += accepted
+        chosen = top = None
+        if request.logprobs is not None:
+            ids = torch.tensor(emitted, device=logits.device)
+            chosen, top = token_logprobs(logits[: len(emitted)], ids, request.logprobs)
+            chosen = chosen.tolist()
+            top = None if top is None else (top[0].tolist(), top[1].tolist())
+        for j, token in enumerate(emitted):
+            alternatives = None if top is None else dict(zip(top[0][j], top[1][j]))
+            self._accept(request, token, None if chosen is None else chosen[j], alternatives)
+            if request.slot is None:  # finished (a stop, max_tokens or the context)
+                return
+            if j < accepted:  # an accepted proposal: its keys and values are cached already
+                with self._lock:
+                    self.scheduler.decoded(request)
 
     def _sample(self, logits: torch.Tensor, due: List[Request]) -> Tuple[List[int], Dict[int, Exception]]:
         """Each due row's token; a row whose sampling raises gets token 0 and its error."""
@@ -371,6 +453,8 @@ class Engine:
             self._finish(request, "stop", "")
             return
         request.generated.append(token)
+        if request.lookup is not None:
+            request.lookup.append(token)
         event = Event(request.detokenizer.add(token), [token])
         if request.logprobs is not None:
             event.logprobs.append(logprob)

@@ -8,6 +8,7 @@ from llama.detokenize import IncrementalDetokenizer, StopMatcher
 from llama.engine.scheduler import Sequence
 from llama.engine.stream import Completion, Event, EventStream, Usage, fold
 from llama.sampling import RowSampler, SamplingParams
+from llama.speculation import AdaptiveLength, LookupIndex, Speculation
 from llama.tokenizer import Tokenizer
 
 
@@ -97,6 +98,7 @@ class Request(Sequence):
         advance: Callable[[], None],
         engine_thread_running: Callable[[], bool],
         wake: Callable[[], None],
+        speculation: Optional[Speculation] = None,
     ):
         super().__init__(prompt_tokens, max_tokens, prompt_logprobs)
         self.id = request_id
@@ -110,6 +112,15 @@ class Request(Sequence):
         self.prompt_lps: List[float] = []
         self._wake = wake
         self.stream = EventStream(advance, engine_thread_running, self.cancel)
+        # Prompt lookup: an index over the prompt and the tokens generated so far, and how many
+        # tokens to propose next. Rows with penalties decode one token at a time.
+        self.lookup: Optional[LookupIndex] = None
+        self.lengths: Optional[AdaptiveLength] = None
+        if speculation is not None and not sampling.has_penalties:
+            self.lookup = LookupIndex(speculation.max_ngram, speculation.min_ngram, prompt_tokens)
+            self.lengths = AdaptiveLength(speculation.num_tokens)
+        self.proposed = 0  # tokens proposed for this request, and of those accepted
+        self.accepted = 0
 
     @property
     def finished(self) -> bool:

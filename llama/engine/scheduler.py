@@ -25,6 +25,7 @@ class Sequence:
     cached: int = 0  # of those, reused from an earlier request
     generated: List[int] = field(default_factory=list)
     pending: Optional[int] = None  # sampled token to feed at the next decode pass
+    proposals: List[int] = field(default_factory=list)  # checked after `pending` in the same pass
     cancelled: bool = False
 
     @property
@@ -47,7 +48,7 @@ class Slot:
 class Plan:
     """One step's model work, as plain ids (what rank 0 broadcasts to the other ranks)."""
 
-    decode: List[Tuple[int, int, int]]  # (slot, position, token)
+    decode: List[Tuple[int, int, int]]  # (slot, position, token); a slot's proposals follow its token
     prefill: List[Tuple[int, int, List[int]]]  # (slot, start position, tokens)
     all_logits: bool = False  # prefill logits at every position (prompt log-probabilities)
 
@@ -104,10 +105,11 @@ class Scheduler:
         if not self.running:
             return Step(retired)
         decoding = [s for s in self.running if s.pending is not None]
-        plan = Plan(
-            decode=[(s.slot, len(s.prompt_tokens) + len(s.generated) - 1, s.pending) for s in decoding],
-            prefill=[],
-        )
+        plan = Plan(decode=[], prefill=[])
+        for s in decoding:  # the fed token, then any proposals at the positions after it
+            position = len(s.prompt_tokens) + len(s.generated) - 1
+            for i, token in enumerate([s.pending] + s.proposals):
+                plan.decode.append((s.slot, position + i, token))
         budget = self.prefill_chunk
         prefilling = []
         for sequence in self.running:
@@ -154,6 +156,7 @@ class Scheduler:
         """Record that the fed token's keys and values are now cached."""
         self.slots[sequence.slot].tokens.append(sequence.pending)
         sequence.pending = None
+        sequence.proposals = []
 
     def release(self, sequence: Sequence) -> None:
         """Take a sequence out of the queues and free its slot (its cached ids stay for reuse)."""
@@ -163,6 +166,7 @@ class Scheduler:
             slot.last_used = next(self._clock)
             sequence.slot = None
         sequence.pending = None
+        sequence.proposals = []
         if sequence in self.running:
             self.running.remove(sequence)
         if sequence in self.waiting:
