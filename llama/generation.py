@@ -181,7 +181,8 @@ class Llama:
         built with a draft model), proposed tokens are checked in the decode pass: the same
         tokens when greedy, the same distribution when sampling. The prompts run through the
         engine's loop: more prompts than `max_batch_size` join the running batch as rows finish.
-        A prompt's greedy result does not depend on the other prompts. Thread-safe: concurrent calls share the running batch.
+        A prompt's greedy result does not depend on the other prompts. Thread-safe: concurrent
+        calls share the running batch.
 
         Returns:
             (tokens, logprobs): per prompt, the generated ids (preceded by the prompt with
