@@ -25,6 +25,7 @@ from llama.prompts import (
     validate_dialog,
 )
 from llama.sampling import SamplingParams, sample_top_p  # noqa: F401  (the reference's name)
+from llama.speculation import Speculation
 from llama.tokenizer import Tokenizer
 
 
@@ -63,6 +64,7 @@ class Llama:
         compile: bool = False,
         quantize: Optional[str] = None,
         quantize_group_size: Optional[int] = None,
+        draft_ckpt_dir: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
 
@@ -89,6 +91,10 @@ class Llama:
                 tensor at a time (`llama.quantization`). A quantized checkpoint (written by
                 `python -m llama.quantize`) loads quantized without it.
             quantize_group_size: int4 group size (32, 64 or 128; default 64).
+            draft_ckpt_dir: a smaller checkpoint with the same tokenizer (e.g. Code Llama 7B for
+                34B or 70B), loaded beside the main one with its own KV cache, split over the
+                same ranks, for requests that ask for `Speculation("draft")`. It is loaded
+                unquantized, in `dtype`.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -109,49 +115,41 @@ class Llama:
         model_dtype = distributed.resolve_dtype(dtype, device)
 
         tokenizer = Tokenizer(tokenizer_path)
-        args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
-        memory_plan.check_fits(
-            args,
-            mp_size,
-            model_dtype,
-            device,
-            quantize,
-            quantize_group_size or memory_plan.DEFAULT_GROUP_SIZE,
-        )
-
-        if (
-            quantize is None
-            and quantize_group_size is None
-            and not quantized_checkpoint.is_quantized_dir(ckpt_dir)
-        ):
-            state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
-            model = checkpoint.empty_model(args)
-            checkpoint.check_state_dict(model, state_dict, ckpt_dir)
-            checkpoint.assign_weights(model, state_dict, model_dtype, device)
-            del state_dict
-        else:
-            source = quantized_checkpoint.open_source(ckpt_dir, quantize, quantize_group_size)
-            model = quantized_checkpoint.load_model(
-                source, params, args, mp_rank, mp_size, model_dtype, device, torch_ops=kernels.enabled()
-            )
-        model.allocate_cache(model_dtype, device)
-        model.eval()
-
+        model = _load_model(
+            ckpt_dir, params, tokenizer, max_seq_len, max_batch_size, (mp_rank, mp_size), model_dtype,
+            device, quantize, quantize_group_size,
+        )  # fmt: skip
         n_params = quantized_checkpoint.parameter_count(model) * mp_size
         size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+        draft = None
+        if draft_ckpt_dir is not None:
+            draft_params = checkpoint.read_params(draft_ckpt_dir)
+            draft = _load_model(
+                draft_ckpt_dir, draft_params, tokenizer, max_seq_len, max_batch_size, (mp_rank, mp_size),
+                model_dtype, device, None, None,
+            )  # fmt: skip
+            draft_size = quantized_checkpoint.parameter_count(draft) * mp_size / 1e6
+            size += f" (draft {draft_size:.2f}M from {draft_ckpt_dir})"
         print(
             f"Loaded {size}-parameter model from {ckpt_dir} (MP={mp_size}, "
             f"{str(model_dtype).removeprefix('torch.')}, {device}) in "
             f"{time.perf_counter() - started:.2f} s"
         )
-        return Llama(model, tokenizer, compile=compile)
+        return Llama(model, tokenizer, compile=compile, draft_model=draft)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, compile: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        compile: bool = False,
+        draft_model: Optional[Transformer] = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.compile = compile
         self._compiled_model: Optional[Callable[..., torch.Tensor]] = None
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, draft_model=draft_model)
 
     def set_up_compile(self) -> None:
         """With `compile`, make the engine's decode pass run compiled (a no-op without it, or when
@@ -171,15 +169,20 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop_token: Optional[int] = None,
+        *,
+        speculation: Optional[Speculation] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate a continuation of each prompt.
 
         Greedy at `temperature == 0`, else nucleus sampling of softmax(logits / temperature)
         with `top_p`. Each sequence stops at `stop_token` (default EOS; like the reference,
         only that token stops it), after `max_gen_len` tokens, or at `max_seq_len`; the stop
-        token is not returned. The prompts run through the engine's loop: more prompts than
-        `max_batch_size` join the running batch as rows finish. A prompt's greedy result does
-        not depend on the other prompts. Thread-safe: concurrent calls share the running batch.
+        token is not returned. With `speculation` (`Speculation("lookup")`, or `"draft"` when
+        built with a draft model), proposed tokens are checked in the decode pass: the same
+        tokens when greedy, the same distribution when sampling. The prompts run through the
+        engine's loop: more prompts than `max_batch_size` join the running batch as rows finish.
+        A prompt's greedy result does not depend on the other prompts. Thread-safe: concurrent
+        calls share the running batch.
 
         Returns:
             (tokens, logprobs): per prompt, the generated ids (preceded by the prompt with
@@ -197,6 +200,8 @@ class Llama:
         # is raised everywhere at once.
         sampling = SamplingParams(temperature=max(float(temperature), 0.0), top_p=top_p)
         sampling.validate(self.model.params.vocab_size)
+        if speculation is not None:
+            speculation.validate()
         self.set_up_compile()
         if not distributed.is_first_model_parallel_rank():
             return self.engine.follow(until_result=True)  # rank 0 decides and sends the results
@@ -212,6 +217,7 @@ class Llama:
                         default_stop=self.tokenizer.eos_id if stop_token is None else stop_token,
                         logprobs=0 if logprobs else None,
                         prompt_logprobs=logprobs and echo,
+                        speculation=speculation,
                     )
                 )
             out_tokens: List[List[int]] = []
@@ -258,6 +264,8 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        speculation: Optional[Speculation] = None,
     ) -> List[CompletionPrediction]:
         """Continue each prompt.
 
@@ -270,7 +278,13 @@ class Llama:
         """
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, token_logprobs = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo
+            prompt_tokens,
+            self._max_gen_len(max_gen_len),
+            temperature,
+            top_p,
+            logprobs,
+            echo,
+            speculation=speculation,
         )
         return [
             self._prediction(
@@ -292,6 +306,7 @@ class Llama:
         suffix_first: bool = False,
         *,
         prompts: Optional[List[str]] = None,
+        speculation: Optional[Speculation] = None,
     ) -> List[InfillingPrediction]:
         """Fill in the code between each prefix and suffix.
 
@@ -329,6 +344,7 @@ class Llama:
             logprobs,
             echo=False,
             stop_token=self.tokenizer.eot_id,
+            speculation=speculation,
         )
         results = []
         for i, (t, prefix, suffix) in enumerate(zip(tokens, prefixes, suffixes)):
@@ -346,6 +362,8 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        speculation: Optional[Speculation] = None,
     ) -> List[ChatPrediction]:
         """Answer the last user message of each dialog.
 
@@ -377,6 +395,7 @@ class Llama:
             top_p,
             logprobs,
             stop_token=self.tokenizer.step_id if turns else None,
+            speculation=speculation,
         )
         by_dialog = dict(zip(safe_rows, range(len(safe_rows))))
         results = []
@@ -410,6 +429,43 @@ def _compiled(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     """
     kernels.kernel_available()  # settle the kernel choice before tracing
     return torch.compile(decode, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+
+
+def _load_model(
+    ckpt_dir: str,
+    params: dict,
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    max_batch_size: int,
+    mp: Tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: Optional[str],
+    quantize_group_size: Optional[int],
+) -> Transformer:
+    """This rank's slice of a checkpoint, with its KV cache allocated, after the memory check."""
+    mp_rank, mp_size = mp
+    args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
+    group_size = quantize_group_size or memory_plan.DEFAULT_GROUP_SIZE
+    memory_plan.check_fits(args, mp_size, dtype, device, quantize, group_size)
+    if (
+        quantize is None
+        and quantize_group_size is None
+        and not quantized_checkpoint.is_quantized_dir(ckpt_dir)
+    ):
+        state_dict = checkpoint.load_rank_state_dict(ckpt_dir, params, mp_rank, mp_size)
+        model = checkpoint.empty_model(args)
+        checkpoint.check_state_dict(model, state_dict, ckpt_dir)
+        checkpoint.assign_weights(model, state_dict, dtype, device)
+        del state_dict
+    else:
+        source = quantized_checkpoint.open_source(ckpt_dir, quantize, quantize_group_size)
+        model = quantized_checkpoint.load_model(
+            source, params, args, mp_rank, mp_size, dtype, device, torch_ops=kernels.enabled()
+        )
+    model.allocate_cache(dtype, device)
+    model.eval()
+    return model
 
 
 def _model_args(

@@ -26,7 +26,9 @@ class Speculation:
     """How one request proposes tokens for the main model to check.
 
     `method` "lookup" proposes the tokens that followed the latest earlier occurrence of the last
-    n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the text so far. At most
+    n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the text so far; "draft"
+    has the draft model loaded beside the main one (`Llama.build(draft_ckpt_dir=...)`) decode
+    them, greedily for a greedy request, else sampled with the request's own settings. At most
     `num_tokens` tokens are proposed per step; the number adapts to the request's acceptance,
     down to none.
     """
@@ -38,8 +40,8 @@ class Speculation:
 
     def validate(self) -> None:
         """Raises ValueError naming the first field out of range."""
-        if self.method != "lookup":
-            raise ValueError(f'speculative method must be "lookup", got {self.method!r}')
+        if self.method not in ("lookup", "draft"):
+            raise ValueError(f'speculative method must be "lookup" or "draft", got {self.method!r}')
         limits.check_int("speculative num_tokens", self.num_tokens, 1, limits.MAX_SPECULATIVE_TOKENS)
         limits.check_int("speculative max_ngram", self.max_ngram, 1, 16)
         limits.check_int(

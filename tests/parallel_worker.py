@@ -46,6 +46,21 @@ def main(job_path: str) -> None:
     result["failures"] = failures(generator, job["prompts"], rank)
     result["after_failures"] = generator.generate(job["prompts"], max_gen_len=12, temperature=0.0)[0]
 
+    # Speculation under model parallelism: a draft model split over the same ranks, and lookup.
+    from llama.speculation import Speculation
+
+    drafted = Llama.build(
+        job["ckpt_dir"], job["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32",
+        draft_ckpt_dir=job["ckpt_dir"],
+    )  # fmt: skip
+    result["draft_greedy"] = drafted.generate(
+        job["prompts"], max_gen_len=12, temperature=0.0, speculation=Speculation("draft", num_tokens=3)
+    )[0]
+    result["draft_stats"] = drafted.engine.stats()
+    result["lookup_greedy"] = drafted.generate(
+        job["prompts"], max_gen_len=12, temperature=0.0, speculation=Speculation("lookup", num_tokens=3)
+    )[0]
+
     # compile=True compiles the decode step on every rank, not only on rank 0.
     compiled = Llama.build(
         job["ckpt_dir"], job["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32", compile=True

@@ -150,8 +150,8 @@ def test_only_rank_zero_prints(mp_run):
     assert "stdout of rank 0" in out
     assert "stdout of rank 1" not in out
     summaries = [line for line in mp_run["proc"].stdout.splitlines() if line.startswith("Loaded ")]
-    # Two builds (eager and compiled), each summarised by rank 0 alone.
-    assert len(summaries) == 2 and all("MP=2" in line for line in summaries), mp_run["proc"].stdout
+    # Three builds (eager, with a draft, compiled), each summarised by rank 0 alone.
+    assert len(summaries) == 3 and all("MP=2" in line for line in summaries), mp_run["proc"].stdout
 
 
 def test_heads_not_divisible_by_model_parallel_size(mp_run):
@@ -176,3 +176,14 @@ def test_compiled_mp2_runs_compiled_on_every_rank(mp_run):
     for rank in mp_run["ranks"]:
         assert rank["compiled_graphs"] > 0  # this rank traced and ran the compiled decode step
         assert rank["compiled_greedy"] == [tokens[:6] for tokens in rank["greedy"][0]]
+
+
+def test_mp2_speculation_with_a_draft_and_lookup_gives_the_greedy_tokens(mp_run):
+    rank0 = mp_run["ranks"][0]
+    assert rank0["draft_greedy"] == rank0["greedy"][0]
+    assert rank0["lookup_greedy"] == rank0["greedy"][0]
+    stats = rank0["draft_stats"]  # the model drafting for itself: every proposal kept
+    assert (
+        stats["speculative_proposed"] > 0
+        and stats["speculative_accepted"] >= stats["speculative_proposed"] // 2
+    )

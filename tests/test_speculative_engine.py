@@ -116,7 +116,7 @@ def test_events_stream_one_token_each_and_cancel_mid_run(engine, sp):
 def test_speculation_options_are_checked(engine, sp):
     prompt = prompts(sp)[0]
     for bad, match in [
-        (Speculation("draft"), "lookup"),
+        (Speculation("beam"), "lookup"),
         (Speculation(num_tokens=0), "num_tokens"),
         (Speculation(num_tokens=8), "num_tokens"),
         (Speculation(max_ngram=2, min_ngram=3), "min_ngram"),
@@ -148,24 +148,12 @@ def chain_patterns(engine, prompt, n, seed_base, speculation):
     return counts
 
 
-def test_sampled_lookup_keeps_the_distribution_of_the_model(chain_engine):
-    """Sampling at a temperature where the chain model follows its chain about 3 times in 4: the
-    prompt holds the chain, so lookup proposes it and the verification rule accepts or rejects.
-    How often each of the four tokens follows the chain must be distributed as without
-    speculation (chi-square at p = 0.001 over the 16 patterns), and the rule must have both
-    accepted and rejected proposals."""
-    chain = [500]
-    while len(chain) < 12:
-        chain.append(chain_next(chain[-1]))
-    prompt = [1] + chain + [500]
-    n = 400
-    before = chain_engine.stats()
-    spec = chain_patterns(chain_engine, prompt, n, 0, Speculation("lookup", num_tokens=3))
-    after = chain_engine.stats()
-    plain = chain_patterns(chain_engine, prompt, n, 10**6, None)
+def chi_square_same(plain: torch.Tensor, spec: torch.Tensor) -> None:
+    """Assert two count vectors come from one distribution (chi-square at p = 0.001, rare
+    categories pooled)."""
     observed = torch.stack([plain, spec])
     expected = observed.sum(0, keepdim=True) * observed.sum(1, keepdim=True) / observed.sum()
-    keep = expected.min(0).values >= 5  # pool the rare patterns
+    keep = expected.min(0).values >= 5
     pooled = torch.cat([observed[:, keep], observed[:, ~keep].sum(1, keepdim=True)], dim=1)
     expected = pooled.sum(0, keepdim=True) * pooled.sum(1, keepdim=True) / pooled.sum()
     nonzero = expected.min(0).values > 0
@@ -174,6 +162,93 @@ def test_sampled_lookup_keeps_the_distribution_of_the_model(chain_engine):
     critical = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
                 10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25}  # fmt: skip
     assert dof >= 3 and statistic < critical[dof], (statistic, dof, observed)
+
+
+def chain_prompt():
+    chain = [500]
+    while len(chain) < 12:
+        chain.append(chain_next(chain[-1]))
+    return [1] + chain + [500]
+
+
+def test_sampled_lookup_keeps_the_distribution_of_the_model(chain_engine):
+    """Sampling at a temperature where the chain model follows its chain about 3 times in 4: the
+    prompt holds the chain, so lookup proposes it and the verification rule accepts or rejects.
+    How often each of the four tokens follows the chain must be distributed as without
+    speculation (chi-square at p = 0.001 over the 16 patterns), and the rule must have both
+    accepted and rejected proposals."""
+    prompt = chain_prompt()
+    n = 400
+    before = chain_engine.stats()
+    spec = chain_patterns(chain_engine, prompt, n, 0, Speculation("lookup", num_tokens=3))
+    after = chain_engine.stats()
+    chi_square_same(chain_patterns(chain_engine, prompt, n, 10**6, None), spec)
     proposed = after["speculative_proposed"] - before["speculative_proposed"]
     kept = after["speculative_accepted"] - before["speculative_accepted"]
     assert proposed > n and 0.2 * proposed < kept < 0.95 * proposed, (proposed, kept)
+
+
+@pytest.fixture(scope="module")
+def self_drafted(checkpoint_dir, tokenizer_path):
+    """The tiny checkpoint with itself as its draft."""
+    return Llama.build(
+        str(checkpoint_dir), str(tokenizer_path), 128, 4, dtype="float32", draft_ckpt_dir=str(checkpoint_dir)
+    )
+
+
+def test_a_model_drafting_for_itself_is_always_accepted(self_drafted, sp):
+    engine = self_drafted.engine
+    ps = prompts(sp)[:4]
+    plain = [c.token_ids for c in run(engine, ps, 30)]
+    before = engine.stats()
+    draft = Speculation("draft", num_tokens=3)
+    assert [c.token_ids for c in run(engine, ps, 30, draft)] == plain  # batched
+    assert run(engine, ps[:1], 30, draft)[0].token_ids == plain[0]  # alone
+    after = engine.stats()
+    proposed = after["speculative_proposed"] - before["speculative_proposed"]
+    assert proposed > 30 and after["speculative_accepted"] - before["speculative_accepted"] == proposed
+    # The library methods take it too.
+    text = self_drafted.text_completion(["def fib(n):"], temperature=0, max_gen_len=20)
+    same = self_drafted.text_completion(["def fib(n):"], temperature=0, max_gen_len=20, speculation=draft)
+    assert same == text
+
+
+def test_a_different_draft_model_changes_no_token(tmp_path, checkpoint_dir, tokenizer_path, sp):
+    other = make_checkpoint(tmp_path / "draft", sp.vocab_size(), seed=9, dim=32, n_layers=1)
+    llama = Llama.build(
+        str(checkpoint_dir), str(tokenizer_path), 128, 4, dtype="float32", draft_ckpt_dir=str(other)
+    )
+    engine = llama.engine
+    ps = prompts(sp)[:4]
+    plain = [c.token_ids for c in run(engine, ps, 30)]
+    assert [c.token_ids for c in run(engine, ps, 30, Speculation("draft", num_tokens=4))] == plain
+    assert engine.stats()["speculative_proposed"] > 0
+    # With prefix reuse the draft's cache rows are brought up to the main model's before drafting.
+    engine.prefix_reuse = True
+    first = engine.submit(ps[0] + plain[0][:5], max_tokens=10, default_stop=None).result().token_ids
+    again = engine.submit(
+        ps[0] + plain[0][:5], max_tokens=10, default_stop=None, speculation=Speculation("draft", num_tokens=2)
+    ).result()
+    assert again.token_ids == first and again.usage.cached_tokens > 0
+    engine.forget_prefixes()
+
+
+def test_draft_speculation_needs_a_draft_model(engine, sp):
+    with pytest.raises(ValueError, match="draft_ckpt_dir"):
+        engine.submit(prompts(sp)[0], max_tokens=4, speculation=Speculation("draft"))
+
+
+def test_sampled_drafts_keep_the_distribution_of_the_model(tmp_path, tokenizer_path, sp):
+    """The chain model with a random draft of the same vocabulary: the draft's proposals are
+    sampled from its own (different) distribution and mostly rejected, and the output still has
+    the main model's distribution."""
+    main = write_chain_checkpoint(tmp_path / "chain", sp.vocab_size())
+    draft = make_checkpoint(tmp_path / "draft", sp.vocab_size(), seed=4)
+    engine = Llama.build(
+        str(main), str(tokenizer_path), 64, 4, dtype="float32", draft_ckpt_dir=str(draft)
+    ).engine
+    n = 400
+    spec = chain_patterns(engine, chain_prompt(), n, 0, Speculation("draft", num_tokens=2))
+    proposed = engine.stats()["speculative_proposed"]
+    chi_square_same(chain_patterns(engine, chain_prompt(), n, 10**6, None), spec)
+    assert proposed > n / 2

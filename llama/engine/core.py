@@ -20,7 +20,7 @@ import torch
 from llama import distributed, limits
 from llama.engine.executor import Executor
 from llama.engine.request import Request, check_options, check_prompt
-from llama.engine.scheduler import Scheduler, Step
+from llama.engine.scheduler import Plan, Scheduler, Step
 from llama.engine.stream import Event
 from llama.model import Transformer
 from llama.sampling import RowSampler, SamplingParams, sample_rows, sampling_probabilities, token_logprobs
@@ -43,6 +43,8 @@ class Engine:
         prefix_reuse: reuse the keys and values of a cached prefix (a free slot whose tokens
             start the new prompt) instead of recomputing them.
         decode_fn: replaces `model.forward_decode` (e.g. a compiled version).
+        draft_model: a smaller model with the same vocabulary and cache rows, for requests that
+            speculate with `Speculation("draft")`.
     """
 
     def __init__(
@@ -53,11 +55,27 @@ class Engine:
         prefill_chunk: int = 512,
         prefix_reuse: bool = True,
         decode_fn: Optional[Callable[..., torch.Tensor]] = None,
+        draft_model: Optional[Transformer] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(model.params.max_batch_size, prefill_chunk, prefix_reuse)
         self.executor = Executor(model, decode_fn)
+        self.draft: Optional[Executor] = None
+        if draft_model is not None:
+            if draft_model.params.vocab_size != model.params.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft_model.params.vocab_size}) differs from the "
+                    f"main model's ({model.params.vocab_size}): a draft must share the tokenizer"
+                )
+            if (draft_model.params.max_batch_size, draft_model.params.max_seq_len) != (
+                model.params.max_batch_size,
+                model.params.max_seq_len,
+            ):
+                raise ValueError("the draft model's cache must have the main model's rows and length")
+            self.draft = self.executor.draft = Executor(draft_model)
+        # Per slot, the ids whose keys and values the draft model's cache holds.
+        self._draft_tokens: List[List[int]] = [[] for _ in range(model.params.max_batch_size)]
         self.max_seq_len = model.params.max_seq_len
         self.vocab_size = model.params.vocab_size
         self._lock = threading.Lock()  # guards the scheduler's queues and the thread flags
@@ -165,6 +183,11 @@ class Engine:
         sampler = RowSampler(sampling, prompt, self.vocab_size, self.device)  # validates `sampling`
         if speculation is not None:
             speculation.validate()
+            if speculation.method == "draft" and self.draft is None:
+                raise ValueError(
+                    'speculative method "draft" needs a draft model: build with '
+                    "Llama.build(..., draft_ckpt_dir=...)"
+                )
         default = self.tokenizer.eos_id if default_stop is _DEFAULT else default_stop
         if default is not None:
             stop_ids.append(default)
@@ -274,7 +297,10 @@ class Engine:
     def step(self) -> bool:
         """Admit, compute and sample once. Returns whether any request was live."""
         with self._lock:
-            self._propose()
+            drafting = self._propose()
+        if drafting:
+            self._draft(drafting)
+        with self._lock:
             step = self.scheduler.schedule()
         for request in step.retired:
             request.stream.publish(Event("", finish_reason="cancelled", usage=request.usage()))
@@ -285,15 +311,17 @@ class Engine:
         self._advance(step, decode_logits, prefill_logits)
         return True
 
-    def _propose(self) -> None:
-        """Give each running speculating row its proposals for this step: at most its adaptive
-        length, what fits its context and max_tokens, and `limits.SPECULATION_ROWS` decode rows
-        in all (the kernels' fixed reduction order covers up to 8 rows)."""
+    def _propose(self) -> List[Tuple[Request, int]]:
+        """Give each running lookup row its proposals for this step: at most its adaptive length,
+        what fits its context and max_tokens, and `limits.SPECULATION_ROWS` decode rows in all
+        (the kernels' fixed reduction order covers up to 8 rows). Returns the draft-model rows
+        and how many tokens each may propose."""
         decoding = [r for r in self.scheduler.running if r.pending is not None and not r.cancelled]
         room = limits.SPECULATION_ROWS - len(decoding)
+        drafting = []
         for request in decoding:
             request.proposals = []
-            if request.lookup is None or room <= 0:
+            if request.lengths is None or room <= 0:
                 continue
             position = len(request.prompt_tokens) + len(request.generated) - 1  # of the fed token
             wanted = min(
@@ -302,9 +330,53 @@ class Engine:
                 self.max_seq_len - 1 - position,
                 request.max_tokens - len(request.generated) - 1,
             )
-            if wanted > 0:
+            if wanted > 0 and request.drafted:
+                drafting.append((request, wanted))
+                room -= wanted
+            elif wanted > 0:
                 request.proposals = request.lookup.propose(wanted)
                 room -= len(request.proposals)
+        return drafting
+
+    def _draft(self, drafting: List[Tuple[Request, int]]) -> None:
+        """Have the draft model propose tokens: bring its cache rows up to the main model's
+        cached ids in one packed pass, then decode up to k tokens per row, one pass per token."""
+        catch_up = []
+        for request, _ in drafting:
+            target = self.scheduler.slots[request.slot].tokens
+            held = self._draft_tokens[request.slot]
+            n = 0
+            while n < min(len(held), len(target)) and held[n] == target[n]:
+                n += 1
+            if n < len(target):
+                catch_up.append((request.slot, n, list(target[n:])))
+            self._draft_tokens[request.slot] = list(target)
+        if catch_up:
+            self._run_draft(Plan(decode=[], prefill=catch_up))
+        feeding = {id(r): r.pending for r, _ in drafting}
+        drawn: Dict[int, List[torch.Tensor]] = {id(r): [] for r, _ in drafting}
+        for i in range(max(wanted for _, wanted in drafting)):
+            active = [r for r, wanted in drafting if wanted > i]
+            position = {id(r): len(self._draft_tokens[r.slot]) for r in active}
+            plan = Plan(decode=[(r.slot, position[id(r)], feeding[id(r)]) for r in active], prefill=[])
+            logits, _ = self._run_draft(plan)
+            for row, request in enumerate(active):
+                self._draft_tokens[request.slot].append(feeding[id(request)])
+                if request.sampling.is_greedy:
+                    token = int(logits[row].argmax())
+                else:
+                    q = sampling_probabilities(logits[row : row + 1], request.sampling)[0]
+                    token = int(torch.multinomial(q, 1, generator=request.sampler.generator))
+                    drawn[id(request)].append(q)
+                request.proposals.append(token)
+                feeding[id(request)] = token
+        for request, _ in drafting:
+            qs = drawn[id(request)]
+            request.draft_probs = torch.stack(qs) if qs else None
+
+    def _run_draft(self, plan: Plan) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        distributed.broadcast_from_first_rank(("draft", plan))
+        return self.draft.run(plan)
 
     def follow(self, until_result: bool = False) -> Any:
         """On model-parallel ranks > 0: run rank 0's plans until it shuts down (or, with
@@ -402,7 +474,8 @@ class Engine:
             emitted = targets[: accept_greedy(proposed, targets) + 1]
         else:
             probabilities = sampling_probabilities(logits, request.sampling)
-            emitted = verify_sampled(proposed, probabilities, None, request.sampler.generator)
+            draft = request.draft_probs if request.drafted else None
+            emitted = verify_sampled(proposed, probabilities, draft, request.sampler.generator)
         accepted = len(emitted) - 1
         request.lengths.record(len(proposed), accepted)
         request.proposed += len(proposed)

@@ -2,8 +2,9 @@
 
 Rank 0 broadcasts each step's `Plan` before running it; the other ranks `follow`, running the
 same plans so every rank's collective calls line up. Messages are tuples: ("step", plan),
-("idle",) heartbeats, ("result", value) for a batch call's result, ("error", message) when rank 0
-failed a batch call (the followers raise it too), and ("shutdown",).
+("draft", plan) for a pass of the draft model, ("idle",) heartbeats, ("result", value) for a
+batch call's result, ("error", message) when rank 0 failed a batch call (the followers raise it
+too), and ("shutdown",).
 """
 
 from typing import Any, Callable, Optional, Tuple
@@ -30,6 +31,7 @@ class Executor:
     def __init__(self, model: Transformer, decode_fn: Optional[Callable[..., torch.Tensor]] = None):
         self.model = model
         self.decode_fn = decode_fn
+        self.draft: Optional["Executor"] = None  # runs the draft model's passes, when there is one
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +70,8 @@ class Executor:
             kind = message[0]
             if kind == "step":
                 self.run(message[1])
+            elif kind == "draft":
+                self.draft.run(message[1])
             elif kind == "result" and until_result:
                 return message[1]
             elif kind == "error" and until_result:

@@ -3,6 +3,8 @@
 from typing import AsyncIterator, Callable, Iterator, List, Optional
 from typing import Sequence as Seq
 
+import torch
+
 from llama import limits
 from llama.detokenize import IncrementalDetokenizer, StopMatcher
 from llama.engine.scheduler import Sequence
@@ -116,9 +118,14 @@ class Request(Sequence):
         # tokens to propose next. Rows with penalties decode one token at a time.
         self.lookup: Optional[LookupIndex] = None
         self.lengths: Optional[AdaptiveLength] = None
+        self.drafted = False  # proposals come from the draft model
+        self.draft_probs: Optional[torch.Tensor] = None  # [k, vocab] what sampled drafts drew from
         if speculation is not None and not sampling.has_penalties:
-            self.lookup = LookupIndex(speculation.max_ngram, speculation.min_ngram, prompt_tokens)
             self.lengths = AdaptiveLength(speculation.num_tokens)
+            if speculation.method == "draft":
+                self.drafted = True
+            else:
+                self.lookup = LookupIndex(speculation.max_ngram, speculation.min_ngram, prompt_tokens)
         self.proposed = 0  # tokens proposed for this request, and of those accepted
         self.accepted = 0
 
