@@ -534,9 +534,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(capsys):
 
 
 def test_serve_takes_the_server_lookup_flag(capsys):
+    assert commands.main(["serve", "--lookup", "8"]) == 2  # refused by the server's own parser
+    assert "--lookup must be in [0, 7]" in capsys.readouterr().err
     from llama.server.__main__ import default_speculation, parse_args
 
     assert parse_args(["--lookup", "4"]).lookup == 4 and parse_args([]).lookup == 0
     assert default_speculation(0) is None and default_speculation(4).num_tokens == 4
-    assert commands.main(["serve", "--lookup", "8"]) == 2  # refused by the server's own parser
-    assert "--lookup must be in [0, 7]" in capsys.readouterr().err
