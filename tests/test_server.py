@@ -1,9 +1,9 @@
 """The HTTP server: real `python -m llama.server` processes on free loopback ports, driven with the
 official `openai` client and with httpx.
 
-The servers (MP=1 with an API key and a small queue, MP=1 with a tokenizer that cannot infill,
-and MP=2 under torchrun) start once for the module, in parallel. The oracle for every greedy
-answer is the in-process `Llama` API on the same checkpoint.
+The servers (MP=1 with an API key and a small queue, MP=1 with a tokenizer that cannot infill
+and speculation by default, and MP=2 under torchrun) start once for the module, in parallel.
+The oracle for every greedy answer is the in-process `Llama` API on the same checkpoint.
 """
 
 import json
@@ -61,8 +61,16 @@ def servers(models, tokenizer_path, plain_tokenizer_path, step_tokenizer_path, t
             + common,
             logs / "main.log",
         ),
-        "plain": ServerProcess(
-            ["--ckpt_dir", str(models["plain"]), "--tokenizer_path", str(plain_tokenizer_path)] + common,
+        "plain": ServerProcess(  # also speculates by default, for requests that do not say
+            [
+                "--ckpt_dir",
+                str(models["plain"]),
+                "--tokenizer_path",
+                str(plain_tokenizer_path),
+                "--lookup",
+                "4",
+            ]
+            + common,
             logs / "plain.log",
         ),
         "step": ServerProcess(
@@ -423,6 +431,107 @@ def test_editor_plugin_bodies(http, main):
     assert isinstance(answer["content"], str) and answer["stopped_limit"] and answer["tokens_predicted"] == 16
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+LOOKUP = {"method": "lookup", "num_tokens": 4}
+# Code that repeats itself: prompt lookup finds the continuation of its n-grams earlier on.
+REPEATING = "def area(w, h):\n    return w * h\n\n\ndef area(w, h):\n    return w * h\n\n\ndef "
+
+
+def speculative_counts(http: httpx.Client):
+    return (
+        metric(http, "codellama_speculative_proposed_tokens_total"),
+        metric(http, "codellama_speculative_accepted_tokens_total"),
+    )
+
+
+def test_greedy_speculation_gives_the_same_tokens_on_every_endpoint(http, client, reference):
+    def completion(**extra):
+        return client.completions.create(
+            model=MODEL, prompt=REPEATING, max_tokens=48, temperature=0, logprobs=0, **extra
+        ).choices[0]
+
+    before = speculative_counts(http)
+    plain = completion()
+    assert speculative_counts(http) == before  # this server does not speculate unless asked
+    expected = reference.text_completion([REPEATING], temperature=0, max_gen_len=48)[0]["generation"]
+    assert plain.text.removeprefix(" ") == expected.removeprefix(" ")
+    for speculative in (LOOKUP, "lookup", {"num_tokens": 7, "max_ngram": 5, "min_ngram": 2}):
+        fast = completion(extra_body={"speculative": speculative})
+        assert fast.text == plain.text
+        assert fast.logprobs.tokens == plain.logprobs.tokens
+        assert fast.logprobs.token_logprobs == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    after = speculative_counts(http)
+    # Proposals were made and kept (the tiny model loops, which lookup copies): the counters grew.
+    assert after[0] > before[0] and after[1] > before[1] and after[1] <= after[0]
+
+    chunks = client.completions.create(
+        model=MODEL,
+        prompt=REPEATING,
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        extra_body={"speculative": LOOKUP},
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.text
+
+    dialog = [{"role": "user", "content": REPEATING}]
+    answers = [
+        client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=32, temperature=0, **extra)
+        .choices[0]
+        .message.content
+        for extra in ({}, {"extra_body": {"speculative": LOOKUP}})
+    ]
+    assert answers[0] == answers[1]
+    assert (
+        answers[0]
+        == reference.chat_completion([dialog], temperature=0, max_gen_len=32)[0]["generation"]["content"]
+    )
+
+    for path, body in (
+        ("/completion", {"prompt": REPEATING, "n_predict": 32, "temperature": 0}),
+        ("/infill", {"input_prefix": REPEATING, "input_suffix": SUFFIX, "n_predict": 32, "temperature": 0}),
+    ):
+        plain_answer = http.post(path, json=body).json()
+        fast_answer = http.post(path, json={**body, "speculative": LOOKUP}).json()
+        assert fast_answer["content"] == plain_answer["content"] and fast_answer["tokens_predicted"] == 32
+    assert speculative_counts(http)[0] > after[0]
+
+
+def test_sampled_speculative_requests_are_answered(client):
+    response = client.completions.create(
+        model=MODEL,
+        prompt=REPEATING,
+        max_tokens=16,
+        temperature=0.8,
+        n=2,
+        seed=5,
+        extra_body={"speculative": LOOKUP},
+    )
+    assert [c.finish_reason for c in response.choices] == ["length", "length"]
+    assert response.usage.completion_tokens == 32
+
+
+def test_server_lookup_flag_speculates_unless_a_request_says_false(servers):
+    with httpx.Client(base_url=servers["plain"].url, timeout=30) as plain_server:
+        body = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0}
+
+        def text(**extra):
+            answer = plain_server.post("/v1/completions", json={**body, **extra})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+
+        start = speculative_counts(plain_server)
+        off = text(speculative=False)
+        assert speculative_counts(plain_server) == start  # false: no proposals
+        off_by_method = text(speculative={"method": "none"})
+        assert speculative_counts(plain_server) == start
+        by_default = text()  # the server's --lookup 4
+        after = speculative_counts(plain_server)
+        assert after[0] > start[0] and after[1] > start[1]
+        assert by_default == off == off_by_method
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -463,6 +572,57 @@ ERROR_CASES = [
     ("negative max_tokens", {"json": {"prompt": "x", "max_tokens": -1}}, 400, "max_tokens", None),
     ("n over capacity", {"json": {"prompt": "x", "n": 4, "temperature": 1}}, 400, "n", None),
     ("token prompt", {"json": {"prompt": [1, 10**6]}}, 400, "prompt", None),
+    (
+        "speculate 0",
+        {"json": {"prompt": "x", "speculative": {"method": "lookup", "num_tokens": 0}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate 8",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": 8}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate x",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": "x"}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate 4.5",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": 4.5}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate how",
+        {"json": {"prompt": "x", "speculative": {"method": "magic"}}},
+        400,
+        "speculative.method",
+        None,
+    ),
+    ("speculate word", {"json": {"prompt": "x", "speculative": "draft"}}, 400, "speculative", None),
+    ("speculate true", {"json": {"prompt": "x", "speculative": True}}, 400, "speculative", None),
+    (
+        "speculate ngram",
+        {"json": {"prompt": "x", "speculative": {"max_ngram": 17}}},
+        400,
+        "speculative",
+        None,
+    ),
+    (
+        "speculate ngrams",
+        {"json": {"prompt": "x", "speculative": {"max_ngram": 2, "min_ngram": 3}}},
+        400,
+        "speculative",
+        None,
+    ),
 ]
 
 
@@ -540,6 +700,23 @@ LLAMACPP_ERROR_CASES = [
 @pytest.mark.parametrize("path,body,param", LLAMACPP_ERROR_CASES)
 def test_invalid_llamacpp_requests(http, path, body, param):
     assert_error(http.post(path, json=body), 400, param)
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+SPECULATIVE_ERROR_CASES = [
+    ("/v1/chat/completions", {**CHAT, "speculative": {"num_tokens": 8}}, "speculative.num_tokens"),
+    ("/v1/chat/completions", {**CHAT, "speculative": {"method": "draft"}}, "speculative.method"),
+    ("/v1/chat/completions", {**CHAT, "speculative": 4}, "speculative"),
+    ("/completion", {"prompt": "x", "speculative": {"num_tokens": 0}}, "speculative.num_tokens"),
+    ("/completion", {"prompt": "x", "speculative": {"method": "ngram"}}, "speculative.method"),
+    ("/infill", {"input_prefix": "x", "speculative": {"num_tokens": "x"}}, "speculative.num_tokens"),
+    ("/infill", {"input_prefix": "x", "speculative": "x"}, "speculative"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SPECULATIVE_ERROR_CASES)
+def test_invalid_speculative_fields_on_every_endpoint(http, path, body, param):
+    assert "speculative" in assert_error(http.post(path, json=body), 400, param)["message"]
 
 
 def test_llamacpp_n_predict_beyond_the_context_is_capped(http, reference):

@@ -88,14 +88,18 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     async def completion(request: Request) -> Response:
         body = await read_json(request, LlamaCppCompletionRequest, max_body_bytes)
         tokenizer = state.tokenizer()
-        generation = await state.generate("completion", 1, partial(llamacpp_completion_job, body, tokenizer))
+        generation = await state.generate(
+            "completion", 1, partial(llamacpp_completion_job, body, tokenizer, state.default_speculation)
+        )
         return await run(request, generation, body.stream)
 
     @router.post("/infill")
     async def infill(request: Request) -> Response:
         body = await read_json(request, InfillRequest, max_body_bytes)
         tokenizer = state.tokenizer()
-        generation = await state.generate("infill", 1, partial(infill_job, body, tokenizer))
+        generation = await state.generate(
+            "infill", 1, partial(infill_job, body, tokenizer, state.default_speculation)
+        )
         return await run(request, generation, body.stream)
 
     @router.post("/tokenize")

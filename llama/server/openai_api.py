@@ -134,7 +134,9 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
         check_model(state, body.model)
         tokenizer = state.tokenizer()
         choices = body.prompt_count() * body.n
-        generation = await state.generate("completions", choices, partial(completion_job, body, tokenizer))
+        generation = await state.generate(
+            "completions", choices, partial(completion_job, body, tokenizer, state.default_speculation)
+        )
         job = generation.job
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
@@ -168,7 +170,9 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
         body = await read_json(request, ChatCompletionRequest, max_body_bytes)
         check_model(state, body.model)
         tokenizer = state.tokenizer()
-        generation = await state.generate("chat", body.n, partial(chat_job, body, tokenizer))
+        generation = await state.generate(
+            "chat", body.n, partial(chat_job, body, tokenizer, state.default_speculation)
+        )
         job = generation.job
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:

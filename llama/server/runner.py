@@ -124,6 +124,7 @@ class Generation:
                         default_stop=job.default_stops[choice // job.n],
                         logprobs=job.logprobs,
                         prompt_logprobs=job.prompt_logprobs,
+                        speculation=job.speculation,
                     )
                 )
         except ValueError as error:

@@ -7,9 +7,10 @@ fields are ignored, so the bodies editors and client libraries send are accepted
 
 from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from llama import limits
+from llama.speculation import Speculation
 
 _INTEGER_KEY_DIGITS = frozenset("0123456789")
 
@@ -81,6 +82,57 @@ def _check_stop(stop: Union[None, str, List[str]]) -> Union[None, str, List[str]
     return stop
 
 
+class SpeculativeOptions(_Body):
+    """The `speculative` field: how a request proposes tokens for the model to check in one pass.
+
+    `method` "lookup" proposes the tokens that followed the latest earlier occurrence of the last
+    n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the text so far, at most
+    `num_tokens` per step; "none" turns speculation off (also for a server started with --lookup).
+    """
+
+    method: Literal["lookup", "none"] = "lookup"
+    num_tokens: int = Field(4, ge=1, le=limits.MAX_SPECULATIVE_TOKENS)
+    max_ngram: int = Field(3, ge=1)
+    min_ngram: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_ngrams(self) -> "SpeculativeOptions":
+        if self.method == "lookup":  # the engine's own check: n-gram bounds, min <= max
+            self.to_speculation()
+        return self
+
+    def to_speculation(self) -> Optional[Speculation]:
+        """The engine's `Speculation`, or None for method "none".
+
+        Raises:
+            ValueError: naming a field out of range.
+        """
+        if self.method == "none":
+            return None
+        speculation = Speculation(self.method, self.num_tokens, self.max_ngram, self.min_ngram)
+        speculation.validate()
+        return speculation
+
+
+def _speculative_shorthand(value: object) -> object:
+    """`"lookup"` as `{"method": "lookup"}` and `false` as `{"method": "none"}`; objects and null
+    as they are; anything else refused with the forms allowed."""
+    if value is None or isinstance(value, (dict, SpeculativeOptions)):
+        return value
+    if value == "lookup" and isinstance(value, str):
+        return {"method": "lookup"}
+    if value is False:
+        return {"method": "none"}
+    raise ValueError(
+        'must be an object such as {"method": "lookup", "num_tokens": 4}, the string '
+        '"lookup", or false (off)'
+    )
+
+
+# The per-request speculation of every generating endpoint; None: the server's --lookup default.
+Speculative = Annotated[Optional[SpeculativeOptions], BeforeValidator(_speculative_shorthand)]
+
+
 def _temperature(default: float):
     return Field(default, ge=0.0, le=limits.MAX_TEMPERATURE)
 
@@ -121,6 +173,7 @@ class OpenAISampling(_Body):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = _repetition_penalty(1.0)
     stop_token_ids: Optional[List[int]] = Field(None, max_length=limits.MAX_STOP_TOKEN_IDS)
+    speculative: Speculative = None
 
     _stop = field_validator("stop")(_check_stop)
     _logit_bias = field_validator("logit_bias")(_check_bias_map)
@@ -203,6 +256,7 @@ class LlamaCppCompletionRequest(_Body):
     n_probs: int = _top_logprobs(0)
     cache_prompt: bool = True  # accepted; the engine always reuses cached prefixes
     logit_bias: Union[None, List[Tuple[int, Union[float, bool]]], Dict[str, float]] = None
+    speculative: Speculative = None  # not llama.cpp's: as on the OpenAI endpoints
 
     _stop = field_validator("stop")(_check_stop)
 

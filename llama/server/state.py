@@ -14,6 +14,7 @@ from llama.server.runner import (
     Generation,
     start_generation,
 )
+from llama.speculation import Speculation
 from llama.tokenizer import Tokenizer
 
 
@@ -23,11 +24,14 @@ class ServerState:
     Args:
         model_name: the name `/v1/models` reports and requests may name.
         max_queue: generations that may wait for a slot before requests get 503.
+        default_speculation: the speculation of requests that do not say (the --lookup flag),
+            or None for none.
     """
 
-    def __init__(self, model_name: str, max_queue: int):
+    def __init__(self, model_name: str, max_queue: int, default_speculation: Optional[Speculation] = None):
         self.model_name = model_name
         self.max_queue = max_queue
+        self.default_speculation = default_speculation
         self.created = int(time.time())
         self.engine_: Optional[Engine] = None
         self.tokenizer_: Optional[Tokenizer] = None
