@@ -778,8 +778,12 @@ def test_disconnect_frees_the_slot(http, main):
         http, "codellama_requests_total", {"endpoint": "completions", "finish_reason": "cancelled"}
     )
     with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
-        first = next(response.iter_lines())  # generating
+        # Keep the line iterator: once dropped, httpx closes the connection, and the server
+        # rightly cancels the request (how this check used to fail on a busy machine).
+        lines = response.iter_lines()
+        first = next(lines)  # generating
         assert metric(http, "codellama_requests_running") == 1, first
+        del lines
     wait_for(lambda: metric(http, "codellama_requests_running") == 0, "the streamed request's slot to free")
     labels = {"endpoint": "completions", "finish_reason": "cancelled"}
     assert metric(http, "codellama_requests_total", labels) == before + 1
