@@ -2,12 +2,16 @@
 
 Workloads (greedy, batch 1, prefix reuse off so every run prefills cold):
 
-- `edit`: a function, then the start of a near-identical copy (a renamed `def` line): the model
-  should re-emit the body (copying is right).
-- `infill`: a prefix-suffix-middle infill whose middle exists elsewhere in the file (copying is right).
+- `edit`: a class, then another class whose `__init__` line is the same: the model should re-emit
+  the body (copying is right).
+- `infill`: a prefix-suffix-middle infill (`llama.prompts.infilling_prompt_tokens`) whose middle, the
+  second class's `__init__` body, exists in the first class of the file (copying is right).
 - `test`: a test written after its function, the first asserts given (copying is right).
-- `held-out`: signatures and docstrings of held-out standard-library functions, completed
-  (the prompt is unlike its continuation: copying is not right).
+- `held-out`: signatures and docstrings of four held-out standard-library functions, completed
+  (the prompt is unlike its continuation: copying is not right); the four runs are summed.
+
+The demo model is small: check the samples the script prints on stderr before reading the numbers as
+copying (it tends to repeat its own lines, which prompt lookup also catches).
 
 For each workload and proposal length k in {off, 2, 4, 7}, rounds alternating the settings, it reports
 medians of: decode tokens/s = (generated tokens - 1) / (time of the last token - time of the first
@@ -237,12 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     load_after = os.getloadavg()[0]
 
     med = statistics.median
+    policy = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
     name_k = lambda k: "off" if k is None else str(k)  # noqa: E731
     lines = [
         f"### Speculative decoding: prompt lookup on the demo model ({args.dtype}, "
         f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)",
         "",
-        f"`python benchmarks/speculative.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
+        f"`{policy}python benchmarks/speculative.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
         f"{machine_line(args.dtype)}; {versions()}. Load average {load_before:.1f} before and "
         f"{load_after:.1f} after the run. Batch 1, greedy, prefix reuse off (cold prefill every run), "
         f"up to {args.max_tokens} tokens per request; {args.rounds} rounds alternating the settings, "
