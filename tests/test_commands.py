@@ -213,6 +213,23 @@ def test_complete_with_lookup_prints_the_greedy_completion(
     assert plain == echoed[0]["generation"][len(REPEATING) :] + "\n"
 
 
+def test_complete_with_a_draft_prints_the_greedy_completion(checkpoints, tokenizer_path, capsys, submitted):
+    """The checkpoint drafting for itself: every proposal is accepted, the text is unchanged."""
+    flags = [*model_flags(checkpoints, tokenizer_path), "--max_gen_len", LOOKUP_GEN_LEN]
+    plain = run_in_process(capsys, "complete", "def fib(n):", *flags)
+    draft_dir = flags[flags.index("--ckpt_dir") + 1]
+    fast = run_in_process(
+        capsys, "complete", "def fib(n):", "--draft", draft_dir, "--draft_tokens", 3, *flags
+    )
+    assert fast == plain
+    engine, on = submitted[-1]
+    assert (on.method, on.num_tokens) == ("draft", 3)
+    stats = engine.stats()
+    assert (
+        stats["speculative_proposed"] > 0 and stats["speculative_accepted"] == stats["speculative_proposed"]
+    )
+
+
 def test_chat_with_lookup_gives_the_greedy_answers(
     checkpoints, tokenizer_path, generator, tmp_path, capsys, submitted
 ):
@@ -237,6 +254,8 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, tokenizer_path):
         "two <FILL_ME>": (["infill", "a<FILL_ME>b<FILL_ME>c", *flags], "has 2 <FILL_ME> markers"),
         "unknown model size": (["plan", "--model", "8b"], "unknown model '8b'"),
         "lookup out of range": (["complete", "x", "--lookup", "8", *flags], "--lookup"),
+        "draft and lookup": (["complete", "x", "--lookup", "2", "--draft", "d", *flags], "pass one of them"),
+        "draft tokens 0": (["complete", "x", "--draft_tokens", "0", *flags], "--draft_tokens"),
         "chat without Instruct": (
             ["chat", *model_flags(checkpoints, tokenizer_path, "base")],
             "not an Instruct model",
@@ -539,4 +558,9 @@ def test_serve_takes_the_server_lookup_flag(capsys):
     from llama.server.__main__ import default_speculation, parse_args
 
     assert parse_args(["--lookup", "4"]).lookup == 4 and parse_args([]).lookup == 0
-    assert default_speculation(0) is None and default_speculation(4).num_tokens == 4
+    assert default_speculation(parse_args([])) is None
+    assert default_speculation(parse_args(["--lookup", "4"])).num_tokens == 4
+    drafted = default_speculation(parse_args(["--draft", "small", "--draft_tokens", "3"]))
+    assert (drafted.method, drafted.num_tokens) == ("draft", 3)
+    assert commands.main(["serve", "--draft", "small", "--lookup", "2"]) == 2
+    assert "pass one of them" in capsys.readouterr().err

@@ -73,8 +73,10 @@ def servers(models, tokenizer_path, plain_tokenizer_path, step_tokenizer_path, t
             + common,
             logs / "plain.log",
         ),
-        "step": ServerProcess(
-            ["--ckpt_dir", str(models["step"]), "--tokenizer_path", str(step_tokenizer_path)] + common,
+        "step": ServerProcess(  # the model drafts for itself (--draft), for requests that do not say
+            ["--ckpt_dir", str(models["step"]), "--tokenizer_path", str(step_tokenizer_path)]
+            + ["--draft", str(models["step"]), "--draft_tokens", "3"]
+            + common,
             logs / "step.log",
         ),
         "mp2": ServerProcess(
@@ -341,6 +343,10 @@ def test_turn_format_chat_matches_chat_completion_and_stops_at_step(servers, mod
     answer = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=20, temperature=0)
     assert answer.choices[0].message.content == want["content"]
     assert answer.choices[0].message.model_extra["destination"] == want["destination"] == "user"
+    # The server's draft model proposed tokens (itself: all accepted) without changing the answer.
+    with httpx.Client(base_url=servers["step"].url) as step_http:
+        proposed = metric(step_http, "codellama_speculative_proposed_tokens_total")
+        assert proposed > 0 and metric(step_http, "codellama_speculative_accepted_tokens_total") == proposed
     step = {str(reference.tokenizer.step_id): 100}
     stopped = client.chat.completions.create(
         model=MODEL, messages=dialog, max_tokens=20, temperature=0, logit_bias=step
@@ -607,7 +613,14 @@ ERROR_CASES = [
         "speculative.method",
         None,
     ),
-    ("speculate word", {"json": {"prompt": "x", "speculative": "draft"}}, 400, "speculative", None),
+    ("speculate word", {"json": {"prompt": "x", "speculative": "beam"}}, 400, "speculative", None),
+    (
+        "speculate draftless",
+        {"json": {"prompt": "x", "speculative": "draft"}},
+        400,
+        "speculative.method",
+        None,
+    ),
     ("speculate true", {"json": {"prompt": "x", "speculative": True}}, 400, "speculative", None),
     (
         "speculate ngram",
@@ -705,7 +718,10 @@ def test_invalid_llamacpp_requests(http, path, body, param):
 CHAT = {"messages": [{"role": "user", "content": "x"}]}
 SPECULATIVE_ERROR_CASES = [
     ("/v1/chat/completions", {**CHAT, "speculative": {"num_tokens": 8}}, "speculative.num_tokens"),
+    ("/v1/chat/completions", {**CHAT, "speculative": {"method": "beam"}}, "speculative.method"),
+    # This server has no draft model: the refusal says how to load one.
     ("/v1/chat/completions", {**CHAT, "speculative": {"method": "draft"}}, "speculative.method"),
+    ("/completion", {"prompt": "x", "speculative": "draft"}, "speculative.method"),
     ("/v1/chat/completions", {**CHAT, "speculative": 4}, "speculative"),
     ("/completion", {"prompt": "x", "speculative": {"num_tokens": 0}}, "speculative.num_tokens"),
     ("/completion", {"prompt": "x", "speculative": {"method": "ngram"}}, "speculative.method"),

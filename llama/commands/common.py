@@ -55,6 +55,9 @@ def first_rank_input(read: Callable[[], T]) -> Optional[T]:
 
 def load_model(args: argparse.Namespace) -> Llama:
     """The model of the shared options; the load summary goes to stderr, stdout stays for results."""
+    draft = getattr(args, "draft", None)
+    if draft and getattr(args, "lookup", 0):
+        raise ValueError("--draft and --lookup are two ways to speculate: pass one of them")
     ckpt_dir, tokenizer_path = model_paths(args.ckpt_dir, args.tokenizer_path, PACKAGE_ROOT)
     with contextlib.redirect_stdout(sys.stderr):  # fairscale announces the group on stdout
         distributed.init_model_parallel(args.model_parallel_size)
@@ -68,6 +71,7 @@ def load_model(args: argparse.Namespace) -> Llama:
             model_parallel_size=args.model_parallel_size,
             seed=args.seed,
             dtype=args.dtype,
+            draft_ckpt_dir=draft,
         )
 
 

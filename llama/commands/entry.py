@@ -47,7 +47,21 @@ def _model_options() -> argparse.ArgumentParser:
         "--model_parallel_size", type=int, help="ranks the model is split over (default: all processes)"
     )
     group.add_argument("--seed", type=int, default=1, help="random seed, the same on every rank (default 1)")
+    group.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="a smaller checkpoint with the same tokenizer that proposes tokens for the model to "
+        "check (speculative decoding; --draft_tokens per step)",
+    )
     return options
+
+
+def _draft_tokens(text: str) -> int:
+    """--draft_tokens' value: an integer in [1, MAX_SPECULATIVE_TOKENS]."""
+    value = _lookup_tokens(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {limits.MAX_SPECULATIVE_TOKENS}], got 0")
+    return value
 
 
 def _lookup_tokens(text: str) -> int:
@@ -91,6 +105,13 @@ def _sampling_options(temperature: float, top_p: float, max_gen_len: int) -> arg
         metavar="N",
         help="speculative decoding by prompt lookup: propose up to N tokens per step, checked in one "
         f"pass (1..{limits.MAX_SPECULATIVE_TOKENS}; default 0: off)",
+    )
+    group.add_argument(
+        "--draft_tokens",
+        type=_draft_tokens,
+        default=4,
+        metavar="N",
+        help=f"with --draft: most tokens proposed per step (1..{limits.MAX_SPECULATIVE_TOKENS}; default 4)",
     )
     group.add_argument("--json", action="store_true", help="print the result dictionaries as JSON lines")
     group.add_argument(

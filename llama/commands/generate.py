@@ -27,8 +27,10 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def speculation(args: argparse.Namespace) -> Optional[Speculation]:
-    """Prompt lookup proposing up to --lookup tokens per step (the parser checked the range), or
-    None for 0 (off)."""
+    """The draft model proposing up to --draft_tokens tokens per step with --draft, else prompt
+    lookup proposing up to --lookup tokens (the parser checked the ranges), or None (off)."""
+    if getattr(args, "draft", None):
+        return Speculation("draft", num_tokens=args.draft_tokens)
     return Speculation("lookup", num_tokens=args.lookup) if args.lookup else None
 
 

@@ -185,8 +185,8 @@ class Engine:
             speculation.validate()
             if speculation.method == "draft" and self.draft is None:
                 raise ValueError(
-                    'speculative method "draft" needs a draft model: build with '
-                    "Llama.build(..., draft_ckpt_dir=...)"
+                    'speculative method "draft" needs a draft model loaded beside this one: '
+                    "Llama.build(..., draft_ckpt_dir=...), or --draft for the server and the command"
                 )
         default = self.tokenizer.eos_id if default_stop is _DEFAULT else default_stop
         if default is not None:

@@ -68,6 +68,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         f"propose up to N tokens per step, 1..{limits.MAX_SPECULATIVE_TOKENS} (default 0: off)",
     )
     parser.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="a smaller checkpoint with the same tokenizer, loaded beside the model, that proposes "
+        'tokens for requests asking for the "draft" method (the default with this flag)',
+    )
+    parser.add_argument(
+        "--draft_tokens",
+        type=int,
+        default=4,
+        metavar="N",
+        help=f"with --draft: most tokens proposed per step by default, 1..{limits.MAX_SPECULATIVE_TOKENS}",
+    )
+    parser.add_argument(
         "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
@@ -78,12 +91,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--max_queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.lookup <= limits.MAX_SPECULATIVE_TOKENS:
         parser.error(f"--lookup must be in [0, {limits.MAX_SPECULATIVE_TOKENS}] (0: off), got {args.lookup}")
+    if not 1 <= args.draft_tokens <= limits.MAX_SPECULATIVE_TOKENS:
+        parser.error(
+            f"--draft_tokens must be in [1, {limits.MAX_SPECULATIVE_TOKENS}], got {args.draft_tokens}"
+        )
+    if args.draft and args.lookup:
+        parser.error("--draft and --lookup are two default ways to speculate: pass one of them")
     return args
 
 
-def default_speculation(lookup: int) -> Optional[Speculation]:
-    """Prompt lookup proposing up to `lookup` tokens per step, or None for 0 (off)."""
-    return Speculation("lookup", num_tokens=lookup) if lookup else None
+def default_speculation(args: argparse.Namespace) -> Optional[Speculation]:
+    """For requests that do not say: the draft model with --draft, prompt lookup with --lookup N,
+    else None (off)."""
+    if args.draft:
+        return Speculation("draft", num_tokens=args.draft_tokens)
+    return Speculation("lookup", num_tokens=args.lookup) if args.lookup else None
 
 
 def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
@@ -96,6 +118,7 @@ def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
         args.max_batch_size,
         dtype=args.dtype,
         compile=args.compile,
+        draft_ckpt_dir=args.draft,
     )
     # `generate` sets up the compiled decode step on first use; the server drives the engine
     # directly, so it sets it up here (a no-op without --compile).
@@ -118,7 +141,7 @@ def serve(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str) -> int:
     """Rank 0: serve HTTP, load the model once the socket is up, exit 0 after SIGTERM (running
     requests get `--grace_period` seconds), exit 1 if loading fails or the engine stops."""
     state = ServerState(
-        args.model_name or Path(ckpt_dir).resolve().name, args.max_queue, default_speculation(args.lookup)
+        args.model_name or Path(ckpt_dir).resolve().name, args.max_queue, default_speculation(args)
     )
     app = create_app(state, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(

@@ -132,7 +132,10 @@ class Generation:
             self._release()
             message = str(error)
             code = "context_length_exceeded" if "context" in message or "max_seq_len" in message else None
-            raise invalid(message, "max_tokens" if code else None, code) from None
+            param = "max_tokens" if code else None
+            if message.startswith("speculative method"):
+                param = "speculative.method"
+            raise invalid(message, param, code) from None
         except BaseException:
             self.cancel()
             self._release()

@@ -87,17 +87,18 @@ class SpeculativeOptions(_Body):
 
     `method` "lookup" proposes the tokens that followed the latest earlier occurrence of the last
     n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the text so far, at most
-    `num_tokens` per step; "none" turns speculation off (also for a server started with --lookup).
+    `num_tokens` per step; "draft" has the server's draft model (--draft) propose them; "none"
+    turns speculation off (also for a server started with --lookup or --draft).
     """
 
-    method: Literal["lookup", "none"] = "lookup"
+    method: Literal["lookup", "draft", "none"] = "lookup"
     num_tokens: int = Field(4, ge=1, le=limits.MAX_SPECULATIVE_TOKENS)
     max_ngram: int = Field(3, ge=1)
     min_ngram: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_ngrams(self) -> "SpeculativeOptions":
-        if self.method == "lookup":  # the engine's own check: n-gram bounds, min <= max
+        if self.method != "none":  # the engine's own check: n-gram bounds, min <= max
             self.to_speculation()
         return self
 
@@ -119,13 +120,13 @@ def _speculative_shorthand(value: object) -> object:
     as they are; anything else refused with the forms allowed."""
     if value is None or isinstance(value, (dict, SpeculativeOptions)):
         return value
-    if value == "lookup" and isinstance(value, str):
-        return {"method": "lookup"}
+    if value in ("lookup", "draft") and isinstance(value, str):
+        return {"method": value}
     if value is False:
         return {"method": "none"}
     raise ValueError(
         'must be an object such as {"method": "lookup", "num_tokens": 4}, the string '
-        '"lookup", or false (off)'
+        '"lookup" or "draft", or false (off)'
     )
 
 
