@@ -13,17 +13,18 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from llama.engine import Completion, fold
 from llama.server.errors import APIError, error_event
 from llama.server.jobs import infill_job, llamacpp_completion_job
 from llama.server.openai_api import CLIENT_CLOSED, token_text
-from llama.server.runner import ChoiceResult, Generation, collect_unless_disconnected
+from llama.server.runner import Generation, collect_unless_disconnected
 from llama.server.schemas import DetokenizeRequest, InfillRequest, LlamaCppCompletionRequest, TokenizeRequest
 from llama.server.state import ServerState
 from llama.server.transport import EventStream, read_json, sse
 from llama.tokenizer import Tokenizer
 
 
-def _probabilities(tokenizer: Tokenizer, result: ChoiceResult) -> list:
+def _probabilities(tokenizer: Tokenizer, result: Completion) -> list:
     """llama.cpp's `completion_probabilities`: per token, its text and the top alternatives."""
     return [
         {
@@ -34,7 +35,7 @@ def _probabilities(tokenizer: Tokenizer, result: ChoiceResult) -> list:
     ]
 
 
-def _final(state: ServerState, generation: Generation, result: ChoiceResult, started: float) -> dict:
+def _final(state: ServerState, generation: Generation, result: Completion, started: float) -> dict:
     """The closing fields of a llama.cpp completion."""
     tokenizer = state.tokenizer_
     usage = result.usage
@@ -130,17 +131,15 @@ def _tokenize(tokenizer: Tokenizer, body: TokenizeRequest) -> dict:
 
 
 async def _stream(state: ServerState, generation: Generation, started: float) -> AsyncIterator[str]:
-    result = ChoiceResult()
+    events = []
     try:
         async for item in generation.events():
             event = item.event
-            result.text += event.text
-            result.token_ids += event.token_ids
+            events.append(event)
             if event.finish_reason is None:
                 if event.text:
                     yield sse({"content": event.text, "stop": False})
                 continue
-            result.finish_reason, result.usage = event.finish_reason, event.usage
-            yield sse({"content": event.text, **_final(state, generation, result, started)})
+            yield sse({"content": event.text, **_final(state, generation, fold(events), started)})
     except Exception as error:  # the headers are sent: the error goes in the stream
         yield sse(error_event(error, state.metrics.count_error))

@@ -8,10 +8,10 @@ from typing import AsyncIterator, Dict, List, Optional, Protocol, Tuple, Union
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from llama.engine import Event
+from llama.engine import Completion, Event, fold
 from llama.server.errors import APIError, error_event
 from llama.server.jobs import Job, chat_job, completion_job
-from llama.server.runner import ChoiceResult, Generation, collect_unless_disconnected
+from llama.server.runner import Generation, collect_unless_disconnected
 from llama.server.schemas import ChatCompletionRequest, CompletionRequest
 from llama.server.state import ServerState
 from llama.server.transport import DONE, EventStream, read_json, sse
@@ -59,7 +59,7 @@ def check_model(state: ServerState, model: Optional[str]) -> None:
         )
 
 
-def usage_dict(results: List[ChoiceResult], n: int) -> dict:
+def usage_dict(results: List[Completion], n: int) -> dict:
     """OpenAI usage: prompt tokens counted once per prompt, completion tokens of every choice."""
     firsts = [r.usage for r in results[::n] if r.usage is not None]
     prompt = sum(u.prompt_tokens for u in firsts)
@@ -287,21 +287,22 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """A generation as OpenAI server-sent events: the openings, a chunk per event with text, a
     finish reason or logprobs, the usage chunk if asked, `[DONE]`; an error event if it fails."""
-    results = [ChoiceResult() for _ in generation.requests]
+    events: List[List[Event]] = [[] for _ in generation.requests]
     base = {**meta, "object": chunks.object}
     usage_field = {"usage": None} if include_usage else {}
     try:
-        for index in range(len(results)):
+        for index in range(len(events)):
             opening = chunks.opening(index)
             if opening is not None:
                 yield sse({**base, "choices": [opening], **usage_field})
         async for item in generation.events():
             event = item.event
-            results[item.index].usage = event.usage or results[item.index].usage
+            events[item.index].append(event)
             if not (event.text or event.finish_reason or event.logprobs):
                 continue
             yield sse({**base, "choices": [chunks.choice(item.index, event)], **usage_field})
         if include_usage:
+            results = [fold(choice) for choice in events]
             yield sse({**base, "choices": [], "usage": usage_dict(results, generation.job.n)})
         yield DONE
     except Exception as error:  # the headers are sent: the error goes in the stream

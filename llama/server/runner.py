@@ -4,10 +4,10 @@ choices' events merged into one async stream, cancellation, metrics.
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, TypeVar
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, List, Optional, TypeVar
 
-from llama.engine import Engine, Event, Request, Usage
+from llama.engine import Completion, Engine, Event, Request, fold
 from llama.server.errors import APIError, invalid
 from llama.server.jobs import Job
 from llama.server.metrics import ServerMetrics
@@ -243,30 +243,12 @@ async def start_generation(
     return Generation(engine, job, capacity, metrics, endpoint, on_engine_error)
 
 
-@dataclass
-class ChoiceResult:
-    """Everything one choice generated, put together."""
-
-    text: str = ""
-    token_ids: List[int] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)
-    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    usage: Optional[Usage] = None
-
-
-async def collect(generation: Generation) -> List[ChoiceResult]:
-    """Run a generation to its end; the results of its choices in choice order."""
-    results = [ChoiceResult() for _ in generation.requests]
+async def collect(generation: Generation) -> List[Completion]:
+    """Run a generation to its end; the completions of its choices in choice order."""
+    events: List[List[Event]] = [[] for _ in generation.requests]
     async for item in generation.events():
-        result, event = results[item.index], item.event
-        result.text += event.text
-        result.token_ids += event.token_ids
-        result.logprobs += event.logprobs
-        result.top_logprobs += event.top_logprobs
-        if event.finish_reason is not None:
-            result.finish_reason, result.usage = event.finish_reason, event.usage
-    return results
+        events[item.index].append(item.event)
+    return [fold(choice) for choice in events]
 
 
 async def until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> Optional[T]:
@@ -298,7 +280,7 @@ async def until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitab
 
 async def collect_unless_disconnected(
     receive: Callable[[], Awaitable[dict]], generation: Generation
-) -> Optional[List[ChoiceResult]]:
+) -> Optional[List[Completion]]:
     """`collect(generation)`, or None (the generation cancelled) if the client disconnects first."""
     try:
         return await until_disconnect(receive, collect(generation))
