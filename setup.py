@@ -26,7 +26,16 @@ setup(
     package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=requirements(ROOT / "requirements.txt"),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "protobuf", "packaging", "pillow", "openai>=1.0", "httpx"]
+        "test": [
+            "pytest>=7",
+            "transformers>=4.40",
+            "protobuf",
+            "packaging",
+            "pillow",
+            "openai>=1.0",
+            "httpx",
+            "hypothesis>=6",
+        ]
         + SERVER,
         "server": SERVER,
         "bench": ["transformers>=4.40", "psutil"],

@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from llama import kernel_report  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 VOCAB = 32016
@@ -570,6 +571,14 @@ def report(
         f"{flops / 1e9:.0f} GFLOP/s ({PREFILL_LEN}x{work.args.dim} by {work.args.dim}x{4 * work.args.dim}). "
         f"Decode bound = bandwidth / (bf16 weight bytes + KV bytes at the mean context of "
         f"{avg_context}) per step; prefill bound = matmul throughput / (2 x matmul params) per token.",
+    ]
+    out += [
+        "- What this machine runs (`python -m llama.kernels`):",
+        "",
+        "```",
+        kernel_report.report(),
+        "```",
+        "",
     ]
     if agree:
         out.append(f"- Greedy agreement between engines (first tokens of a 128-token prompt): {agree}.")

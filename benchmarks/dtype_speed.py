@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from llama import distributed, kernels  # noqa: E402
+from llama import distributed, kernel_report, kernels  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -80,6 +80,7 @@ def main(argv: List[str] = None) -> None:
     if opts.layers < 1 or opts.steps < 1 or opts.repeats < 1 or min(prompts) < 1:
         parser.error("--layers, --steps, --repeats and every prompt length must be >= 1")
     distributed.init_model_parallel()
+    print(kernel_report.report() + "\n")  # the instruction sets and paths behind the numbers
     print(
         f"Kernel variant: {kernels.variant()}; default CPU dtype: "
         f"{distributed.resolve_dtype(None, torch.device('cpu'))}; threads: {torch.get_num_threads()}\n"

@@ -34,7 +34,7 @@ for path in (str(REPO), str(REPO / "benchmarks")):
 import torch  # noqa: E402
 from bench import ensure_checkpoint, machine, random_prompts, versions  # noqa: E402
 
-from llama import Llama  # noqa: E402
+from llama import Llama, kernel_report  # noqa: E402
 
 # Code Llama's infilling ids (the benchmark tokenizer's pieces there are placeholders).
 PRE, SUF, MID = 32007, 32008, 32009
@@ -294,6 +294,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         "",
         f"`python benchmarks/engine.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
         f"{machine()}, {torch.get_num_threads()} threads; {versions()}.",
+        "",
+        "What this machine runs (`python -m llama.kernels`):",
+        "",
+        "```",
+        kernel_report.report(),
+        "```",
         "",
     ]
     if "decode1" in cases:

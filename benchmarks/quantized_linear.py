@@ -14,6 +14,7 @@ per case, the faster of its two ways from this table.
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama import quantization  # noqa: E402
+from llama import kernel_report, quantization, quantized_backends  # noqa: E402
 
 DIM, FFN, KV_DIM = 2048, 5632, 256
 SHAPES = [(DIM, DIM), (KV_DIM, DIM), (KV_DIM, DIM), (DIM, DIM), (FFN, DIM), (FFN, DIM), (DIM, FFN)]
@@ -69,9 +70,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    quantization.TORCH_OP_MAX_ROWS = 1 << 30  # time torch's ops at every row count
+    for key, backend in quantized_backends.TABLE.items():  # time torch's ops at every row count
+        quantized_backends.TABLE[key] = dataclasses.replace(backend, max_rows=None)
     variants = layer_variants()
     names = list(variants)
+    print(kernel_report.report() + "\n")  # the instruction sets and paths behind the numbers
     print(f"torch {torch.__version__}, {args.threads} threads; ms per TinyLlama layer (44 M weights)\n")
     for act_dtype in (torch.float32, torch.bfloat16):
         print(f"activations {str(act_dtype).removeprefix('torch.')}")

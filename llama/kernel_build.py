@@ -1,4 +1,5 @@
-"""Building and loading the C++ kernels in `llama/csrc/`: one shared library per instruction set.
+"""Building, proving and loading the C++ kernels in `llama/csrc/`: one shared library per
+instruction set.
 
 Each variant (`VARIANTS`, fastest first) is one source file compiled with the system C++ compiler
 (`CXX`, default `g++`) on first use and cached under `cache_dir()`. The cache key covers the
@@ -6,6 +7,11 @@ sources, the compiler's path and version, and every flag, so a changed compiler 
 new library; a cached library that fails to load is rebuilt. The parallel loops use the OpenMP
 runtime torch itself loaded (linked by path), or none when torch runs without OpenMP, so a process
 never holds two OpenMP runtimes with two thread pools.
+
+A CPU flag in /proc/cpuinfo is not proof that an instruction runs: a hypervisor can list AVX-512 or
+AMX and still refuse them. `prove` runs one small call of a built library in a child process (an
+illegal instruction kills the child, not the caller) and checks its result; only a proven variant
+is used.
 """
 
 import ctypes
@@ -13,7 +19,9 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import warnings
 from functools import lru_cache
@@ -51,7 +59,6 @@ ENTRY_POINTS = {
     + [_I64] * 7
     + [_FLOAT, _INT],
     "codellama_rotary_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
-    "codellama_gemv_int8": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
 }
 
 
@@ -241,3 +248,70 @@ def load(variant: str) -> ctypes.CDLL:
         return _open(target)
     except (OSError, AttributeError) as err:
         raise KernelBuildError(f"the freshly built {target} does not load: {err}") from err
+
+
+# Run by `prove` in a child process: one bf16 matrix-vector product of all-ones [1, 40] by [3, 40]
+# (40: full vectors and a tail on every variant), which must give 40.0 three times.
+_PROOF_SCRIPT = r"""
+import ctypes, sys
+library = ctypes.CDLL(sys.argv[1])
+ONE, FORTY = 0x3F80, 0x4220  # 1.0 and 40.0 in bf16
+x, w, y = (ctypes.c_uint16 * 40)(*[ONE] * 40), (ctypes.c_uint16 * 120)(*[ONE] * 120), (ctypes.c_uint16 * 3)()
+function = library.codellama_gemv_bf16
+function.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+function.restype = ctypes.c_int
+status = function(x, 40, w, 120, y, 3, 1, 3, 40, 1)
+print(status, list(y))
+sys.exit(0 if status == 0 and list(y) == [FORTY] * 3 else 3)
+"""
+
+
+def signal_name(number: int) -> str:
+    """ "SIGILL" for 4, and so on."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def prove_library(library: ctypes.CDLL) -> Optional[str]:
+    """Run one small call of the loaded kernel `library` in a child process: None if it ran and
+    gave the right result, else what happened (e.g. killed by SIGILL: the CPU or the virtual
+    machine refused an instruction the CPU flags promise). Checked once per library file and process."""
+    return _prove_path(library._name)  # the path it was loaded from
+
+
+@lru_cache(maxsize=None)
+def _prove_path(path: str) -> Optional[str]:
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _PROOF_SCRIPT, path], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"the test call could not be run: {err}"
+    if child.returncode == 0:
+        return None
+    if child.returncode < 0:
+        name = signal_name(-child.returncode)
+        why = " (an instruction was refused by the CPU or the virtual machine)" if name == "SIGILL" else ""
+        return f"the test call was killed by {name}{why}"
+    output = (child.stdout + child.stderr).strip()[-300:]
+    return f"the test call gave a wrong result or failed (exit status {child.returncode}): {output}"
+
+
+def prove(variant: str) -> Optional[str]:
+    """Build `variant` if needed and run it once (`prove_library`): None if it runs here, else why
+    not (including a build failure).
+
+    Raises:
+        ValueError: for an unknown variant name.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    if variant not in cpu_variants():
+        return f"the CPU flags lack {', '.join(sorted(_CPU_FLAGS[variant] - cpu_flags()))}"
+    try:
+        library = load(variant)
+    except KernelBuildError as err:
+        return f"it could not be built: {str(err)[:300]}"
+    return prove_library(library)

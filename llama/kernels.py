@@ -8,8 +8,8 @@ values once, in fp32 arithmetic, up to that row's own length (no mask), where to
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
 no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
-pass, bit-identical to the torch operations. `int8_linear` multiplies by int8 weights with one
-scale per output channel (a matrix-vector kernel for a few bf16 rows).
+pass, bit-identical to the torch operations. Quantized weights multiply with torch's weight-only
+kernels (`llama.quantized_backends`).
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
@@ -105,10 +105,25 @@ def _load(variant: str) -> Optional[ctypes.CDLL]:
         return None
 
 
-def kernel_available() -> bool:
-    """True if a kernel variant runs on this machine (building it on the first call).
+def _proven(variant: str, library: ctypes.CDLL) -> bool:
+    """Whether `library` ran a test call correctly in a child process; a RuntimeWarning if not
+    (the CPU flags promised instructions that this CPU or virtual machine refuses)."""
+    refused = kernel_build.prove_library(library)
+    if refused is not None:
+        warnings.warn(
+            f"the {variant} kernels were built but do not run here ({refused}); trying the next variant",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return refused is None
 
-    False on other CPUs, or (with a RuntimeWarning) when the compiler fails.
+
+def kernel_available() -> bool:
+    """True if a kernel variant runs on this machine (building it and proving it with a test call
+    in a child process on the first call, `llama.kernel_build.prove_library`).
+
+    False on other CPUs, or (with a RuntimeWarning) when the compiler fails or a built variant
+    does not run.
 
     Raises:
         RuntimeError: when the build fails and `CI=true`.
@@ -121,7 +136,7 @@ def kernel_available() -> bool:
         if _available is None:
             for name in _preferred_variants():
                 library = _load(name)
-                if library is not None:
+                if library is not None and _proven(name, library):
                     _library, _variant = library, name
                     break
             _available = _library is not None
@@ -139,7 +154,7 @@ def set_variant(name: str) -> None:
 
     Raises:
         ValueError: for an unknown name, or a variant this CPU cannot run.
-        RuntimeError: if it cannot be built.
+        RuntimeError: if it cannot be built, or its test call fails here.
     """
     global _library, _variant, _available
     if name not in kernel_build.VARIANTS:
@@ -151,6 +166,9 @@ def set_variant(name: str) -> None:
             library = kernel_build.load(name)
         except kernel_build.KernelBuildError as err:
             raise RuntimeError(f"the {name} kernels could not be built: {err}") from err
+        refused = kernel_build.prove_library(library)
+        if refused is not None:
+            raise RuntimeError(f"the {name} kernels do not run on this machine: {refused}")
         _library, _variant, _available = library, name, True
 
 
@@ -282,73 +300,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         out = _gemv(rows, weight)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def int8_kernel_applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether `int8_linear(x, qweight, scales)` would take the hand-written kernel: bf16 `x` of at
-    most `MAX_ROWS` rows on the CPU, contiguous int8 `qweight` [N, K] and fp32 `scales` [N]."""
-    return (
-        _enabled
-        and x.device.type == qweight.device.type == scales.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and x.numel() // max(qweight.shape[1], 1) <= MAX_ROWS
-        and qweight.is_contiguous()
-        and scales.dtype == torch.float32
-        and scales.is_contiguous()
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and not torch.compiler.is_compiling()
-        and kernel_available()
-    )
-
-
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`x` times int8 weights with one scale per output channel: x [..., K] @ (qweight [N, K] *
-    scales[N, None]).T -> [..., N] in x's dtype.
-
-    A few bf16 rows on the CPU use the kernel (fp32 products and sums, the scale applied to each
-    sum, one bf16 rounding); everything else multiplies in fp32 on the weights widened
-    `WIDEN_ROWS` rows at a time, then applies the scales.
-
-    Raises:
-        ValueError: if qweight is not a 2-D int8 tensor, scales is not [N], or x's last
-            dimension is not K.
-    """
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(
-            f"qweight must be a 2-D int8 tensor [N, K], got {qweight.dtype} {tuple(qweight.shape)}"
-        )
-    if tuple(scales.shape) != (qweight.shape[0],):
-        raise ValueError(
-            f"scales must be [N] = [{qweight.shape[0]}], one per output channel; got {tuple(scales.shape)}"
-        )
-    if x.shape[-1] != qweight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} input features, qweight {qweight.shape[1]}")
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 0 or not int8_kernel_applies(x, qweight, scales):
-        wide = rows.float()
-        out = torch.empty(rows.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
-        for first in range(0, qweight.shape[0], WIDEN_ROWS):
-            chunk = slice(first, first + WIDEN_ROWS)
-            out[:, chunk] = F.linear(wide, qweight[chunk].float()) * scales[chunk].float()
-        return out.view(*x.shape[:-1], qweight.shape[0])
-    rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], qweight.shape[0], dtype=torch.bfloat16)
-    _run(
-        "codellama_gemv_int8",
-        rows.data_ptr(),
-        _elements(rows),
-        qweight.data_ptr(),
-        _elements(qweight),
-        scales.data_ptr(),
-        _elements(scales),
-        out.data_ptr(),
-        _elements(out),
-        rows.shape[0],
-        qweight.shape[0],
-        qweight.shape[1],
-        unsupported=f"{rows.shape[0]} rows",
-    )
-    return out.view(*x.shape[:-1], qweight.shape[0])
 
 
 # Head sizes the decode-attention kernel is built for (Code Llama: 128).
@@ -538,3 +489,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         unsupported=f"heads of {head_dim}",
     )
     return out
+
+
+if __name__ == "__main__":  # `python -m llama.kernels`: what this machine runs (llama.kernel_report)
+    from llama.kernel_report import main
+
+    raise SystemExit(main())

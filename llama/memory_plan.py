@@ -4,10 +4,11 @@ One arithmetic for `codellama plan` and for the refusal in `Llama.build` before 
 
 - **weights**: each tensor's share on one rank (fairscale splits embeddings, the attention and FFN
   projections and the output layer; the norms are replicated on every rank). With weight-only
-  quantization the seven linear layers of each block hold int8 values with one scale per output
-  channel, or int4 values (two per byte) with a scale and a zero point per group of `group_size`
-  input columns; scales and zero points take 2 bytes (bf16). Embeddings, output layer and norms stay
-  in the model dtype.
+  quantization the seven linear layers of each block and the output layer hold int8 values with
+  one scale per output channel, or int4 values (two per byte) with a scale and a zero point per
+  group of `group_size` input columns, their rows padded to a multiple of 64 as torch's int4
+  kernels take them (`llama.int4_pack`); scales and zero points take 2 bytes (bf16). Embeddings
+  and norms stay in the model dtype.
 - **KV cache**: keys and values of every layer for `max_batch_size` rows of `max_seq_len` positions
   (the rank's share of the kv heads).
 - **activations**: the largest buffers alive during one prefill step, whose tokens number at most
@@ -24,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from llama import int4_pack
 from llama.model import Attention, ModelArgs
 
 # The published Code Llama shapes (SPEC: model family table).
@@ -154,8 +156,9 @@ def _linear_bytes(out_features: int, in_features: int, settings: Settings) -> in
         return values * itemsize(settings.dtype)
     if settings.quantization == "int8":
         return values + out_features * SCALE_BYTES
-    groups = out_features * (in_features // settings.group_size)
-    return values // 2 + groups * 2 * SCALE_BYTES  # int4 values, and a scale and zero per group
+    rows = int4_pack.padded_rows(out_features)
+    groups = rows * (in_features // settings.group_size)
+    return rows * in_features // 2 + groups * 2 * SCALE_BYTES  # int4 values, a scale and zero per group
 
 
 def weight_bytes(settings: Settings) -> int:
@@ -173,7 +176,7 @@ def weight_bytes(settings: Settings) -> int:
         + 2 * args.dim * size  # attention_norm, ffn_norm (replicated)
     )
     embeddings = args.vocab_size * (args.dim // mp) * size
-    output = (args.vocab_size // mp) * args.dim * size
+    output = _linear_bytes(args.vocab_size // mp, args.dim, settings)  # column-parallel, quantized too
     return args.n_layers * per_layer + embeddings + output + args.dim * size
 
 

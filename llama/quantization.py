@@ -10,11 +10,11 @@ Two schemes, both stored in a plain, device-independent layout:
   zero is the weight value of the middle code, as torch's int4 kernels define it).
 
 Codes are computed from the bf16-rounded scales and zeros, so dequantizing reproduces exactly
-what was quantized against. `QuantizedWeight` holds one rank's part of a layer; `linear` is the
-one place that chooses how to multiply by it (see `linear` for the measured choice).
+what was quantized against. `QuantizedWeight` holds one rank's part of a layer in the form its
+backend reads (`llama.quantized_backends`: one table per device and scheme); `linear` multiplies
+by it.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -22,20 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import kernels
+from llama import alignment, int4_pack, quantized_backends
+from llama.layout import QUANTIZED_PARTS
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 STORAGE_DTYPE = torch.bfloat16  # scales and zeros
 INT8_MAX = 127
-INT4_MID = 8  # code of the group's zero
+INT4_MID = int4_pack.INT4_MID  # code of the group's zero
 INT4_MAX = 15
-# Rows of fp32 activations up to which torch's weight-only kernels beat dequantizing then fp32
-# F.linear on an AVX2 CPU (benchmarks/quantized_linear.py: faster up to 64 rows, slower from 96).
-TORCH_OP_MAX_ROWS = 64
-# Rows per block of torch's CPU int4 packing.
-INT4_BLOCK_ROWS = 32
 # Rows quantized at a time: bounds the fp32 temporaries to a few tens of MB for any layer.
 _ROW_BLOCK = 1024
 
@@ -150,9 +146,7 @@ def quantize(
     return {"weight": codes, "scales": scales, "zeros": zeros}
 
 
-def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [N, K/2] (two per byte, low nibble first) -> uint8 [N, K] values 0..15."""
-    return torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
+unpack_int4 = int4_pack.unpack_plain
 
 
 def dequantize(
@@ -162,7 +156,7 @@ def dequantize(
     given: a scratch buffer of that shape and dtype saves an allocation per call)."""
     codes = parts["weight"]
     if scheme.mode == "int4":
-        codes = unpack_int4(codes)
+        codes = int4_pack.unpack_plain(codes)
     if out is None:
         out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     out.copy_(codes)
@@ -175,59 +169,15 @@ def dequantize(
     return out
 
 
-def _torch_int4_pack(values: torch.Tensor) -> torch.Tensor:
-    """torch's CPU int4 packing of codes [N, K] (N a multiple of `INT4_BLOCK_ROWS`), done
-    `_ROW_BLOCK` rows at a time: its blocks of 32 rows are independent, and the int32 copy it
-    needs is 8 times the packed size."""
-    chunks = [
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            values[start : start + _ROW_BLOCK].to(torch.int32), 1
-        )
-        for start in range(0, values.shape[0], _ROW_BLOCK)
-    ]
-    return (
-        chunks[0]
-        if len(chunks) == 1
-        else torch.cat([c.reshape(-1) for c in chunks]).view(values.shape[0], -1)
-    )
-
-
-def _torch_int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Codes [rows, cols] (a uint8 view, not a copy) of torch's CPU int4 packing: blocks of 32
-    rows, each input k of a block as 16 bytes whose low nibbles are rows 0-15 and high nibbles
-    rows 16-31 of the block."""
-    half = INT4_BLOCK_ROWS // 2
-    blocks = packed.reshape(rows // INT4_BLOCK_ROWS, cols, half)
-    values = torch.cat((blocks & 0x0F, blocks >> 4), dim=2)  # [blocks, K, 32]
-    return values.permute(0, 2, 1).reshape(rows, cols)
-
-
-_int4_layout_checked: Optional[bool] = None
-
-
-def torch_int4_layout_known() -> bool:
-    """Whether this torch packs int4 CPU weights as `_torch_int4_unpack` reads them (checked
-    once on a small random weight): only then is the packed form the only one kept."""
-    global _int4_layout_checked
-    if _int4_layout_checked is None:
-        try:
-            values = torch.randint(
-                0, INT4_MAX + 1, (2 * INT4_BLOCK_ROWS, 64), generator=torch.Generator().manual_seed(0)
-            )
-            packed = _torch_int4_pack(values)
-            _int4_layout_checked = torch.equal(_torch_int4_unpack(packed, *values.shape).long(), values)
-        except (RuntimeError, AttributeError):  # an older torch, or a build without the op
-            _int4_layout_checked = False
-    return _int4_layout_checked
-
-
 class QuantizedWeight(nn.Module):
     """One rank's part of a quantized linear weight [out_features, in_features], in place of the
     layer's `weight` parameter: `llama.kernels.linear(x, weight)` calls its `linear`.
 
-    On the CPU with `torch_ops`, int4 codes are repacked at load into the form of torch's CPU
-    int4 kernel (rows padded to a multiple of 32) and kept only in that form, so the memory
-    stays at 4 bits a weight; every other case keeps the stored parts as they are.
+    `backend` (`llama.quantized_backends.choose`) decides the form kept, once, at load: for
+    torch's int4 kernels the codes are packed by torch's own converter for this device (rows
+    padded to a multiple of 64) and kept only in that form, so the memory stays at 4 bits a
+    weight; otherwise the stored parts are kept as they are. Every tensor kept is contiguous and
+    starts at a 64-byte boundary (`llama.alignment`), whatever its offset in the file.
     """
 
     def __init__(
@@ -241,20 +191,27 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.out_features, self.in_features = parts["weight"].shape[0], in_features
-        self.torch_ops = torch_ops and device.type == "cpu"
-        self.torch_int4 = self.torch_ops and scheme.mode == "int4" and torch_int4_layout_known()
-        if self.torch_int4:
-            pad = -self.out_features % INT4_BLOCK_ROWS
-            values = F.pad(unpack_int4(parts["weight"]), (0, 0, 0, pad), value=INT4_MID)
-            pairs = torch.stack((parts["scales"], parts["zeros"]), dim=-1)  # [N, groups, 2]
-            pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
-            self.register_buffer("codes", _torch_int4_pack(values), persistent=False)
-            self.register_buffer("scales_and_zeros", pairs, persistent=False)
+        self.backend = quantized_backends.choose(device.type, scheme.mode, in_features, torch_ops)
+        self.packed = scheme.mode == "int4" and not self.backend.dequantizes
+        # How to read the packed codes back (None: unknown here, ask the kernel; see `_values`).
+        self.layout = int4_pack.cpu_layout() if self.packed and device.type == "cpu" else None
+        if self.packed:
+            rows = int4_pack.padded_rows(self.out_features)
+            values = F.pad(int4_pack.unpack_plain(parts["weight"]), (0, 0, 0, rows - self.out_features))
+            values[self.out_features :] = INT4_MID
+            if device.type == "cpu":
+                codes = int4_pack.cpu_pack(values)
+            else:
+                codes = int4_pack.cuda_pack(values, device)
+            pairs = int4_pack.scales_and_zeros(parts["scales"], parts["zeros"], rows).to(device)
+            self.register_buffer("codes", alignment.aligned(codes), persistent=False)
+            self.register_buffer("scales_and_zeros", alignment.aligned(pairs), persistent=False)
         else:
-            self.register_buffer("codes", parts["weight"].to(device).contiguous(), persistent=False)
-            self.register_buffer("scales", parts["scales"].to(device).contiguous(), persistent=False)
-            if "zeros" in parts:
-                self.register_buffer("zeros", parts["zeros"].to(device).contiguous(), persistent=False)
+            for name, part in (
+                ("codes", parts["weight"]),
+                *((k, parts[k]) for k in QUANTIZED_PARTS if k in parts),
+            ):
+                self.register_buffer(name, alignment.aligned(part.to(device)), persistent=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -263,28 +220,48 @@ class QuantizedWeight(nn.Module):
     def numel(self) -> int:
         return self.out_features * self.in_features
 
+    def _values(self) -> torch.Tensor:
+        """The int4 values [padded rows, in_features] (uint8 0..15) of the packed codes: read back
+        through the known layout, or, where the packing is not known here, multiplied out of the
+        kernel itself (the identity times the weight with every scale 1 and zero 8 gives the
+        values exactly; slow, for inspection only: `linear` never needs it then)."""
+        rows = self.scales_and_zeros.shape[1]
+        if self.layout is not None:
+            return self.layout.unpack(self.codes, rows, self.in_features)
+        unit = torch.empty_like(self.scales_and_zeros)
+        unit[..., 0], unit[..., 1] = 1, INT4_MID
+        values = torch.empty(rows, self.in_features, dtype=torch.uint8, device=self.codes.device)
+        for first in range(0, self.in_features, 256):
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.codes.device)[
+                first : first + 256
+            ]
+            values[:, first : first + eye.shape[0]] = self._int4_op(eye, unit).T.to(torch.uint8)
+        return values
+
+    def _int4_op(self, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        if self.codes.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.codes, self.scheme.group_size, pairs)
+        return torch.ops.aten._weight_int4pack_mm(x, self.codes, self.scheme.group_size, pairs)
+
     def parts(self) -> Dict[str, torch.Tensor]:
         """The stored parts this weight was built from, in the stored layout."""
-        if not self.torch_int4:
+        if not self.packed:
             parts = {"weight": self.codes, "scales": self.scales}
             return parts if self.scheme.mode == "int8" else {**parts, "zeros": self.zeros}
-        rows = self.scales_and_zeros.shape[1]
-        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
         pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
         return {
-            "weight": values[:, 0::2] | (values[:, 1::2] << 4),
+            "weight": int4_pack.pack_plain(self._values()[: self.out_features]),
             "scales": pairs[..., 0].contiguous(),
             "zeros": pairs[..., 1].contiguous(),
         }
 
     def dequantize(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight [N, K] in `dtype` (written into `out` when given)."""
-        if not self.torch_int4:
+        if not self.packed:
             return dequantize(
                 {"weight": self.codes, "scales": self.scales, **self._zeros()}, self.scheme, dtype, out
             )
-        rows = self.scales_and_zeros.shape[1]
-        values = _torch_int4_unpack(self.codes, rows, self.in_features)[: self.out_features]
+        values = self._values()[: self.out_features]
         pairs = self.scales_and_zeros.transpose(0, 1)[: self.out_features]
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
@@ -295,6 +272,15 @@ class QuantizedWeight(nn.Module):
 
     def _zeros(self) -> Dict[str, torch.Tensor]:
         return {"zeros": self.zeros} if self.scheme.mode == "int4" else {}
+
+    def uses_op(self, x: torch.Tensor) -> bool:
+        """Whether `linear(x, self)` takes the backend's weight-only operator (else it dequantizes
+        the whole weight): see `llama.quantized_backends.uses_op`. Packed codes whose layout is
+        not known here are always multiplied by the operator."""
+        rows = x.numel() // max(self.in_features, 1)
+        if self.packed and self.layout is None:
+            return rows > 0
+        return quantized_backends.uses_op(self.backend, rows, x.dtype, x.device.type)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)`: see the module-level `linear`."""
@@ -307,7 +293,7 @@ _scratch: Dict[tuple, torch.Tensor] = {}
 def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused buffer for a dequantized weight: allocating (and page-faulting) a fresh one per
     call costs more than the dequantization itself on the CPU."""
-    key = (dtype, device)
+    key = (dtype, device, torch.is_inference_mode_enabled())  # an inference tensor is read-only outside
     buffer = _scratch.get(key)
     numel = shape[0] * shape[1]
     if buffer is None or buffer.numel() < numel:
@@ -315,33 +301,18 @@ def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
     return buffer[:numel].view(shape)
 
 
-@functools.lru_cache(maxsize=None)
-def _bf16_matmul_is_slow(dtype: torch.dtype) -> bool:
-    """bf16 activations on a CPU without bf16 instructions: torch's weight-only kernels then beat
-    a bf16 F.linear at every row count (3x at 512 rows on AVX2)."""
-    return dtype == torch.bfloat16 and not kernels.cpu_has_avx512_bf16()
-
-
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
 
-    The choice, measured on an AVX2 CPU (benchmarks/quantized_linear.py): on the CPU, up to
-    `TORCH_OP_MAX_ROWS` rows of activations (decoding, short prompts), and for any number of
-    bf16 rows on CPUs without bf16 instructions, torch's weight-only kernels
-    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the weights once at
-    their quantized size; with more rows (prefill), on GPUs, or with `torch_ops` off: the plain
-    path, dequantize into x's dtype (into a reused buffer), then `F.linear`, which runs at the
-    matrix-product speed of that dtype. torch's weight-only kernels are fast only for bf16
-    activations, so other activations are rounded to bf16 for them and the result converted back.
+    Takes the weight's backend operator (`QuantizedWeight.uses_op`; torch's weight-only kernels,
+    which read the weights once at their quantized size and take bf16 activations: others are
+    rounded to bf16 for them and the result converted back), else dequantizes into x's dtype
+    (into a reused buffer) and runs `F.linear`, at the matrix-product speed of that dtype.
     """
-    rows = x.numel() // max(weight.in_features, 1)
-    has_op = weight.torch_int4 or (weight.torch_ops and weight.scheme.mode == "int8")
-    if has_op and 0 < rows and (rows <= TORCH_OP_MAX_ROWS or _bf16_matmul_is_slow(x.dtype)):
+    if weight.uses_op(x):
         flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
-        if weight.torch_int4:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, weight.codes, weight.scheme.group_size, weight.scales_and_zeros
-            )[:, : weight.out_features]
+        if weight.packed:
+            out = weight._int4_op(flat, weight.scales_and_zeros)[:, : weight.out_features]
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat, weight.codes, weight.scales)
         return out.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)

@@ -245,8 +245,9 @@ def load_model(
             parts = source.read_parts(key, rank, world_size)
             in_features = source.shape(key)[1] // (world_size if layout.split_dim(key) == 1 else 1)
             weight = QuantizedWeight(parts, source.scheme, in_features, device, torch_ops)
-            if weight.torch_int4:  # repacked: the parts as read are not used
-                for tensor in parts.values():
+            kept = {buffer.untyped_storage().data_ptr() for buffer in weight.buffers()}
+            for tensor in parts.values():  # repacked or realigned: the parts as read are not used
+                if tensor.untyped_storage().data_ptr() not in kept:
                     checkpoint.release_pages(tensor)
             delattr(module, name)
             setattr(module, name, weight)

@@ -171,6 +171,62 @@ def test_chat_dialog_file_answers_once(checkpoints, tokenizer_path, generator, t
     assert [json.loads(line) for line in out.splitlines()] == expected
 
 
+# ----------------------------------------------------------------------------------- speculation
+
+# Code that repeats itself, so prompt lookup has something to propose; the tiny model's greedy
+# loops make proposals that are accepted.
+REPEATING = "def area(w, h):\n    return w * h\n\n\ndef area(w, h):\n    return w * h\n\n\ndef "
+LOOKUP_GEN_LEN = 32
+
+
+@pytest.fixture
+def submitted(monkeypatch):
+    """(engine, speculation) of every `Engine.submit` call made in this process."""
+    calls = []
+    submit = Engine.submit
+
+    def spy(self, *args, **kwargs):
+        calls.append((self, kwargs.get("speculation")))
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "submit", spy)
+    return calls
+
+
+def run_in_process(capsys, *args) -> str:
+    assert commands.main([str(arg) for arg in args]) == 0
+    return capsys.readouterr().out
+
+
+def test_complete_with_lookup_prints_the_greedy_completion(
+    checkpoints, tokenizer_path, generator, capsys, submitted
+):
+    flags = [*model_flags(checkpoints, tokenizer_path), "--max_gen_len", LOOKUP_GEN_LEN]
+    plain = run_in_process(capsys, "complete", REPEATING, *flags)
+    fast = run_in_process(capsys, "complete", REPEATING, "--lookup", 4, *flags)
+    assert fast == plain
+    (_, off), (engine, on) = submitted
+    assert off is None and (on.method, on.num_tokens) == ("lookup", 4)
+    stats = engine.stats()
+    assert stats["speculative_proposed"] > 0 and stats["speculative_accepted"] > 0  # it really speculated
+    echoed = generator.text_completion([REPEATING], temperature=0.0, max_gen_len=LOOKUP_GEN_LEN, echo=True)
+    assert plain == echoed[0]["generation"][len(REPEATING) :] + "\n"
+
+
+def test_chat_with_lookup_gives_the_greedy_answers(
+    checkpoints, tokenizer_path, generator, tmp_path, capsys, submitted
+):
+    dialogs = [[{"role": "user", "content": REPEATING}], [{"role": "user", "content": "Reverse a string."}]]
+    path = tmp_path / "dialogs.json"
+    path.write_text(json.dumps(dialogs))
+    flags = [*model_flags(checkpoints, tokenizer_path), "--max_gen_len", LOOKUP_GEN_LEN]
+    out = run_in_process(capsys, "chat", "--dialog", path, "--json", "--lookup", 4, *flags)
+    assert [speculation.num_tokens for _, speculation in submitted] == [4, 4]
+    assert submitted[-1][0].stats()["speculative_proposed"] > 0
+    expected = generator.chat_completion(dialogs, temperature=0.0, max_gen_len=LOOKUP_GEN_LEN)
+    assert [json.loads(line) for line in out.splitlines()] == expected
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
@@ -180,6 +236,7 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, tokenizer_path):
         "no prompt": (["complete", *flags], "no prompt"),
         "two <FILL_ME>": (["infill", "a<FILL_ME>b<FILL_ME>c", *flags], "has 2 <FILL_ME> markers"),
         "unknown model size": (["plan", "--model", "8b"], "unknown model '8b'"),
+        "lookup out of range": (["complete", "x", "--lookup", "8", *flags], "--lookup"),
         "chat without Instruct": (
             ["chat", *model_flags(checkpoints, tokenizer_path, "base")],
             "not an Instruct model",
@@ -219,18 +276,22 @@ PUBLISHED = {
 
 
 def independent_bytes(size, mp, mode, seq, batch, group=64):
-    """Bytes per rank counted from the published shapes, bf16 activations and non-linear weights."""
+    """Bytes per rank counted from the published shapes, bf16 activations and non-linear weights
+    (the linear layers of the published models have multiples of 64 rows, except the output layer)."""
     dim, layers, heads, kv, ffn, vocab, _ = PUBLISHED[size]
     hd = dim // heads
     linear = 2 * dim * heads * hd + 2 * dim * kv * hd + 3 * dim * ffn  # wq, wo, wk, wv, w1, w2, w3
     out_channels = (heads * hd + 2 * kv * hd + 2 * ffn) // mp + 2 * dim  # column-parallel split, wo/w2 whole
-    rest = 2 * (layers * 2 * dim + 2 * vocab * dim // mp + dim)  # norms, embeddings, output in bf16
+    rest = 2 * (layers * 2 * dim + vocab * dim // mp + dim)  # norms, embeddings in bf16
+    out_rows = vocab // mp  # the output layer, quantized like the others
     if mode == "bfloat16":
-        weights = 2 * layers * linear // mp + rest
+        weights = 2 * layers * linear // mp + 2 * out_rows * dim + rest
     elif mode == "int8":
-        weights = layers * (linear // mp + 2 * out_channels) + rest
-    else:  # 4 bits per value, a bf16 scale and zero per group of a rank's share
-        weights = layers * (linear // mp // 2 + 4 * (linear // mp // group)) + rest
+        weights = layers * (linear // mp + 2 * out_channels) + out_rows * dim + 2 * out_rows + rest
+    else:  # 4 bits per value, a bf16 scale and zero per group of a rank's share; rows padded to 64
+        out_rows = -(-out_rows // 64) * 64
+        output = out_rows * dim // 2 + 4 * out_rows * (dim // group)
+        weights = layers * (linear // mp // 2 + 4 * (linear // mp // group)) + output + rest
     kv_cache = 2 * layers * kv * hd * seq * batch * 2 // mp
     chunk = min(512, seq)  # the engine prefills at most 512 prompt tokens per step
     ffn_buffers = 3 * chunk * ffn // mp * 2
@@ -470,3 +531,12 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(capsys):
         {"role": "assistant", "content": "partial answer"},
     ]
     assert "(answer stopped)" in capsys.readouterr().err
+
+
+def test_serve_takes_the_server_lookup_flag(capsys):
+    assert commands.main(["serve", "--lookup", "8"]) == 2  # refused by the server's own parser
+    assert "--lookup must be in [0, 7]" in capsys.readouterr().err
+    from llama.server.__main__ import default_speculation, parse_args
+
+    assert parse_args(["--lookup", "4"]).lookup == 4 and parse_args([]).lookup == 0
+    assert default_speculation(0) is None and default_speculation(4).num_tokens == 4

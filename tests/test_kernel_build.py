@@ -1,7 +1,9 @@
 """Building, caching and loading the C++ kernels: cache folder without a home directory, cache
 key, rebuild of a broken library, build timeout and errors, one OpenMP runtime per process."""
 
+import ctypes
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -138,3 +140,24 @@ def test_every_kernel_source_ships_with_the_package():
     assert sources and patterns
     missing = [s for s in sources if not any(fnmatch.fnmatch(s, p) for p in patterns)]
     assert not missing, f"not in setup.py package_data: {missing}"
+
+
+@pytest.mark.parametrize("refused", [True, False])
+def test_a_library_is_used_only_after_a_test_call_ran_right(tmp_path, refused):
+    """A CPU flag is no proof: a library whose test call dies (SIGILL) or computes a wrong result
+    is reported, and the caller survives; a real variant passes."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = Path(__file__).resolve().parent / "fake_kernels.cpp"
+    library = tmp_path / f"fake_{refused}.so"
+    flags = ["-DREFUSED"] if refused else []
+    subprocess.run([compiler, "-shared", "-fPIC", *flags, str(source), "-o", str(library)], check=True)
+    reason = kernel_build.prove_library(ctypes.CDLL(str(library)))
+    assert reason is not None
+    assert ("killed by SIGILL" if refused else "wrong result") in reason
+    if RUNNABLE_HERE:
+        assert kernel_build.prove(RUNNABLE_HERE[0]) is None
+    absent = [v for v in kernel_build.VARIANTS if v not in RUNNABLE_HERE]
+    for variant in absent:
+        assert "the CPU flags lack" in kernel_build.prove(variant)

@@ -18,9 +18,10 @@ RUNNABLE_HERE = kernel_build.cpu_variants()
 
 @pytest.fixture(params=kernel_build.VARIANTS)
 def variant(request):
-    """Each test taking this fixture runs once per kernel variant, with that variant active. A
-    variant this CPU lacks is skipped only because another one is tested in its place; with none
-    runnable, an x86-64 CI machine fails instead of skipping everything."""
+    """Each test taking this fixture runs once per kernel variant, with that variant active: every
+    variant this CPU runs (on an AVX-512 machine the avx2 one too). A variant this CPU lacks, or
+    lists but refuses when a test call runs, is skipped with the reason; with none runnable, an
+    x86-64 CI machine fails instead of skipping everything."""
     name = request.param
     if name not in RUNNABLE_HERE:
         if RUNNABLE_HERE:
@@ -28,8 +29,12 @@ def variant(request):
         if os.environ.get("CI", "").lower() == "true" and ON_X86_64:
             pytest.fail("no kernel variant runs on this x86-64 CI machine: the kernels would go untested")
         pytest.skip("no kernel variant runs on this CPU")
+    library = kernel_build.load(name)  # raises if it cannot be built: a build failure is never a skip
+    refused = kernel_build.prove_library(library)
+    if refused is not None:
+        pytest.skip(f"this CPU lists the instruction sets of {name} but does not run them: {refused}")
     previous = kernels.variant()
-    kernels.set_variant(name)  # raises if it cannot be built: a build failure is never a skip
+    kernels.set_variant(name)
     yield name
     if previous is not None:
         kernels.set_variant(previous)
@@ -512,67 +517,3 @@ def test_bf16_is_the_cpu_default_where_a_kernel_variant_runs(monkeypatch):
     assert distributed.resolve_dtype(None, cpu) == expected
     kernels.set_enabled(False)  # torch's own bf16 matmul without bf16 instructions is slow
     assert distributed.resolve_dtype(None, cpu) == torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# int8 weights, one scale per output channel
-# ---------------------------------------------------------------------------------------------
-
-
-def int8_triple(rows: int, n_out: int, n_in: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n_in, generator=g).to(torch.bfloat16)
-    qweight = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
-    scales = torch.rand(n_out, generator=g) * 0.02 + 0.001
-    return x, qweight, scales
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("n_out,n_in", [(37, 100), (64, 2048), (9, 16)])
-def test_int8_kernel_matches_fp64_of_the_dequantized_weights(rows, n_out, n_in, variant):
-    x, qweight, scales = int8_triple(rows, n_out, n_in, seed=rows + n_in)
-    assert kernels.int8_kernel_applies(x, qweight, scales)
-    dequantized = qweight.double() * scales.double()[:, None]
-    assert_within_bf16_rounding(kernels.int8_linear(x, qweight, scales), x, dequantized)
-
-
-def test_int8_row_is_the_same_alone_or_with_up_to_7_others(variant):
-    x, qweight, scales = int8_triple(8, 2053, 1000, seed=2)
-    x = cancelling_pair(8, 1, 1000, seed=2)[0]
-    alone = torch.cat([kernels.int8_linear(x[i : i + 1], qweight, scales) for i in range(8)])
-    for rows in range(2, 9):
-        assert torch.equal(kernels.int8_linear(x[:rows], qweight, scales), alone[:rows]), f"{rows} rows"
-
-
-def test_int8_torch_path_agrees_with_the_kernel():
-    x, qweight, scales = int8_triple(4, 600, 96, seed=3)  # two weight chunks on the torch path
-    with_kernel = kernels.int8_linear(x.view(2, 2, 96), qweight, scales)
-    kernels.set_enabled(False)
-    torch_path = kernels.int8_linear(x.view(2, 2, 96), qweight, scales)
-    assert torch_path.shape == with_kernel.shape == (2, 2, 600)
-    torch.testing.assert_close(torch_path.float(), with_kernel.float(), rtol=2**-7, atol=1e-3)
-    assert_within_bf16_rounding(torch_path.view(4, 600), x, qweight.double() * scales.double()[:, None])
-
-
-@pytest.mark.parametrize("case", ["float_weight", "scales_shape", "in_features"])
-def test_int8_linear_refuses_inconsistent_inputs(case):
-    x, qweight, scales = int8_triple(2, 8, 32)
-    if case == "float_weight":
-        qweight = qweight.float()
-    if case == "scales_shape":
-        scales = scales[:4]
-    if case == "in_features":
-        x = x[:, :16]
-    with pytest.raises(ValueError, match="qweight|scales|input features"):
-        kernels.int8_linear(x, qweight, scales)
-
-
-def test_int8_entry_point_refuses_short_scales(variant):
-    x, qweight, scales = int8_triple(1, 16, 32)
-    out = torch.empty(1, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels._run(
-            "codellama_gemv_int8",
-            x.data_ptr(), 32, qweight.data_ptr(), 512, scales.data_ptr(), 15, out.data_ptr(), 16, 1, 16, 32,
-            unsupported="",
-        )  # fmt: skip

@@ -8,7 +8,16 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama import Llama, checkpoint, kernels, quantization
+from llama import (
+    Llama,
+    alignment,
+    checkpoint,
+    int4_pack,
+    kernels,
+    memory_plan,
+    quantization,
+    quantized_backends,
+)
 from llama.model import ModelArgs
 from llama.quantization import QuantizedWeight, make_scheme
 from llama.quantize import main as quantize_main
@@ -69,11 +78,17 @@ def test_linear_matches_fp64_reference_and_torch_ops_agree(mode, group_size, row
     plain = QuantizedWeight(parts, scheme, 192, CPU, torch_ops=False)
     torch.testing.assert_close(plain.linear(x).double(), expected, rtol=1e-5, atol=1e-4)
     fast = QuantizedWeight(parts, scheme, 192, CPU, torch_ops=True)
-    assert fast.torch_int4 == (mode == "int4")
+    assert fast.backend == quantized_backends.TABLE[("cpu", mode)]
+    assert fast.packed == (mode == "int4")
     # bf16 activations and outputs: within a percent of the outputs' scale.
     assert (fast.linear(x) - plain.linear(x)).abs().max() <= 0.01 * plain.linear(x).abs().max()
     for name, tensor in parts.items():  # torch's int4 packing reads back the stored parts exactly
         assert torch.equal(fast.parts()[name], tensor), name
+    if fast.packed:  # also where the packed layout is unknown: the kernel itself gives the codes
+        fast.layout = None
+        for name, tensor in parts.items():
+            assert torch.equal(fast.parts()[name], tensor), name
+        torch.testing.assert_close(fast.dequantize(torch.float32), plain.dequantize(torch.float32))
 
 
 # A model whose row-parallel inputs split into 32-wide groups on 4 ranks (wo: 128 -> 32 each,
@@ -282,3 +297,225 @@ def test_hugging_face_source_gives_the_same_quantized_tensors(bf16_ckpt, quantiz
         else:
             for part, tensor in from_meta.read_parts(key).items():
                 assert torch.equal(from_hf.read_parts(key)[part], tensor), (key, part)
+
+
+# Memory placement: every quantized tensor contiguous at a 64-byte boundary, however the file lays it out.
+
+
+def misaligned(tensor: torch.Tensor, offset: int = 1) -> torch.Tensor:
+    """A copy of `tensor` whose data starts `offset` bytes past a 64-byte boundary."""
+    nbytes = tensor.numel() * tensor.element_size()
+    raw = torch.empty(nbytes + 128, dtype=torch.uint8)
+    start = -raw.data_ptr() % 64 + offset
+    view = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % 64 == offset
+    return view
+
+
+@pytest.mark.parametrize("offset", [1, 2, 8, 16, 32])
+def test_aligned_copies_misaligned_and_strided_tensors_only(offset):
+    source = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
+    shifted = misaligned(source, offset)
+    out = alignment.aligned(shifted)
+    assert out.data_ptr() % 64 == 0 and out.is_contiguous() and torch.equal(out, source)
+    assert out.data_ptr() != shifted.data_ptr()
+    strided = alignment.aligned(source.t())
+    assert strided.is_contiguous() and strided.data_ptr() % 64 == 0 and torch.equal(strided, source.t())
+    ready = torch.empty(8, 64, dtype=torch.bfloat16)
+    assert ready.data_ptr() % 64 == 0 and alignment.aligned(ready) is ready  # no copy when not needed
+    torch_uint8 = torch.empty(101, dtype=torch.uint8)[1:]  # the usual odd-offset view
+    assert alignment.aligned(torch_uint8).data_ptr() % 64 == 0
+    with pytest.raises(ValueError, match="power of two"):
+        alignment.aligned(source, 48)
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("torch_ops", [True, False])
+def test_quantized_weight_from_misaligned_parts_holds_aligned_tensors(mode, group_size, torch_ops):
+    gen = torch.Generator().manual_seed(7)
+    weight, x = torch.randn(40, 96, generator=gen), torch.randn(3, 96, generator=gen)
+    scheme = make_scheme(mode, group_size)
+    parts = quantization.quantize(weight, scheme)
+    shifted = {name: misaligned(tensor, 8) for name, tensor in parts.items()}
+    built = QuantizedWeight(shifted, scheme, 96, CPU, torch_ops=torch_ops)
+    for name, buffer in built.named_buffers():
+        assert buffer.data_ptr() % 64 == 0 and buffer.is_contiguous(), name
+    expected = QuantizedWeight(parts, scheme, 96, CPU, torch_ops=torch_ops).linear(x)
+    assert torch.equal(built.linear(x), expected)
+
+
+def with_padded_header(source: Path, target: Path, padding: int = 8) -> None:
+    """Copy the safetensors file `source` to `target` with `padding` spaces added to its JSON
+    header: a valid file whose tensors all start `padding` bytes later in the file (the offsets
+    in the header count from the end of the header, so they do not change)."""
+    data = source.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length] + b" " * padding
+    target.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length :])
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantized_checkpoint_with_a_longer_header_loads_aligned_and_equal(
+    quantized_dirs, tokenizer_path, tmp_path, name
+):
+    from safetensors import safe_open
+
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    for item in quantized_dirs[name].iterdir():
+        if item.name == QUANTIZED_FILE:
+            with_padded_header(item, padded / item.name)
+        else:
+            (padded / item.name).write_bytes(item.read_bytes())
+    with safe_open(str(padded / QUANTIZED_FILE), framework="pt") as handle:  # the file shifts the codes
+        offsets = {handle.get_tensor(key).data_ptr() % 64 for key in handle.keys() if key.endswith(".weight")}
+    assert offsets - {0}, "no tensor of the padded file starts off a 64-byte boundary"
+    tokens = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for label, folder in (("as written", quantized_dirs[name]), ("padded", padded)):
+        generator = Llama.build(
+            str(folder), str(tokenizer_path), max_seq_len=32, max_batch_size=2, dtype="bfloat16"
+        )
+        weights = [m for m in generator.model.modules() if isinstance(m, QuantizedWeight)]
+        assert weights
+        for weight in weights:
+            for part, buffer in weight.named_buffers():
+                assert buffer.data_ptr() % 64 == 0 and buffer.is_contiguous(), (label, part)
+        with torch.inference_mode():
+            logits[label] = generator.model(tokens, 0)
+    assert torch.equal(logits["as written"], logits["padded"])
+
+
+# The int4 fast path: found by a round trip on this CPU, taken, and never given up silently.
+
+
+def test_int4_fast_path_round_trips_and_is_taken_on_this_cpu(monkeypatch):
+    """torch ships its CPU int4 kernel for every CPU (AVX-512, AVX2 and plain C++ builds), so the
+    round trip must pass here; then a linear layer multiplies with it and never dequantizes."""
+    usable, found = int4_pack.cpu_round_trip()
+    assert usable, found
+    gen = torch.Generator().manual_seed(8)
+    weight, x = torch.randn(100, 128, generator=gen), torch.randn(2, 3, 128, generator=gen)
+    scheme = make_scheme("int4", 32)
+    parts = quantization.quantize(weight, scheme)
+    fast = QuantizedWeight(parts, scheme, 128, CPU)
+    assert fast.backend.name == "torch-int4pack-cpu" and fast.packed
+    assert fast.codes.numel() * 2 == int4_pack.padded_rows(100) * 128  # 4 bits a weight, nothing else kept
+    calls = []
+    monkeypatch.setattr(quantization, "dequantize", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda *a, **k: calls.append(a) or None)
+    for activations in (x, x.to(torch.bfloat16)):
+        assert fast.uses_op(activations)
+        out = fast.linear(activations)
+        expected = activations.double() @ reference_weight(parts, "int4", 32).T
+        assert (out.double() - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert not calls, "the forward dequantized the whole weight"
+
+
+def test_int4_packed_layout_is_read_back_whichever_torch_uses(monkeypatch):
+    """torch packs 64-row blocks on AVX-512 and 32-row blocks on AVX2: the layout that reads back
+    a converter's output is found by trying each on a probe, here with each packing written out
+    from its definition; an unknown packing gives None (the kernel is then asked for the codes)."""
+
+    def blocks(values: torch.Tensor, rows: int, pairs: bool = False) -> torch.Tensor:
+        out = []
+        for first in range(0, values.shape[0], rows):
+            block = values[first : first + rows].T  # [K, rows]
+            low, high = (
+                (block[:, 0::2], block[:, 1::2]) if pairs else (block[:, : rows // 2], block[:, rows // 2 :])
+            )
+            out.append((low | (high << 4)).reshape(-1))
+        return torch.cat(out)
+
+    def avx512(values):  # byte d of input k: rows d and d + 32; byte 16 + d: rows d + 16 and d + 48
+        out = []
+        for first in range(0, values.shape[0], 64):
+            block = values[first : first + 64].T
+            pairs = [block[:, d] | (block[:, d + 32] << 4) for d in range(16)]
+            pairs += [block[:, d + 16] | (block[:, d + 48] << 4) for d in range(16)]
+            out.append(torch.stack(pairs, dim=1).reshape(-1))
+        return torch.cat(out)
+
+    find = int4_pack.cpu_layout.__wrapped__
+    for packer, rows in (
+        (avx512, 64),
+        (lambda v: blocks(v, 32), 32),
+        (lambda v: blocks(v, 32, pairs=True), 32),
+    ):
+        monkeypatch.setattr(int4_pack, "cpu_pack", packer)
+        layout = find()
+        assert layout is not None and layout.block_rows == rows
+    monkeypatch.setattr(int4_pack, "cpu_pack", lambda v: blocks(v.flip(0), 32))
+    assert find() is None
+
+
+def test_a_failing_int4_round_trip_falls_back_loudly(monkeypatch):
+    monkeypatch.setattr(int4_pack, "cpu_round_trip", lambda: (False, "a simulated mismatch"))
+    monkeypatch.setattr(quantized_backends, "_warned", set())
+    parts = quantization.quantize(torch.randn(64, 64), make_scheme("int4", 32))
+    with pytest.warns(
+        RuntimeWarning, match="dequantize their whole weight on every call.*a simulated mismatch"
+    ):
+        weight = QuantizedWeight(parts, make_scheme("int4", 32), 64, CPU)
+    assert weight.backend is quantized_backends.DEQUANTIZE and not weight.uses_op(torch.randn(1, 64))
+    assert any(
+        "FALLBACK" in line and "a simulated mismatch" in line for line in quantized_backends.describe("cpu")
+    )
+
+
+# One table of backends per device and scheme, CUDA included (asked, not run: no GPU here).
+
+
+def test_backend_table_per_device_and_scheme(monkeypatch):
+    monkeypatch.setattr(quantized_backends, "_warned", set())
+    cuda_int4 = quantized_backends.choose("cuda", "int4", 4096)
+    assert cuda_int4.op == "aten._weight_int4pack_mm" and cuda_int4.max_rows is None
+    assert "aten._convert_weight_to_int4pack" in cuda_int4.packing
+    cuda_int8 = quantized_backends.choose("cuda", "int8", 4096)
+    assert cuda_int8.op == "aten._weight_int8pack_mm" and not cuda_int8.dequantizes
+    for rows in (1, 512):  # no whole-weight dequantization per call on a GPU, at any row count
+        for backend in (cuda_int4, cuda_int8):
+            assert quantized_backends.uses_op(backend, rows, torch.float16, "cuda")
+    cpu_int8 = quantized_backends.choose("cpu", "int8", 4096)
+    assert cpu_int8.op == "aten._weight_int8pack_mm"
+    assert quantized_backends.uses_op(cpu_int8, 64, torch.float32, "cpu")
+    assert not quantized_backends.uses_op(cpu_int8, 65, torch.float32, "cpu")
+    assert quantized_backends.choose("cpu", "int8", 4096, torch_ops=False) is quantized_backends.DEQUANTIZE
+    with pytest.warns(RuntimeWarning, match="multiple of 32 inputs"):
+        assert quantized_backends.choose("cuda", "int4", 48) is quantized_backends.DEQUANTIZE
+    with pytest.warns(RuntimeWarning, match="no weight-only int4 operator for mps"):
+        assert quantized_backends.choose("mps", "int4", 4096) is quantized_backends.DEQUANTIZE
+
+
+def test_cuda_int4_packing_input_is_the_stored_codes_with_the_even_input_high():
+    values = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+    stored = int4_pack.pack_plain(values)
+    assert torch.equal(int4_pack.unpack_plain(stored), values)
+    swapped = int4_pack.cuda_codes(stored)
+    assert torch.equal(swapped >> 4, values[:, 0::2]) and torch.equal(swapped & 0x0F, values[:, 1::2])
+    assert [int4_pack.cuda_inner_k_tiles(k) for k in (4096, 192, 96, 48)] == [8, 4, 2, None]
+
+
+# The memory plan counts the weights as they are loaded.
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_memory_plan_counts_the_loaded_quantized_weights(quantized_dirs, tokenizer_path, name):
+    generator = Llama.build(
+        str(quantized_dirs[name]), str(tokenizer_path), max_seq_len=32, max_batch_size=1, dtype="float32"
+    )
+    model = generator.model
+    assert isinstance(model.output.weight, QuantizedWeight)  # the output layer is quantized too
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
+    loaded += sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        if isinstance(m, QuantizedWeight)
+        for b in m.buffers()
+    )
+    params = json.loads((quantized_dirs[name] / "params.json").read_text())
+    settings = memory_plan.Settings(
+        ModelArgs(**params), dtype=torch.float32, quantization=name, group_size=32
+    )
+    assert memory_plan.weight_bytes(settings) == loaded

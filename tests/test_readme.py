@@ -36,7 +36,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_test_extra_has_what_the_tests_import():
     setup = (ROOT / "setup.py").read_text()
-    extra = re.search(r'"test":\s*\[(.*?)\]', setup).group(1)
+    extra = re.search(r'"test":\s*\[(.*?)\]', setup, flags=re.S).group(1)
     for package in ("pytest", "transformers"):
         assert f'"{package}' in extra, f"setup.py's test extra lacks {package}"
 

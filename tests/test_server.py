@@ -1,94 +1,28 @@
 """The HTTP server: real `python -m llama.server` processes on free loopback ports, driven with the
 official `openai` client and with httpx.
 
-The servers (MP=1 with an API key and a small queue, MP=1 with a tokenizer that cannot infill,
-and MP=2 under torchrun) start once for the module, in parallel. The oracle for every greedy
-answer is the in-process `Llama` API on the same checkpoint.
+The servers (MP=1 with an API key and a small queue, MP=1 with a tokenizer that cannot infill
+and speculation by default, and MP=2 under torchrun) start once for the module, in parallel.
+The oracle for every greedy answer is the in-process `Llama` API on the same checkpoint.
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import httpx
 import openai
 import pytest
-import sentencepiece as spm
 
 from llama import Llama
-from llama.model import ModelArgs
-from tests.tiny import random_state_dict, tiny_params, write_checkpoint
+from tests.servers import ServerProcess, assert_error, metric, sse_events, wait_for, write_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 MODEL = "tiny-code"
 MAX_SEQ_LEN = 8192  # long enough that a LONG generation outlasts any check made during it
-START_TIMEOUT_S = 90
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return result\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess (its own session, so the whole process tree can be stopped)."""
-
-    def __init__(self, args: List[str], log: Path, torchrun: bool = False):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        launcher = [sys.executable]
-        if torchrun:  # rendezvous on a free port chosen by the launcher
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd = launcher + ["-m", "llama.server"] + ["--port", str(self.port), "--log_level", "warning"] + args
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        self.log = log
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_ready(self) -> "ServerProcess":
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server not ready within {START_TIMEOUT_S} s:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> Optional[int]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def write_tiny_checkpoint(ckpt_dir: Path, tokenizer_path: Path, mp: int) -> Path:
-    """A tiny random checkpoint whose EOS and EOT output rows are zero: their logits stay 0 while
-    the best of the others is positive, so greedy generations run to their length unless a
-    request's logit_bias asks for those tokens."""
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    params = tiny_params(sp.vocab_size())
-    sd = random_state_dict(ModelArgs(**params), seed=3)
-    for piece in ("</s>", "▁<EOT>"):
-        sd["output.weight"][sp.piece_to_id(piece)] = 0.0
-    return write_checkpoint(ckpt_dir, params, sd, mp=mp)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +61,16 @@ def servers(models, tokenizer_path, plain_tokenizer_path, step_tokenizer_path, t
             + common,
             logs / "main.log",
         ),
-        "plain": ServerProcess(
-            ["--ckpt_dir", str(models["plain"]), "--tokenizer_path", str(plain_tokenizer_path)] + common,
+        "plain": ServerProcess(  # also speculates by default, for requests that do not say
+            [
+                "--ckpt_dir",
+                str(models["plain"]),
+                "--tokenizer_path",
+                str(plain_tokenizer_path),
+                "--lookup",
+                "4",
+            ]
+            + common,
             logs / "plain.log",
         ),
         "step": ServerProcess(
@@ -173,46 +115,6 @@ def client(main) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference(models, tokenizer_path) -> Llama:
     return Llama.build(str(models["mp1"]), str(tokenizer_path), MAX_SEQ_LEN, 2, dtype="float32")
-
-
-def sse_events(response: httpx.Response) -> List[dict]:
-    """The JSON payloads of a server-sent event stream (`[DONE]` kept as the string)."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def metric(http: httpx.Client, name: str, labels: Optional[Dict[str, str]] = None) -> float:
-    """One sample of /metrics (0 if absent)."""
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def wait_for(condition, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def assert_error(
-    response: httpx.Response, status: int, param: Optional[str] = None, code: Optional[str] = None
-):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 # ---------------------------------------------------------------- answers
@@ -365,6 +267,43 @@ def test_logprobs_echo_and_n(client, reference):
     assert [c.text for c in again.choices] == [c.text for c in sampled.choices]  # seeded
 
 
+def test_streamed_text_offsets_continue_across_chunks(http):
+    body = {"prompt": "def parse(text):", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        events = sse_events(response)[:-1]
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert len(streamed) > 1
+    assert [o for lp in streamed for o in lp["text_offset"]] == whole["text_offset"]
+    assert [t for lp in streamed for t in lp["tokens"]] == whole["tokens"]
+
+
+def test_chat_logprob_bytes_of_byte_tokens(http, reference):
+    byte_token = reference.tokenizer.piece_id("<0xE2>")
+    body = {
+        "messages": [{"role": "user", "content": "Sort a list."}],
+        "max_tokens": 2,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "logit_bias": {str(byte_token): 100},
+    }
+    for stream in (False, True):
+        if stream:
+            with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+                events = sse_events(response)[:-1]
+            content = [c for e in events for c in (e["choices"][0]["logprobs"] or {}).get("content", [])]
+        else:
+            content = http.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+        assert [c["token"] for c in content] == ["bytes:\\xe2"] * 2
+        assert [c["bytes"] for c in content] == [[0xE2]] * 2
+        # The alternatives are the raw model's (before the bias): text or byte pieces.
+        for alternative in content[0]["top_logprobs"]:
+            token = alternative["token"]
+            byte = [int(token[-2:], 16)] if token.startswith("bytes:\\x") else None
+            assert alternative["bytes"] == (byte or list(token.encode("utf-8"))), alternative
+
+
 def test_stop_strings(client):
     whole = (
         client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0)
@@ -492,6 +431,107 @@ def test_editor_plugin_bodies(http, main):
     assert isinstance(answer["content"], str) and answer["stopped_limit"] and answer["tokens_predicted"] == 16
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+LOOKUP = {"method": "lookup", "num_tokens": 4}
+# Code that repeats itself: prompt lookup finds the continuation of its n-grams earlier on.
+REPEATING = "def area(w, h):\n    return w * h\n\n\ndef area(w, h):\n    return w * h\n\n\ndef "
+
+
+def speculative_counts(http: httpx.Client):
+    return (
+        metric(http, "codellama_speculative_proposed_tokens_total"),
+        metric(http, "codellama_speculative_accepted_tokens_total"),
+    )
+
+
+def test_greedy_speculation_gives_the_same_tokens_on_every_endpoint(http, client, reference):
+    def completion(**extra):
+        return client.completions.create(
+            model=MODEL, prompt=REPEATING, max_tokens=48, temperature=0, logprobs=0, **extra
+        ).choices[0]
+
+    before = speculative_counts(http)
+    plain = completion()
+    assert speculative_counts(http) == before  # this server does not speculate unless asked
+    expected = reference.text_completion([REPEATING], temperature=0, max_gen_len=48)[0]["generation"]
+    assert plain.text.removeprefix(" ") == expected.removeprefix(" ")
+    for speculative in (LOOKUP, "lookup", {"num_tokens": 7, "max_ngram": 5, "min_ngram": 2}):
+        fast = completion(extra_body={"speculative": speculative})
+        assert fast.text == plain.text
+        assert fast.logprobs.tokens == plain.logprobs.tokens
+        assert fast.logprobs.token_logprobs == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    after = speculative_counts(http)
+    # Proposals were made and kept (the tiny model loops, which lookup copies): the counters grew.
+    assert after[0] > before[0] and after[1] > before[1] and after[1] <= after[0]
+
+    chunks = client.completions.create(
+        model=MODEL,
+        prompt=REPEATING,
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        extra_body={"speculative": LOOKUP},
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.text
+
+    dialog = [{"role": "user", "content": REPEATING}]
+    answers = [
+        client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=32, temperature=0, **extra)
+        .choices[0]
+        .message.content
+        for extra in ({}, {"extra_body": {"speculative": LOOKUP}})
+    ]
+    assert answers[0] == answers[1]
+    assert (
+        answers[0]
+        == reference.chat_completion([dialog], temperature=0, max_gen_len=32)[0]["generation"]["content"]
+    )
+
+    for path, body in (
+        ("/completion", {"prompt": REPEATING, "n_predict": 32, "temperature": 0}),
+        ("/infill", {"input_prefix": REPEATING, "input_suffix": SUFFIX, "n_predict": 32, "temperature": 0}),
+    ):
+        plain_answer = http.post(path, json=body).json()
+        fast_answer = http.post(path, json={**body, "speculative": LOOKUP}).json()
+        assert fast_answer["content"] == plain_answer["content"] and fast_answer["tokens_predicted"] == 32
+    assert speculative_counts(http)[0] > after[0]
+
+
+def test_sampled_speculative_requests_are_answered(client):
+    response = client.completions.create(
+        model=MODEL,
+        prompt=REPEATING,
+        max_tokens=16,
+        temperature=0.8,
+        n=2,
+        seed=5,
+        extra_body={"speculative": LOOKUP},
+    )
+    assert [c.finish_reason for c in response.choices] == ["length", "length"]
+    assert response.usage.completion_tokens == 32
+
+
+def test_server_lookup_flag_speculates_unless_a_request_says_false(servers):
+    with httpx.Client(base_url=servers["plain"].url, timeout=30) as plain_server:
+        body = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0}
+
+        def text(**extra):
+            answer = plain_server.post("/v1/completions", json={**body, **extra})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+
+        start = speculative_counts(plain_server)
+        off = text(speculative=False)
+        assert speculative_counts(plain_server) == start  # false: no proposals
+        off_by_method = text(speculative={"method": "none"})
+        assert speculative_counts(plain_server) == start
+        by_default = text()  # the server's --lookup 4
+        after = speculative_counts(plain_server)
+        assert after[0] > start[0] and after[1] > start[1]
+        assert by_default == off == off_by_method
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -501,9 +541,29 @@ ERROR_CASES = [
     ("missing prompt", {"json": {"max_tokens": 3}}, 400, "prompt", None),
     ("wrong type", {"json": {"prompt": "x", "max_tokens": "3"}}, 400, "max_tokens", None),
     ("bool as number", {"json": {"prompt": "x", "temperature": True}}, 400, "temperature", None),
-    ("unknown model", {"json": {"prompt": "x", "model": "gpt-4"}}, 400, "model", "model_not_found"),
-    ("temperature range", {"json": {"prompt": "x", "temperature": 2.5}}, 400, "temperature", None),
+    ("unknown model", {"json": {"prompt": "x", "model": "gpt-4"}}, 404, "model", "model_not_found"),
+    ("temperature range", {"json": {"prompt": "x", "temperature": 100.5}}, 400, "temperature", None),
+    ("temperature 1e308", {"json": {"prompt": "x", "temperature": 1e308}}, 400, "temperature", None),
+    ("nan", {"content": b'{"prompt": "x", "temperature": NaN}'}, 400, "temperature", "finite_number"),
+    ("infinity", {"content": b'{"prompt": "x", "min_p": Infinity}'}, 400, "min_p", "finite_number"),
     ("top_p range", {"json": {"prompt": "x", "top_p": 0}}, 400, "top_p", None),
+    ("huge top_k", {"json": {"prompt": "x", "top_k": 2**63}}, 400, "top_k", None),
+    ("tiny penalty", {"json": {"prompt": "x", "repetition_penalty": 1e-39}}, 400, "repetition_penalty", None),
+    ("huge penalty", {"json": {"prompt": "x", "repetition_penalty": 1e39}}, 400, "repetition_penalty", None),
+    ("seed range", {"json": {"prompt": "x", "seed": 2**64}}, 400, "seed", None),
+    ("n range", {"json": {"prompt": "x", "n": 2**63, "temperature": 1}}, 400, "n", None),
+    ("long stop", {"json": {"prompt": "x", "stop": ["y" * 1025]}}, 400, "stop", None),
+    ("stop ids", {"json": {"prompt": "x", "stop_token_ids": [5] * 65}}, 400, "stop_token_ids", None),
+    ("bias key text", {"json": {"prompt": "x", "logit_bias": {"abc": 1}}}, 400, "logit_bias", None),
+    ("bias key digit", {"json": {"prompt": "x", "logit_bias": {"²": 1}}}, 400, "logit_bias", None),
+    (
+        "bias entries",
+        {"json": {"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}},
+        400,
+        "logit_bias",
+        None,
+    ),
+    ("bias 1e39", {"json": {"prompt": "x", "logit_bias": {"5": 1e39}}}, 400, "logit_bias", None),
     ("logprobs range", {"json": {"prompt": "x", "logprobs": 6}}, 400, "logprobs", None),
     ("five stops", {"json": {"prompt": "x", "stop": list("abcde")}}, 400, "stop", None),
     ("bias token", {"json": {"prompt": "x", "logit_bias": {"999999": 1}}}, 400, "logit_bias", None),
@@ -512,6 +572,57 @@ ERROR_CASES = [
     ("negative max_tokens", {"json": {"prompt": "x", "max_tokens": -1}}, 400, "max_tokens", None),
     ("n over capacity", {"json": {"prompt": "x", "n": 4, "temperature": 1}}, 400, "n", None),
     ("token prompt", {"json": {"prompt": [1, 10**6]}}, 400, "prompt", None),
+    (
+        "speculate 0",
+        {"json": {"prompt": "x", "speculative": {"method": "lookup", "num_tokens": 0}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate 8",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": 8}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate x",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": "x"}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate 4.5",
+        {"json": {"prompt": "x", "speculative": {"num_tokens": 4.5}}},
+        400,
+        "speculative.num_tokens",
+        None,
+    ),
+    (
+        "speculate how",
+        {"json": {"prompt": "x", "speculative": {"method": "magic"}}},
+        400,
+        "speculative.method",
+        None,
+    ),
+    ("speculate word", {"json": {"prompt": "x", "speculative": "draft"}}, 400, "speculative", None),
+    ("speculate true", {"json": {"prompt": "x", "speculative": True}}, 400, "speculative", None),
+    (
+        "speculate ngram",
+        {"json": {"prompt": "x", "speculative": {"max_ngram": 17}}},
+        400,
+        "speculative",
+        None,
+    ),
+    (
+        "speculate ngrams",
+        {"json": {"prompt": "x", "speculative": {"max_ngram": 2, "min_ngram": 3}}},
+        400,
+        "speculative",
+        None,
+    ),
 ]
 
 
@@ -543,9 +654,12 @@ def test_other_invalid_requests_and_the_server_still_answers(http, client, refer
         "context_length_exceeded",
     )
     assert f"{n_prompt} tokens" in error["message"] and str(MAX_SEQ_LEN) in error["message"]
-    with pytest.raises(openai.BadRequestError) as raised:
+    with pytest.raises(openai.NotFoundError) as raised:
         client.completions.create(model="nope", prompt="x")
-    assert raised.value.status_code == 400 and raised.value.body["param"] == "model"
+    assert raised.value.status_code == 404 and raised.value.body["param"] == "model"
+    assert raised.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     # A body over --max_body_bytes is refused from its Content-Length, before it is read.
     big = http.post("/v1/completions", content=b"x" * 70_000, headers={"Content-Type": "application/json"})
     assert_error(big, 413, code="request_too_large")
@@ -568,6 +682,57 @@ def test_while_loading_health_and_generation_answer_503():
         assert_error(refused, 503, code="model_loading")
         assert refused.headers["Retry-After"] == "1"
         assert loading.get("/v1/models").json()["data"][0]["id"] == MODEL
+
+
+LLAMACPP_ERROR_CASES = [
+    ("/completion", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/completion", {"prompt": "x", "logit_bias": [[5, 1e39]]}, "logit_bias"),
+    ("/completion", {"prompt": "x", "temperature": 1e308}, "temperature"),
+    ("/completion", {"prompt": "x", "top_k": 2**63}, "top_k"),
+    ("/completion", {"prompt": "x", "repeat_penalty": 1e-39}, "repeat_penalty"),
+    ("/completion", {"prompt": "x", "n_predict": 1.5}, "n_predict"),
+    ("/completion", {"prompt": "x", "seed": -2}, "seed"),
+    ("/infill", {"input_prefix": "x", "logit_bias": {"²": 1}}, "logit_bias"),
+    ("/infill", {"input_prefix": "x", "n_probs": 6}, "n_probs"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", LLAMACPP_ERROR_CASES)
+def test_invalid_llamacpp_requests(http, path, body, param):
+    assert_error(http.post(path, json=body), 400, param)
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+SPECULATIVE_ERROR_CASES = [
+    ("/v1/chat/completions", {**CHAT, "speculative": {"num_tokens": 8}}, "speculative.num_tokens"),
+    ("/v1/chat/completions", {**CHAT, "speculative": {"method": "draft"}}, "speculative.method"),
+    ("/v1/chat/completions", {**CHAT, "speculative": 4}, "speculative"),
+    ("/completion", {"prompt": "x", "speculative": {"num_tokens": 0}}, "speculative.num_tokens"),
+    ("/completion", {"prompt": "x", "speculative": {"method": "ngram"}}, "speculative.method"),
+    ("/infill", {"input_prefix": "x", "speculative": {"num_tokens": "x"}}, "speculative.num_tokens"),
+    ("/infill", {"input_prefix": "x", "speculative": "x"}, "speculative"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SPECULATIVE_ERROR_CASES)
+def test_invalid_speculative_fields_on_every_endpoint(http, path, body, param):
+    assert "speculative" in assert_error(http.post(path, json=body), 400, param)["message"]
+
+
+def test_llamacpp_n_predict_beyond_the_context_is_capped(http, reference):
+    # A prompt that leaves 5 tokens of context: asking for far more generates those 5, as llama.cpp.
+    prompt = [reference.tokenizer.bos_id] + [100] * (MAX_SEQ_LEN - 6)
+    for n_predict in (10**12, 2**70, 1e9):
+        body = http.post("/completion", json={"prompt": prompt, "n_predict": n_predict, "temperature": 0})
+        assert body.status_code == 200, body.text
+        answer = body.json()
+        assert answer["tokens_predicted"] == 5 and answer["stopped_limit"] and answer["stop_type"] == "limit"
+    # /infill with a float count (1e9) streams like any other.
+    infill = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 1e9, "stream": True}
+    with http.stream("POST", "/infill", json=infill) as response:
+        assert response.status_code == 200
+        first = json.loads(next(line for line in response.iter_lines() if line)[len("data: ") :])
+        assert isinstance(first["content"], str) and first["stop"] is False
 
 
 def test_api_key(main):
@@ -603,7 +768,9 @@ def test_a_checkpoint_that_fails_to_load_exits_1_with_the_reason(servers):
 
 # ---------------------------------------------------------------- disconnects, queue, shutdown
 
-LONG = {"prompt": "def f(x):", "max_tokens": MAX_SEQ_LEN - 100, "temperature": 0}
+# EOS banned: a greedy path that reaches EOS (which can depend on the cached prefix it starts
+# from, in fp32) would end the generation before the checks made while it runs.
+LONG = {"prompt": "def f(x):", "max_tokens": MAX_SEQ_LEN - 100, "temperature": 0, "logit_bias": {"2": -100}}
 
 
 def test_disconnect_frees_the_slot(http, main):
@@ -611,8 +778,12 @@ def test_disconnect_frees_the_slot(http, main):
         http, "codellama_requests_total", {"endpoint": "completions", "finish_reason": "cancelled"}
     )
     with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
-        next(response.iter_lines())  # generating
-        assert metric(http, "codellama_requests_running") == 1
+        # Keep the line iterator: once dropped, httpx closes the connection, and the server
+        # rightly cancels the request (how this check used to fail on a busy machine).
+        lines = response.iter_lines()
+        first = next(lines)  # generating
+        assert metric(http, "codellama_requests_running") == 1, first
+        del lines
     wait_for(lambda: metric(http, "codellama_requests_running") == 0, "the streamed request's slot to free")
     labels = {"endpoint": "completions", "finish_reason": "cancelled"}
     assert metric(http, "codellama_requests_total", labels) == before + 1

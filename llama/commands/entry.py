@@ -9,7 +9,7 @@ import runpy
 import sys
 from typing import List, NoReturn, Optional
 
-from llama import distributed, memory_plan
+from llama import distributed, limits, memory_plan
 from llama.commands.chat import run_chat_command
 from llama.commands.common import PROG, USAGE_ERROR, UsageError
 from llama.commands.generate import run_complete, run_infill
@@ -50,6 +50,19 @@ def _model_options() -> argparse.ArgumentParser:
     return options
 
 
+def _lookup_tokens(text: str) -> int:
+    """--lookup's value: an integer in [0, MAX_SPECULATIVE_TOKENS], refused before loading a model."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= limits.MAX_SPECULATIVE_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [0, {limits.MAX_SPECULATIVE_TOKENS}] (0: off), got {text!r}"
+        )
+    return value
+
+
 def _sampling_options(temperature: float, top_p: float, max_gen_len: int) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("sampling")
@@ -70,6 +83,14 @@ def _sampling_options(temperature: float, top_p: float, max_gen_len: int) -> arg
         type=int,
         default=max_gen_len,
         help=f"most tokens to generate (default {max_gen_len})",
+    )
+    group.add_argument(
+        "--lookup",
+        type=_lookup_tokens,
+        default=0,
+        metavar="N",
+        help="speculative decoding by prompt lookup: propose up to N tokens per step, checked in one "
+        f"pass (1..{limits.MAX_SPECULATIVE_TOKENS}; default 0: off)",
     )
     group.add_argument("--json", action="store_true", help="print the result dictionaries as JSON lines")
     group.add_argument(

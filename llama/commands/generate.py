@@ -3,7 +3,7 @@
 import argparse
 import sys
 from dataclasses import asdict
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from llama import distributed
 from llama.commands.common import UsageError, first_rank_input, load_model, print_json, read_prompt
@@ -11,6 +11,7 @@ from llama.engine import Completion, Request
 from llama.generation import Llama
 from llama.prompts import infilling_prompt_tokens, split_fill_me
 from llama.sampling import SamplingParams
+from llama.speculation import Speculation
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -23,6 +24,12 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
     )
+
+
+def speculation(args: argparse.Namespace) -> Optional[Speculation]:
+    """Prompt lookup proposing up to --lookup tokens per step (the parser checked the range), or
+    None for 0 (off)."""
+    return Speculation("lookup", num_tokens=args.lookup) if args.lookup else None
 
 
 def on_first_rank(generator: Llama, work: Callable[[], int]) -> int:
@@ -43,8 +50,8 @@ def on_first_rank(generator: Llama, work: Callable[[], int]) -> int:
 def submit(
     generator: Llama, args: argparse.Namespace, prompt_tokens: List[int], default_stop: int
 ) -> Request:
-    """Queue `prompt_tokens` with the command's sampling options; at most --max_gen_len tokens,
-    never past --max_seq_len.
+    """Queue `prompt_tokens` with the command's sampling and --lookup options; at most
+    --max_gen_len tokens, never past --max_seq_len.
 
     Raises:
         UsageError: if the prompt leaves no room to generate, or an option is out of range.
@@ -64,6 +71,7 @@ def submit(
         stop=args.stop,
         default_stop=default_stop,
         logprobs=0 if args.logprobs else None,
+        speculation=speculation(args),
     )
 
 

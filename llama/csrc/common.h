@@ -97,21 +97,3 @@ static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len
   return STATUS_OK;
 }
 
-static inline int check_gemv_int8(int64_t x_len, int64_t q_len, int64_t scales_len, int64_t y_len, int64_t M,
-                                  int64_t N, int64_t K) {
-  const int status = check_gemv(x_len, q_len, y_len, M, N, K);
-  if (status != STATUS_OK) return status;
-  return fits(N, scales_len) ? STATUS_OK : STATUS_BAD_SIZES;
-}
-
-// x [M, K] bf16 -> fp32 rows of Kp (K rounded up to 16) floats, zero past K; NULL without memory.
-static inline float* widen_rows(const uint16_t* x, int64_t M, int64_t K, int64_t Kp) {
-  float* xf = (float*)calloc((size_t)(M * Kp), sizeof(float));
-  if (!xf) return NULL;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t bits = (uint32_t)x[m * K + k] << 16;
-      memcpy(xf + m * Kp + k, &bits, 4);
-    }
-  return xf;
-}

@@ -84,64 +84,6 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
   return STATUS_OK;
 }
 
-// y[m, n .. n+R) = scale[n] * (x[m, :] . q[n .. n+R, :]) with int8 weights; xf holds x in fp32, Kp
-// floats per row, zero past K. One accumulator per output, 16 weights a step (masked at the end
-// of a row): the same order for every M and R.
-template <int M, int R>
-static inline void int8_rows_block(const float* __restrict xf, int64_t Kp, const int8_t* __restrict q, int64_t K,
-                                   const float* __restrict scales, uint16_t* __restrict y, int64_t N, int64_t n) {
-  __m512 acc[M][R];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int8_t* qr = q + n * K;
-  for (int64_t k = 0; k < K; k += 16) {
-    const int64_t left = K - k;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r)
-      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, qr + r * K + k)));
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(xf + m * Kp + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scales[n + r]);
-}
-
-template <int M, int R>
-static void gemv_int8(const float* xf, int64_t Kp, const int8_t* q, const float* scales, uint16_t* y, int64_t N,
-                      int64_t K, int threads) {
-  const int64_t blocks = N / R;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) int8_rows_block<M, R>(xf, Kp, q, K, scales, y, N, b * R);
-  for (int64_t n = blocks * R; n < N; ++n) int8_rows_block<M, 1>(xf, Kp, q, K, scales, y, N, n);
-}
-
-// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N]: x bf16, q int8, scales fp32, y bf16, contiguous;
-// fp32 arithmetic, one bf16 rounding. Checks and status codes as codellama_gemv_bf16.
-extern "C" int codellama_gemv_int8(const uint16_t* x, int64_t x_len, const int8_t* q, int64_t q_len,
-                                   const float* scales, int64_t scales_len, uint16_t* y, int64_t y_len, int64_t M,
-                                   int64_t N, int64_t K, int threads) {
-  const int status = check_gemv_int8(x_len, q_len, scales_len, y_len, M, N, K);
-  if (status != STATUS_OK) return status;
-  const int64_t Kp = (K + 15) / 16 * 16;
-  float* xf = widen_rows(x, M, K, Kp);
-  if (!xf) return STATUS_NO_MEMORY;
-  switch (M) {
-    case 1: gemv_int8<1, 4>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 2: gemv_int8<2, 4>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 3: gemv_int8<3, 4>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 4: gemv_int8<4, 4>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 5: gemv_int8<5, 2>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 6: gemv_int8<6, 2>(xf, Kp, q, scales, y, N, K, threads); break;
-    case 7: gemv_int8<7, 2>(xf, Kp, q, scales, y, N, K, threads); break;
-    default: gemv_int8<8, 2>(xf, Kp, q, scales, y, N, K, threads); break;
-  }
-  free(xf);
-  return STATUS_OK;
-}
-
 // e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
 // 2^f by its degree-6 Taylor polynomial (relative error below 2e-7).
 static inline __m512 exp_ps(__m512 x) {

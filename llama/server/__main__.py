@@ -16,9 +16,11 @@ from typing import List, Optional
 
 import uvicorn
 
+from llama import limits
 from llama.cli import model_paths
 from llama.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from llama.server.state import ServerState
+from llama.speculation import Speculation
 
 REPO_DIR = Path(__file__).resolve().parents[2]  # where the example scripts and models/demo are
 WATCHDOG_SECONDS = 0.5
@@ -58,6 +60,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="seconds running requests may take to finish after SIGTERM",
     )
     parser.add_argument(
+        "--lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding by prompt lookup for requests without a `speculative` field: "
+        f"propose up to N tokens per step, 1..{limits.MAX_SPECULATIVE_TOKENS} (default 0: off)",
+    )
+    parser.add_argument(
         "--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
@@ -66,7 +76,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.max_queue < 0:
         parser.error(f"--max_queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.lookup <= limits.MAX_SPECULATIVE_TOKENS:
+        parser.error(f"--lookup must be in [0, {limits.MAX_SPECULATIVE_TOKENS}] (0: off), got {args.lookup}")
     return args
+
+
+def default_speculation(lookup: int) -> Optional[Speculation]:
+    """Prompt lookup proposing up to `lookup` tokens per step, or None for 0 (off)."""
+    return Speculation("lookup", num_tokens=lookup) if lookup else None
 
 
 def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
@@ -100,7 +117,9 @@ def follow(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str) -> int:
 def serve(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str) -> int:
     """Rank 0: serve HTTP, load the model once the socket is up, exit 0 after SIGTERM (running
     requests get `--grace_period` seconds), exit 1 if loading fails or the engine stops."""
-    state = ServerState(args.model_name or Path(ckpt_dir).resolve().name, args.max_queue)
+    state = ServerState(
+        args.model_name or Path(ckpt_dir).resolve().name, args.max_queue, default_speculation(args.lookup)
+    )
     app = create_app(state, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(
         app,

@@ -25,10 +25,7 @@ def create_app(
     app = FastAPI(title="Code Llama server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
 
-    def on_error(status: int) -> None:
-        state.metrics.errors.labels(str(status)).inc()
-
-    install_error_handlers(app, on_error)
+    install_error_handlers(app, state.metrics.count_error)
 
     async def require_key(request: Request) -> None:
         if api_key is None:

@@ -1,5 +1,6 @@
 """Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
+import logging
 from typing import Callable, Dict, Optional
 
 from fastapi import FastAPI, Request
@@ -7,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+_log = logging.getLogger("llama.server")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -28,6 +30,8 @@ class APIError(Exception):
         param: the request field at fault, if any.
         code: a short machine-readable code, if any.
         headers: extra response headers (e.g. Retry-After).
+        error_type: the `type` field, when not the usual one for `status` (OpenAI answers an
+            unknown model with 404 and "invalid_request_error").
     """
 
     def __init__(
@@ -38,8 +42,10 @@ class APIError(Exception):
         param: Optional[str] = None,
         code: Optional[str] = None,
         headers: Optional[Dict[str, str]] = None,
+        error_type: Optional[str] = None,
     ):
         super().__init__(message)
+        self.error_type = error_type
         self.status = status
         self.message = message
         self.param = param
@@ -48,19 +54,25 @@ class APIError(Exception):
 
     def body(self) -> dict:
         """The JSON body: `{"error": {...}}`."""
-        return error_body(self.status, self.message, self.param, self.code)
+        return error_body(self.status, self.message, self.param, self.code, self.error_type)
 
     def response(self) -> JSONResponse:
         """The error as a JSON response with its status and headers."""
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    """An OpenAI error object for `status`."""
+def error_body(
+    status: int,
+    message: str,
+    param: Optional[str] = None,
+    code: Optional[str] = None,
+    error_type: Optional[str] = None,
+) -> dict:
+    """An OpenAI error object for `status` (its type from `ERROR_TYPES` unless `error_type`)."""
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
+            "type": error_type or ERROR_TYPES.get(status, "server_error"),
             "param": param,
             "code": code,
         }
@@ -72,9 +84,29 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
     return APIError(400, message, param=param, code=code)
 
 
+def unexpected(error: BaseException, log: bool = True) -> APIError:
+    """The 500 answering an exception nobody expected, logged with its traceback unless `log`
+    is False (the catch-all handler leaves that to the ASGI server, which logs what it re-raises)."""
+    if log:
+        _log.error("unexpected error while answering a request", exc_info=error)
+    return APIError(
+        500,
+        f"internal server error ({type(error).__name__}); the server logged the details",
+        code="internal_error",
+    )
+
+
+def error_event(error: Exception, on_error: Callable[[int], None]) -> dict:
+    """The error object ending a stream that failed after its headers were sent: an `APIError`
+    as it is, anything else as an unexpected 500 (logged); `on_error(status)` counts it."""
+    api_error = error if isinstance(error, APIError) else unexpected(error)
+    on_error(api_error.status)
+    return api_error.body()
+
+
 def install_error_handlers(app: FastAPI, on_error: Callable[[int], None]) -> None:
-    """Answer every error the app raises (ours, routing's, validation's) in the OpenAI shape,
-    calling `on_error(status)` for each."""
+    """Answer every error the app raises (ours, routing's, validation's, and any unexpected
+    exception as a 500) in the OpenAI shape, calling `on_error(status)` for each."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
@@ -94,3 +126,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None]) -> Non
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         on_error(400)
         return JSONResponse(error_body(400, str(error)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        on_error(500)
+        return unexpected(error, log=False).response()

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
+from llama.limits import GREEDY_TEMPERATURE
 from llama.prompts import (
     Dialog,
     infilling_prompt_tokens,
@@ -26,7 +27,10 @@ from llama.server.schemas import (
     InfillRequest,
     LlamaCppCompletionRequest,
     OpenAISampling,
+    SpeculativeOptions,
+    parse_token_key,
 )
+from llama.speculation import Speculation
 from llama.tokenizer import Tokenizer
 
 # The infilling prompt as editors template it for Code Llama: `<PRE> {prefix} <SUF>{suffix} <MID>`.
@@ -51,6 +55,8 @@ class Job:
     echo: bool = False
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' too
     strip_leading_space: bool = False  # chat answers start without the word-boundary space
+    cap_to_context: bool = False  # max_tokens beyond what the context leaves is capped, not refused
+    speculation: Optional[Speculation] = None  # prompt lookup for every choice, or none
 
     def choice_count(self) -> int:
         """How many engine requests this job submits."""
@@ -82,7 +88,7 @@ def _logit_bias(bias: Optional[Dict[Union[str, int], float]], vocab_size: int, p
         return None
     out = {}
     for key, value in bias.items():
-        token = int(key)
+        token = key if isinstance(key, int) else parse_token_key(key)
         if not 0 <= token < vocab_size:
             raise invalid(f"{param}: token id {token} is outside the vocabulary of {vocab_size}", param)
         out[token] = float(value)
@@ -97,10 +103,11 @@ def _check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> List[in
 
 
 def _openai_sampling(body: OpenAISampling, vocab_size: int) -> SamplingParams:
-    if body.n > 1 and body.temperature == 0:
+    if body.n > 1 and body.temperature < GREEDY_TEMPERATURE:
         raise invalid(
-            f"n={body.n} with temperature 0 would return {body.n} identical greedy choices: "
-            "use n=1, or a temperature above 0",
+            f"n={body.n} with temperature {body.temperature:g} (below {GREEDY_TEMPERATURE:g}: greedy) "
+            f"would return {body.n} identical choices: use n=1, or a temperature of at least "
+            f"{GREEDY_TEMPERATURE:g}",
             "n",
         )
     return SamplingParams(
@@ -116,11 +123,26 @@ def _openai_sampling(body: OpenAISampling, vocab_size: int) -> SamplingParams:
     )
 
 
+def _speculation(
+    options: Optional[SpeculativeOptions], default: Optional[Speculation]
+) -> Optional[Speculation]:
+    """The request's `speculative` field as the engine's `Speculation`; `default` (the server's
+    --lookup) when the request does not say."""
+    if options is None:
+        return default
+    try:
+        return options.to_speculation()
+    except ValueError as error:  # the schema already checked it: only a change of bounds lands here
+        raise invalid(str(error), "speculative") from None
+
+
 def _stops(stop: Union[None, str, List[str]]) -> List[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def completion_job(body: CompletionRequest, tokenizer: Tokenizer) -> Job:
+def completion_job(
+    body: CompletionRequest, tokenizer: Tokenizer, default_speculation: Optional[Speculation] = None
+) -> Job:
     """A /v1/completions request as a job.
 
     A `suffix` makes each prompt the prefix of an infill (stopping at `▁<EOT>`); so does a
@@ -169,10 +191,13 @@ def completion_job(body: CompletionRequest, tokenizer: Tokenizer) -> Job:
         logprobs=body.logprobs,
         echo=body.echo,
         prompt_logprobs=body.echo and body.logprobs is not None,
+        speculation=_speculation(body.speculative, default_speculation),
     )
 
 
-def chat_job(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Job:
+def chat_job(
+    body: ChatCompletionRequest, tokenizer: Tokenizer, default_speculation: Optional[Speculation] = None
+) -> Job:
     """A /v1/chat/completions request as a job: the Instruct `[INST]` format, or the turn-based
     format (stopping at `<step>`) when the tokenizer has `<step>`.
 
@@ -214,6 +239,7 @@ def chat_job(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Job:
         default_stops=[tokenizer.step_id if turns else tokenizer.eos_id],
         logprobs=logprobs,
         strip_leading_space=True,
+        speculation=_speculation(body.speculative, default_speculation),
     )
 
 
@@ -234,7 +260,9 @@ def _llamacpp_sampling(body: LlamaCppCompletionRequest, vocab_size: int) -> Samp
     )
 
 
-def llamacpp_completion_job(body: LlamaCppCompletionRequest, tokenizer: Tokenizer) -> Job:
+def llamacpp_completion_job(
+    body: LlamaCppCompletionRequest, tokenizer: Tokenizer, default_speculation: Optional[Speculation] = None
+) -> Job:
     """A llama.cpp /completion request as a job (a string prompt gets BOS; a token list is used
     as it is; a prompt templated with literal infilling markers infills).
 
@@ -254,10 +282,13 @@ def llamacpp_completion_job(body: LlamaCppCompletionRequest, tokenizer: Tokenize
             tokens = tokenizer.encode(text, bos=True, eos=False)
     if not tokens:
         raise invalid("prompt is empty: give a string or a list of token ids", "prompt")
-    return _llamacpp_job(body, tokenizer, tokens, text, tokenizer.eot_id if infilling else tokenizer.eos_id)
+    stop = tokenizer.eot_id if infilling else tokenizer.eos_id
+    return _llamacpp_job(body, tokenizer, tokens, text, stop, default_speculation)
 
 
-def infill_job(body: InfillRequest, tokenizer: Tokenizer) -> Job:
+def infill_job(
+    body: InfillRequest, tokenizer: Tokenizer, default_speculation: Optional[Speculation] = None
+) -> Job:
     """A llama.cpp /infill request as a job: `input_extra` chunks (their text) go before the
     prefix, `prompt` is appended after `▁<MID>` as the start of the middle.
 
@@ -270,11 +301,16 @@ def infill_job(body: InfillRequest, tokenizer: Tokenizer) -> Job:
     tokens = _infill_tokens(tokenizer, extra + body.input_prefix, body.input_suffix)
     if body.prompt:
         tokens += tokenizer.encode_infilling(body.prompt)
-    return _llamacpp_job(body, tokenizer, tokens, body.input_prefix, tokenizer.eot_id)
+    return _llamacpp_job(body, tokenizer, tokens, body.input_prefix, tokenizer.eot_id, default_speculation)
 
 
 def _llamacpp_job(
-    body: LlamaCppCompletionRequest, tokenizer: Tokenizer, tokens: List[int], text: str, default_stop: int
+    body: LlamaCppCompletionRequest,
+    tokenizer: Tokenizer,
+    tokens: List[int],
+    text: str,
+    default_stop: int,
+    default_speculation: Optional[Speculation],
 ) -> Job:
     return Job(
         prompts=[tokens],
@@ -285,4 +321,6 @@ def _llamacpp_job(
         stop=list(body.stop),
         default_stops=[default_stop],
         logprobs=body.n_probs or None,
+        cap_to_context=True,  # as llama.cpp, which stops when the context is full
+        speculation=_speculation(body.speculative, default_speculation),
     )

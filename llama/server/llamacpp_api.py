@@ -4,14 +4,16 @@ Responses carry llama.cpp's fields (`content`, `stop`, `tokens_predicted`, `toke
 `stop_type`, ...); streams are `data: {...}` events, the last one with `"stop": true`.
 """
 
+import asyncio
 import math
 import time
+from functools import partial
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from llama.server.errors import APIError
+from llama.server.errors import APIError, error_event
 from llama.server.jobs import infill_job, llamacpp_completion_job
 from llama.server.openai_api import CLIENT_CLOSED, token_text
 from llama.server.runner import ChoiceResult, Generation, collect_unless_disconnected
@@ -85,34 +87,25 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     @router.post("/completion")
     async def completion(request: Request) -> Response:
         body = await read_json(request, LlamaCppCompletionRequest, max_body_bytes)
-        engine, tokenizer = state.engine(), state.tokenizer()
-        generation = Generation(
-            engine,
-            llamacpp_completion_job(body, tokenizer),
-            state.capacity,
-            state.metrics,
-            "completion",
-            state.engine_failed,
+        tokenizer = state.tokenizer()
+        generation = await state.generate(
+            "completion", 1, partial(llamacpp_completion_job, body, tokenizer, state.default_speculation)
         )
         return await run(request, generation, body.stream)
 
     @router.post("/infill")
     async def infill(request: Request) -> Response:
         body = await read_json(request, InfillRequest, max_body_bytes)
-        engine, tokenizer = state.engine(), state.tokenizer()
-        generation = Generation(
-            engine, infill_job(body, tokenizer), state.capacity, state.metrics, "infill", state.engine_failed
+        tokenizer = state.tokenizer()
+        generation = await state.generate(
+            "infill", 1, partial(infill_job, body, tokenizer, state.default_speculation)
         )
         return await run(request, generation, body.stream)
 
     @router.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await read_json(request, TokenizeRequest, max_body_bytes)
-        tokenizer = state.tokenizer()
-        ids = tokenizer.encode(body.content, bos=body.add_special, eos=False)
-        if body.with_pieces:
-            return {"tokens": [{"id": t, "piece": token_text(tokenizer, t)} for t in ids]}
-        return {"tokens": ids}
+        return await asyncio.to_thread(_tokenize, state.tokenizer(), body)
 
     @router.post("/detokenize")
     async def detokenize(request: Request) -> dict:
@@ -123,9 +116,17 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
             raise APIError(
                 400, f"tokens: id {bad[0]} is outside the vocabulary of {tokenizer.n_words}", param="tokens"
             )
-        return {"content": tokenizer.decode(body.tokens)}
+        return {"content": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
     return router
+
+
+def _tokenize(tokenizer: Tokenizer, body: TokenizeRequest) -> dict:
+    """The /tokenize answer: the ids, or with `with_pieces` each id with its piece."""
+    ids = tokenizer.encode(body.content, bos=body.add_special, eos=False)
+    if body.with_pieces:
+        return {"tokens": [{"id": t, "piece": token_text(tokenizer, t)} for t in ids]}
+    return {"tokens": ids}
 
 
 async def _stream(state: ServerState, generation: Generation, started: float) -> AsyncIterator[str]:
@@ -141,5 +142,5 @@ async def _stream(state: ServerState, generation: Generation, started: float) ->
                 continue
             result.finish_reason, result.usage = event.finish_reason, event.usage
             yield sse({"content": event.text, **_final(state, generation, result, started)})
-    except APIError as error:
-        yield sse(error.body())
+    except Exception as error:  # the headers are sent: the error goes in the stream
+        yield sse(error_event(error, state.metrics.count_error))

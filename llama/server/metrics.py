@@ -1,9 +1,9 @@
 """Prometheus metrics of the server (`GET /metrics`), in a registry of their own."""
 
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Gauge name -> (key of `Engine.stats()`, help).
@@ -12,22 +12,37 @@ ENGINE_GAUGES = {
     "codellama_requests_waiting": ("waiting", "Requests queued for a slot"),
     "codellama_free_slots": ("free_slots", "Engine slots free"),
 }
+# Counter name (without `_total`) -> (key of `Engine.stats()`, help): totals the engine keeps
+# since it started, so they only grow.
+ENGINE_COUNTERS = {
+    "codellama_speculative_proposed_tokens": (
+        "speculative_proposed",
+        "Tokens proposed by speculative decoding for the model to check",
+    ),
+    "codellama_speculative_accepted_tokens": (
+        "speculative_accepted",
+        "Proposed tokens the model's check accepted",
+    ),
+}
 
 
 class _EngineStatsCollector:
-    """Gauges read from the engine's `stats()` at scrape time (zero while loading)."""
+    """Gauges and counters read from the engine's `stats()` at scrape time (zero while loading)."""
 
     def __init__(self, stats: Callable[[], Optional[Dict[str, int]]]):
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Union[GaugeMetricFamily, CounterMetricFamily]]:
         stats = self._stats() or {}
         for name, (key, help_text) in ENGINE_GAUGES.items():
             yield GaugeMetricFamily(name, help_text, value=stats.get(key, 0))
+        for name, (key, help_text) in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 
 
 class ServerMetrics:
-    """Counters and histograms the request handlers update; engine gauges read on scrape.
+    """Counters and histograms the request handlers update; engine gauges and counters read on
+    scrape.
 
     Args:
         stats: returns the engine's `stats()` dict, or None before the model is loaded.
@@ -67,6 +82,10 @@ class ServerMetrics:
             registry=r,
         )
         self.registry.register(_EngineStatsCollector(stats))
+
+    def count_error(self, status: int) -> None:
+        """Count one request answered with the error status `status`."""
+        self.errors.labels(str(status)).inc()
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""

@@ -2,13 +2,15 @@
 
 import time
 import uuid
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from functools import partial
+from typing import AsyncIterator, Dict, List, Optional, Protocol, Tuple, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from llama.server.errors import APIError, invalid
-from llama.server.jobs import chat_job, completion_job
+from llama.engine import Event
+from llama.server.errors import APIError, error_event
+from llama.server.jobs import Job, chat_job, completion_job
 from llama.server.runner import ChoiceResult, Generation, collect_unless_disconnected
 from llama.server.schemas import ChatCompletionRequest, CompletionRequest
 from llama.server.state import ServerState
@@ -18,23 +20,42 @@ from llama.tokenizer import Tokenizer
 CLIENT_CLOSED = 499  # logged status of a request whose client went away
 
 
+def _byte_piece(piece: str) -> Optional[int]:
+    """The byte of a byte-fallback piece `<0xNN>`, else None."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return int(piece[3:5], 16)
+    return None
+
+
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     """One token as text: `▁` as a space; a byte piece as its character, or `bytes:\\xNN` when
     the byte is part of a multi-byte character (OpenAI's notation)."""
     piece = tokenizer.token_piece(token_id)
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        byte = int(piece[3:5], 16)
+    byte = _byte_piece(piece)
+    if byte is not None:
         return chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}"
     return piece.replace("▁", " ")
 
 
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> List[int]:
+    """The UTF-8 bytes one token stands for: `[0xNN]` for a byte piece, else its text's bytes."""
+    piece = tokenizer.token_piece(token_id)
+    byte = _byte_piece(piece)
+    if byte is not None:
+        return [byte]
+    return list(piece.replace("▁", " ").encode("utf-8"))
+
+
 def check_model(state: ServerState, model: Optional[str]) -> None:
-    """Raise a 400 unless `model` is absent or the served model's name."""
+    """Raise a 404 (OpenAI's `model_not_found`) unless `model` is absent or the served model's name."""
     if model is not None and model != state.model_name:
-        raise invalid(
-            f"unknown model {model!r}: this server serves {state.model_name!r} (see GET /v1/models)",
-            "model",
-            "model_not_found",
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist: this server serves {state.model_name!r} "
+            "(see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+            error_type="invalid_request_error",
         )
 
 
@@ -77,24 +98,19 @@ def chat_logprobs(
     tokenizer: Tokenizer, token_ids: List[int], logprobs: List[float], tops: List[dict]
 ) -> dict:
     """The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        return {
+            "token": token_text(tokenizer, token_id),
+            "logprob": logprob,
+            "bytes": token_bytes(tokenizer, token_id),
+        }
+
     content = []
     for i, (token_id, lp) in enumerate(zip(token_ids, logprobs)):
-        text = token_text(tokenizer, token_id)
         alternatives = tops[i] if i < len(tops) else {}
         content.append(
-            {
-                "token": text,
-                "logprob": lp,
-                "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [
-                    {
-                        "token": token_text(tokenizer, t),
-                        "logprob": v,
-                        "bytes": list(token_text(tokenizer, t).encode()),
-                    }
-                    for t, v in alternatives.items()
-                ],
-            }
+            {**entry(token_id, lp), "top_logprobs": [entry(t, v) for t, v in alternatives.items()]}
         )
     return {"content": content}
 
@@ -116,16 +132,17 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     async def completions(request: Request) -> Response:
         body = await read_json(request, CompletionRequest, max_body_bytes)
         check_model(state, body.model)
-        engine, tokenizer = state.engine(), state.tokenizer()
-        job = completion_job(body, tokenizer)
-        generation = Generation(
-            engine, job, state.capacity, state.metrics, "completions", state.engine_failed
+        tokenizer = state.tokenizer()
+        choices = body.prompt_count() * body.n
+        generation = await state.generate(
+            "completions", choices, partial(completion_job, body, tokenizer, state.default_speculation)
         )
+        job = generation.job
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = _CompletionChunks(job, tokenizer)
             return EventStream(
-                _stream_completion(generation, tokenizer, meta, include_usage), generation.close
+                _stream(state, generation, chunks, meta, _include_usage(body)), generation.close
             )
         results = await collect_unless_disconnected(request.receive, generation)
         if results is None:
@@ -152,13 +169,17 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request, ChatCompletionRequest, max_body_bytes)
         check_model(state, body.model)
-        engine, tokenizer = state.engine(), state.tokenizer()
-        job = chat_job(body, tokenizer)
-        generation = Generation(engine, job, state.capacity, state.metrics, "chat", state.engine_failed)
+        tokenizer = state.tokenizer()
+        generation = await state.generate(
+            "chat", body.n, partial(chat_job, body, tokenizer, state.default_speculation)
+        )
+        job = generation.job
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventStream(_stream_chat(generation, tokenizer, meta, include_usage), generation.close)
+            chunks = _ChatChunks(job, tokenizer)
+            return EventStream(
+                _stream(state, generation, chunks, meta, _include_usage(body)), generation.close
+            )
         results = await collect_unless_disconnected(request.receive, generation)
         if results is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -185,6 +206,10 @@ def make_router(state: ServerState, max_body_bytes: int) -> APIRouter:
     return router
 
 
+def _include_usage(body: Union[CompletionRequest, ChatCompletionRequest]) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def _echo_logprobs(generation: Generation, index: int, tokenizer: Tokenizer) -> Tuple[List[int], list]:
     """Prompt ids and their log-probabilities, for `echo` with `logprobs`. BOS is left out, as the
     echoed text has none; a first token without context has None."""
@@ -196,69 +221,97 @@ def _echo_logprobs(generation: Generation, index: int, tokenizer: Tokenizer) -> 
     return ids, [None] + lps[1:]
 
 
-async def _stream_completion(
-    generation: Generation, tokenizer: Tokenizer, meta: dict, include_usage: bool
+class _Chunks(Protocol):
+    """How one endpoint's stream writes its choices."""
+
+    object: str
+
+    def opening(self, index: int) -> Optional[dict]:
+        """The choice sent for choice `index` before anything is generated, if any."""
+
+    def choice(self, index: int, event: Event) -> dict:
+        """The choice carrying one engine event of choice `index`."""
+
+
+class _CompletionChunks:
+    """/v1/completions: text choices; `text_offset` counts from the start of the choice's text
+    (the echoed prompt included), across chunks."""
+
+    object = "text_completion"
+
+    def __init__(self, job: Job, tokenizer: Tokenizer):
+        self.job = job
+        self.tokenizer = tokenizer
+        self.offsets = [
+            len(job.prompt_texts[i // job.n]) if job.echo else 0 for i in range(job.choice_count())
+        ]
+
+    def opening(self, index: int) -> Optional[dict]:
+        if not self.job.echo:
+            return None
+        return _text_choice(index, self.job.prompt_texts[index // self.job.n])
+
+    def choice(self, index: int, event: Event) -> dict:
+        logprobs = None
+        if self.job.logprobs is not None:
+            tops = event.top_logprobs if self.job.logprobs else []
+            logprobs = completion_logprobs(
+                self.tokenizer, event.token_ids, event.logprobs, tops, self.offsets[index]
+            )
+            self.offsets[index] += sum(len(text) for text in logprobs["tokens"])
+        return _text_choice(index, event.text, logprobs, event.finish_reason)
+
+
+class _ChatChunks:
+    """/v1/chat/completions: a first delta with the role, then content deltas."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, job: Job, tokenizer: Tokenizer):
+        self.job = job
+        self.tokenizer = tokenizer
+
+    def opening(self, index: int) -> Optional[dict]:
+        return _delta_choice(index, {"role": "assistant", "content": ""})
+
+    def choice(self, index: int, event: Event) -> dict:
+        logprobs = None
+        if self.job.logprobs is not None:
+            logprobs = chat_logprobs(self.tokenizer, event.token_ids, event.logprobs, event.top_logprobs)
+        delta = {"content": event.text} if event.text else {}
+        return _delta_choice(index, delta, logprobs, event.finish_reason)
+
+
+async def _stream(
+    state: ServerState, generation: Generation, chunks: _Chunks, meta: dict, include_usage: bool
 ) -> AsyncIterator[str]:
-    job = generation.job
+    """A generation as OpenAI server-sent events: the openings, a chunk per event with text, a
+    finish reason or logprobs, the usage chunk if asked, `[DONE]`; an error event if it fails."""
     results = [ChoiceResult() for _ in generation.requests]
-    chunk = {**meta, "object": "text_completion"}
+    base = {**meta, "object": chunks.object}
+    usage_field = {"usage": None} if include_usage else {}
     try:
-        if job.echo:
-            for index in range(len(results)):
-                yield sse({**chunk, "choices": [_text_choice(index, job.prompt_texts[index // job.n])]})
+        for index in range(len(results)):
+            opening = chunks.opening(index)
+            if opening is not None:
+                yield sse({**base, "choices": [opening], **usage_field})
         async for item in generation.events():
-            event, result = item.event, results[item.index]
-            result.text += event.text
-            result.usage = event.usage or result.usage
+            event = item.event
+            results[item.index].usage = event.usage or results[item.index].usage
             if not (event.text or event.finish_reason or event.logprobs):
                 continue
-            logprobs = None
-            if job.logprobs is not None:
-                logprobs = completion_logprobs(
-                    tokenizer, event.token_ids, event.logprobs, event.top_logprobs if job.logprobs else [], 0
-                )
-            choice = _text_choice(item.index, event.text, logprobs, event.finish_reason)
-            yield sse({**chunk, "choices": [choice], **({"usage": None} if include_usage else {})})
+            yield sse({**base, "choices": [chunks.choice(item.index, event)], **usage_field})
         if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage_dict(results, job.n)})
+            yield sse({**base, "choices": [], "usage": usage_dict(results, generation.job.n)})
         yield DONE
-    except APIError as error:
-        yield sse(error.body())
+    except Exception as error:  # the headers are sent: the error goes in the stream
+        yield sse(error_event(error, state.metrics.count_error))
 
 
 def _text_choice(
     index: int, text: str, logprobs: Optional[dict] = None, finish: Optional[str] = None
 ) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-
-async def _stream_chat(
-    generation: Generation, tokenizer: Tokenizer, meta: dict, include_usage: bool
-) -> AsyncIterator[str]:
-    job = generation.job
-    results = [ChoiceResult() for _ in generation.requests]
-    chunk = {**meta, "object": "chat.completion.chunk"}
-    usage_field = {"usage": None} if include_usage else {}
-    try:
-        for index in range(len(results)):
-            delta = {"role": "assistant", "content": ""}
-            yield sse({**chunk, "choices": [_delta_choice(index, delta)], **usage_field})
-        async for item in generation.events():
-            event, result = item.event, results[item.index]
-            result.usage = event.usage or result.usage
-            if not (event.text or event.finish_reason or event.logprobs):
-                continue
-            logprobs = None
-            if job.logprobs is not None:
-                logprobs = chat_logprobs(tokenizer, event.token_ids, event.logprobs, event.top_logprobs)
-            delta = {"content": event.text} if event.text else {}
-            choice = _delta_choice(item.index, delta, logprobs, event.finish_reason)
-            yield sse({**chunk, "choices": [choice], **usage_field})
-        if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage_dict(results, job.n)})
-        yield DONE
-    except APIError as error:
-        yield sse(error.body())
 
 
 def _delta_choice(

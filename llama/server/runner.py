@@ -78,12 +78,14 @@ class ChoiceEvent:
 class Generation:
     """A job's engine requests. Iterate `events()` once; `cancel()` ends every unfinished choice.
 
-    Construction submits the requests. `on_engine_error` turns an error the engine raised while
-    generating into the error to answer with.
+    Construction submits the requests; `capacity` must already hold the job's places (see
+    `start_generation`), which the generation gives back when it ends, or at once if submitting
+    fails. `on_engine_error` turns an error the engine raised while generating into the error
+    to answer with. A job with `cap_to_context` generates at most what the context leaves.
 
     Raises:
-        APIError: 503 when the queue is full, 400 when the engine refuses the request (e.g. a
-            prompt that does not fit the context with its max_tokens, giving the counts).
+        APIError: 400 when the engine refuses the request (e.g. a prompt that does not fit the
+            context with its max_tokens, giving the counts).
     """
 
     def __init__(
@@ -101,15 +103,17 @@ class Generation:
         self._endpoint = endpoint
         self._capacity = capacity
         self._count = job.choice_count()
-        capacity.acquire(self._count)
         self.requests: List[Request] = []
         self._submitted = time.perf_counter()
         try:
             for choice in range(self._count):
                 prompt = job.prompts[choice // job.n]
+                room = max(engine.max_seq_len - len(prompt), 0)
                 max_tokens = job.max_tokens
                 if max_tokens is None:
-                    max_tokens = max(engine.max_seq_len - len(prompt), 0)
+                    max_tokens = room
+                elif job.cap_to_context:
+                    max_tokens = min(max_tokens, room)
                 self.requests.append(
                     engine.submit(
                         prompt,
@@ -120,6 +124,7 @@ class Generation:
                         default_stop=job.default_stops[choice // job.n],
                         logprobs=job.logprobs,
                         prompt_logprobs=job.prompt_logprobs,
+                        speculation=job.speculation,
                     )
                 )
         except ValueError as error:
@@ -206,6 +211,33 @@ class Generation:
             if event.usage is not None:
                 self._metrics.prompt_tokens.inc(event.usage.prompt_tokens)
                 self._metrics.cached_tokens.inc(event.usage.cached_tokens)
+
+
+async def start_generation(
+    engine: Engine,
+    capacity: Capacity,
+    metrics: ServerMetrics,
+    endpoint: str,
+    on_engine_error: Callable[[BaseException], APIError],
+    choices: int,
+    make_job: Callable[[], Job],
+) -> Generation:
+    """Reserve `choices` places, then build the job in a worker thread (tokenizing a large body
+    would stall every stream the event loop serves) and submit it.
+
+    Raises:
+        APIError: 503 when the queue is full (before any tokenizing), 400 when the request asks
+            for more than the server ever holds, or whatever `make_job` raises.
+    """
+    capacity.acquire(choices)
+    try:
+        job = await asyncio.to_thread(make_job)
+        if job.choice_count() != choices:
+            raise RuntimeError(f"the job has {job.choice_count()} choices, {choices} were reserved")
+    except BaseException:
+        capacity.release(choices)
+        raise
+    return Generation(engine, job, capacity, metrics, endpoint, on_engine_error)
 
 
 @dataclass

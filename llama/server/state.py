@@ -1,12 +1,20 @@
 """What the handlers share: the loaded model (once loaded), the admission bound and the metrics."""
 
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from llama.engine import Engine
 from llama.server.errors import APIError
+from llama.server.jobs import Job
 from llama.server.metrics import ServerMetrics
-from llama.server.runner import RETRY_AFTER_SECONDS, Capacity, EngineUnavailable
+from llama.server.runner import (
+    RETRY_AFTER_SECONDS,
+    Capacity,
+    EngineUnavailable,
+    Generation,
+    start_generation,
+)
+from llama.speculation import Speculation
 from llama.tokenizer import Tokenizer
 
 
@@ -16,11 +24,14 @@ class ServerState:
     Args:
         model_name: the name `/v1/models` reports and requests may name.
         max_queue: generations that may wait for a slot before requests get 503.
+        default_speculation: the speculation of requests that do not say (the --lookup flag),
+            or None for none.
     """
 
-    def __init__(self, model_name: str, max_queue: int):
+    def __init__(self, model_name: str, max_queue: int, default_speculation: Optional[Speculation] = None):
         self.model_name = model_name
         self.max_queue = max_queue
+        self.default_speculation = default_speculation
         self.created = int(time.time())
         self.engine_: Optional[Engine] = None
         self.tokenizer_: Optional[Tokenizer] = None
@@ -84,3 +95,11 @@ class ServerState:
         """The model's tokenizer (raises like `engine`)."""
         self.engine()
         return self.tokenizer_
+
+    async def generate(self, endpoint: str, choices: int, make_job: Callable[[], Job]) -> Generation:
+        """Start a generation of `choices` choices whose job `make_job` builds (see
+        `runner.start_generation`; errors as there, and 503 as `engine`)."""
+        engine = self.engine()
+        return await start_generation(
+            engine, self.capacity, self.metrics, endpoint, self.engine_failed, choices, make_job
+        )

@@ -1,5 +1,6 @@
 """Reading request bodies (bounded, parsed into the schemas) and framing server-sent events."""
 
+import asyncio
 import json
 from typing import Any, AsyncIterator, Callable, Type, TypeVar
 
@@ -12,6 +13,7 @@ from llama.server.errors import APIError, invalid
 
 Body = TypeVar("Body", bound=BaseModel)
 DONE = "data: [DONE]\n\n"
+PARSE_IN_THREAD_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,8 +71,12 @@ def parse_body(raw: bytes, schema: Type[Body]) -> Body:
 
 
 async def read_json(request: Request, schema: Type[Body], limit: int) -> Body:
-    """Read and validate a JSON body (see `read_body` and `parse_body`)."""
-    return parse_body(await read_body(request, limit), schema)
+    """Read and validate a JSON body (see `read_body` and `parse_body`); a large one in a worker
+    thread, so the event loop goes on serving the streams in flight."""
+    raw = await read_body(request, limit)
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(parse_body, raw, schema)
+    return parse_body(raw, schema)
 
 
 def sse(data: Any) -> str:
