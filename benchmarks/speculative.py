@@ -129,17 +129,24 @@ def counters(llama: Llama) -> Tuple[int, int]:
     return stats["speculative_proposed"], stats["speculative_accepted"]
 
 
-def spec(k: Optional[int]) -> Optional[Speculation]:
-    return None if k is None else Speculation("lookup", num_tokens=k)
+def spec(k: Optional[int], method: str = "lookup") -> Optional[Speculation]:
+    return None if k is None else Speculation(method, num_tokens=k)
 
 
-def run_one(llama: Llama, prompt: List[int], stop: Optional[int], k: Optional[int], max_tokens: int):
+def run_one(
+    llama: Llama,
+    prompt: List[int],
+    stop: Optional[int],
+    k: Optional[int],
+    max_tokens: int,
+    method: str = "lookup",
+):
     """One cold batch-1 run: (token ids, first-token time, last-token time, proposed, accepted)."""
     engine = llama.engine
     engine.forget_prefixes()
     before = counters(llama)
     stamps: List[float] = []
-    request = engine.submit(prompt, max_tokens=max_tokens, default_stop=stop, speculation=spec(k))
+    request = engine.submit(prompt, max_tokens=max_tokens, default_stop=stop, speculation=spec(k, method))
     for event in request:  # iterating drives the engine in this thread
         if event.token_ids:
             stamps.append(time.perf_counter())

@@ -41,7 +41,8 @@ def nolead_by_sentinel(sp: SentencePieceProcessor, s: str):
 
 
 class Recorder:
-    """Stands in for `Llama.generate` (reference signature) and records what it was given."""
+    """Stands in for `Llama.generate` (the reference signature and the keyword-only `speculation`)
+    and records what it was given."""
 
     def __init__(self):
         self.prompts = None
@@ -56,6 +57,8 @@ class Recorder:
         logprobs=False,
         echo=False,
         stop_token=None,
+        *,
+        speculation=None,
     ):
         self.prompts, self.stop_token = prompt_tokens, stop_token
         tokens = [[] for _ in prompt_tokens]

@@ -60,20 +60,26 @@ def test_speculating_and_plain_requests_share_a_step_without_changing_each_other
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
-def test_bf16_greedy_lookup_is_exact(tmp_path, tokenizer_path, sp, use_kernels):
+def test_bf16_greedy_lookup_and_draft_are_exact(tmp_path, tokenizer_path, sp, use_kernels):
     if use_kernels and not kernels.enabled():
         pytest.skip("no kernel variant runs on this CPU")
     ckpt = make_checkpoint(tmp_path / "ckpt", sp.vocab_size(), seed=3, dim=128, n_heads=2, n_kv_heads=1)
     previous = kernels.enabled()
     kernels.set_enabled(use_kernels)
     try:
-        llama = Llama.build(str(ckpt), str(tokenizer_path), 160, 4, dtype="bfloat16")
+        other = make_checkpoint(tmp_path / "draft", sp.vocab_size(), seed=5, dim=64, n_layers=1)
+        llama = Llama.build(
+            str(ckpt), str(tokenizer_path), 160, 4, dtype="bfloat16", draft_ckpt_dir=str(other)
+        )
         engine = llama.engine
         ps = prompts(sp, CODE[:4])
         plain = [c.token_ids for c in run(engine, ps, 48)]
         assert [c.token_ids for c in run(engine, ps, 48, LOOKUP)] == plain
         assert [run(engine, [p], 48, LOOKUP)[0].token_ids for p in ps[:2]] == plain[:2]
         assert accepted(engine) > 0
+        drafted = Speculation("draft", num_tokens=3)
+        assert [c.token_ids for c in run(engine, ps, 48, drafted)] == plain
+        assert run(engine, ps[:1], 48, drafted)[0].token_ids == plain[0]
     finally:
         kernels.set_enabled(previous)
 

@@ -339,29 +339,39 @@ class Engine:
         return drafting
 
     def _draft(self, drafting: List[Tuple[Request, int]]) -> None:
-        """Have the draft model propose tokens: bring its cache rows up to the main model's
-        cached ids in one packed pass, then decode up to k tokens per row, one pass per token."""
+        """Have the draft model propose tokens, one pass per token. Its cache rows are first
+        brought up to the ids the main model has cached: a few missing ids (the last accepted
+        proposal, which the draft never fed) go in front of the row's token in the first pass;
+        a longer gap (a prompt) is filled by one packed pass."""
         catch_up = []
+        feeding: Dict[int, List[int]] = {}
         for request, _ in drafting:
             target = self.scheduler.slots[request.slot].tokens
             held = self._draft_tokens[request.slot]
             n = 0
             while n < min(len(held), len(target)) and held[n] == target[n]:
                 n += 1
-            if n < len(target):
-                catch_up.append((request.slot, n, list(target[n:])))
-            self._draft_tokens[request.slot] = list(target)
+            missing = list(target[n:])
+            if len(missing) >= limits.SPECULATION_ROWS:
+                catch_up.append((request.slot, n, missing))
+                missing, n = [], len(target)
+            self._draft_tokens[request.slot] = list(target[:n])
+            feeding[id(request)] = missing + [request.pending]
         if catch_up:
             self._run_draft(Plan(decode=[], prefill=catch_up))
-        feeding = {id(r): r.pending for r, _ in drafting}
         drawn: Dict[int, List[torch.Tensor]] = {id(r): [] for r, _ in drafting}
         for i in range(max(wanted for _, wanted in drafting)):
             active = [r for r, wanted in drafting if wanted > i]
-            position = {id(r): len(self._draft_tokens[r.slot]) for r in active}
-            plan = Plan(decode=[(r.slot, position[id(r)], feeding[id(r)]) for r in active], prefill=[])
+            plan = Plan(decode=[], prefill=[])
+            last_rows = []  # the logits row of each active request's newest token
+            for request in active:
+                start = len(self._draft_tokens[request.slot])
+                for j, token in enumerate(feeding[id(request)]):
+                    plan.decode.append((request.slot, start + j, token))
+                last_rows.append(len(plan.decode) - 1)
             logits, _ = self._run_draft(plan)
-            for row, request in enumerate(active):
-                self._draft_tokens[request.slot].append(feeding[id(request)])
+            for row, request in zip(last_rows, active):
+                self._draft_tokens[request.slot].extend(feeding[id(request)])
                 if request.sampling.is_greedy:
                     token = int(logits[row].argmax())
                 else:
@@ -369,7 +379,7 @@ class Engine:
                     token = int(torch.multinomial(q, 1, generator=request.sampler.generator))
                     drawn[id(request)].append(q)
                 request.proposals.append(token)
-                feeding[id(request)] = token
+                feeding[id(request)] = [token]
         for request, _ in drafting:
             qs = drawn[id(request)]
             request.draft_probs = torch.stack(qs) if qs else None
