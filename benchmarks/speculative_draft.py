@@ -8,9 +8,9 @@ Two engines over the demo model (models/demo), batch 1, greedy, prefix reuse off
   one-token step of the same model, cost c1) and one main pass over k + 1 tokens (cost c(k+1)) and
   emits k + 1 tokens, so the predicted speedup is (k + 1) c1 / (k c1 + c(k+1)), below 1 whenever a
   (k+1)-token pass costs more than one token: this case checks exactness and the cost model, it
-  cannot be faster than plain decoding. The engine also runs one draft catch-up pass per cycle (the
-  draft's cache lacks the last proposal, which the main model accepted); the prediction is given
-  without and with that pass.
+  cannot be faster than plain decoding. The prediction is also given with one draft catch-up pass
+  per cycle added (what the engine ran before the draft's missing ids moved into its first decode
+  pass); the engine table shows how many catch-up passes a cycle really runs.
 - `random`: a random checkpoint with the demo model's vocabulary (dim 64, 2 layers, written into a
   temporary folder with `tests.tiny.make_checkpoint`) as the draft: the tokens must equal plain
   decoding (asserted); acceptance and speed are reported.
