@@ -11,9 +11,9 @@ import threading
 import weakref
 from typing import Callable, List, Sequence, Tuple
 
+from llama.limits import MAX_STOP_STRINGS
 from llama.tokenizer import Tokenizer
 
-MAX_STOP_STRINGS = 4
 REPLACEMENT_CHARACTER = "\ufffd"
 
 _NOT_A_BYTE = -1
