@@ -9,22 +9,30 @@ Workloads (greedy, batch 1, prefix reuse off so every run prefills cold):
 - `test`: a test written after its function, the first asserts given (copying is right).
 - `held-out`: signatures and docstrings of four held-out standard-library functions, completed
   (the prompt is unlike its continuation: copying is not right); the four runs are summed.
+- `held-out-sampled`: the same four prompts sampled at temperature 1, three fixed seeds each (the
+  same seeds with and without speculation); the greedy continuations of the small demo model loop,
+  which lookup catches, while sampled ones rarely repeat, so here copying is really not right. The
+  tokens differ between settings (the sampled rule keeps the distribution, not the draws): compare
+  decode tokens/s, and read the acceptance to see it is low.
 
 The demo model is small: check the samples the script prints on stderr before reading the numbers as
 copying (it tends to repeat its own lines, which prompt lookup also catches).
 
-For each workload and proposal length k in {off, 2, 4, 7}, rounds alternating the settings, it reports
+For each workload (`--workloads`, default all but `held-out-sampled`) and proposal length k in
+{off, 2, 4, 7} (`--ks`), rounds alternating the settings, it reports
 medians of: decode tokens/s = (generated tokens - 1) / (time of the last token - time of the first
 token), so the cold prefill that yields the first token is left out; acceptance = accepted /
 proposed tokens (deltas of the engine's counters); tokens per main-model pass = generated tokens /
 (generated tokens - accepted tokens), the prefill pass that yields the first token counted as one;
 the speedup of decode tokens/s over k off in the same round. The script asserts that every
-speculative run yields exactly the token ids of the run without speculation.
+greedy speculative run yields exactly the token ids of the run without speculation.
 
-Then 4 streams (four copying prompts submitted together, the engine stepping in this thread): total
-generated tokens / wall time from submission to the last token (prefills included), with and without.
+Then, when edit, infill and test are all selected, 4 streams (four copying prompts submitted
+together, the engine stepping in this thread): total generated tokens / wall time from submission to
+the last token (prefills included), with and without.
 
     OMP_WAIT_POLICY=passive python benchmarks/speculative.py [--rounds 3] [--threads 1] [--out FILE]
+        [--workloads edit,infill,test,held-out,held-out-sampled] [--ks off,2,4,7]
 """
 
 import argparse
@@ -46,10 +54,14 @@ from bench import versions  # noqa: E402
 
 from llama import Llama, kernel_build, kernel_report, kernels  # noqa: E402
 from llama.prompts import infilling_prompt_tokens  # noqa: E402
+from llama.sampling import SamplingParams  # noqa: E402
 from llama.speculation import Speculation  # noqa: E402
 
 DEMO = REPO / "models" / "demo"
 KS: Tuple[Optional[int], ...] = (None, 2, 4, 7)  # None: no speculation
+DEFAULT_WORKLOADS = ("edit", "infill", "test", "held-out")
+SAMPLED_TEMPERATURE = 1.0
+SAMPLED_SEEDS = (11, 12, 13)  # per prompt; the same in every setting so the work is comparable
 
 SPLIT = '''def split(p):
     """Split a pathname.  Returns tuple "(head, tail)" where "tail" is
@@ -88,12 +100,16 @@ HELD_OUT = [
 ]
 
 
-def workloads(llama: Llama) -> Dict[str, List[Tuple[List[int], Optional[int]]]]:
-    """Name -> [(prompt ids, default stop id)]: the copying workloads and the held-out one."""
+Item = Tuple[List[int], Optional[int], Optional[SamplingParams]]  # prompt ids, stop id, sampling
+
+
+def workloads(llama: Llama) -> Dict[str, List[Item]]:
+    """Name -> [(prompt ids, default stop id, sampling or None for greedy)]: the copying workloads,
+    the held-out one and the held-out one sampled."""
     tok = llama.tokenizer
 
-    def text(prompt: str) -> Tuple[List[int], Optional[int]]:
-        return tok.encode(prompt, bos=True, eos=False), tok.eos_id
+    def text(prompt: str, sampling: Optional[SamplingParams] = None) -> Item:
+        return tok.encode(prompt, bos=True, eos=False), tok.eos_id, sampling
 
     return {
         "edit": [text(POINT + "\nclass Vector:\n    def __init__(self, x, y, z):\n")],
@@ -105,6 +121,7 @@ def workloads(llama: Llama) -> Dict[str, List[Tuple[List[int], Optional[int]]]]:
                     "\n    def copy(self):\n        return Vector(self.x, self.y, self.z)\n",
                 ),
                 tok.eot_id,
+                None,
             )
         ],
         "test": [
@@ -114,13 +131,18 @@ def workloads(llama: Llama) -> Dict[str, List[Tuple[List[int], Optional[int]]]]:
             )
         ],
         "held-out": [text(p) for p in HELD_OUT],
+        "held-out-sampled": [
+            text(p, SamplingParams(temperature=SAMPLED_TEMPERATURE, seed=seed))
+            for p in HELD_OUT
+            for seed in SAMPLED_SEEDS
+        ],
     }
 
 
-def stream_prompts(llama: Llama, work: Dict[str, List[Tuple[List[int], Optional[int]]]]):
+def stream_prompts(llama: Llama, work: Dict[str, List[Item]]):
     """Four different copying prompts for the concurrent case."""
     tok = llama.tokenizer
-    fourth = (tok.encode(SPLIT + "\ndef split_path(p):\n", bos=True, eos=False), tok.eos_id)
+    fourth = (tok.encode(SPLIT + "\ndef split_path(p):\n", bos=True, eos=False), tok.eos_id, None)
     return [work["edit"][0], work["infill"][0], work["test"][0], fourth]
 
 
@@ -140,13 +162,16 @@ def run_one(
     k: Optional[int],
     max_tokens: int,
     method: str = "lookup",
+    sampling: Optional[SamplingParams] = None,
 ):
     """One cold batch-1 run: (token ids, first-token time, last-token time, proposed, accepted)."""
     engine = llama.engine
     engine.forget_prefixes()
     before = counters(llama)
     stamps: List[float] = []
-    request = engine.submit(prompt, max_tokens=max_tokens, default_stop=stop, speculation=spec(k, method))
+    request = engine.submit(
+        prompt, max_tokens=max_tokens, sampling=sampling, default_stop=stop, speculation=spec(k, method)
+    )
     for event in request:  # iterating drives the engine in this thread
         if event.token_ids:
             stamps.append(time.perf_counter())
@@ -161,7 +186,8 @@ def run_streams(llama: Llama, prompts, k: Optional[int], max_tokens: int) -> Tup
     engine.forget_prefixes()
     start = time.perf_counter()
     requests = [
-        engine.submit(p, max_tokens=max_tokens, default_stop=stop, speculation=spec(k)) for p, stop in prompts
+        engine.submit(p, max_tokens=max_tokens, default_stop=stop, speculation=spec(k))
+        for p, stop, _ in prompts
     ]
     results = [r.result().token_ids for r in requests]
     return results, time.perf_counter() - start
@@ -181,11 +207,11 @@ def machine_line(dtype: str) -> str:
 
 
 def show_samples(llama: Llama, work, max_tokens: int) -> None:
-    """Print each workload's prompt tail and greedy continuation (stderr), to check it copies."""
+    """Print each workload's first prompt tail and continuation (stderr), to check it copies."""
     tok = llama.tokenizer
     for name, items in work.items():
-        prompt, stop = items[0]
-        ids, *_ = run_one(llama, prompt, stop, None, max_tokens)
+        prompt, stop, sampling = items[0]
+        ids, *_ = run_one(llama, prompt, stop, None, max_tokens, sampling=sampling)
         print(f"--- {name}: prompt ends {tok.decode(prompt)[-80:]!r}", file=sys.stderr)
         print(tok.decode(ids), file=sys.stderr)
 
@@ -197,49 +223,65 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--dtype", default="float32", help="weights and compute dtype (the demo runs fp32)")
     parser.add_argument("--out", help="append the markdown section to this file (default: print it)")
+    parser.add_argument(
+        "--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated workloads to run"
+    )
+    parser.add_argument("--ks", default="off,2,4,7", help="comma-separated proposal lengths, off for none")
     args = parser.parse_args(argv)
+    ks = tuple(None if k == "off" else int(k) for k in args.ks.split(","))
+    if ks[0] is not None:
+        parser.error("--ks must start with off (speedups are against it)")
     torch.set_num_threads(args.threads)
     print(kernel_report.report(), file=sys.stderr)  # what this machine runs, in full
     llama = Llama.build(str(DEMO), str(DEMO / "tokenizer.model"), 320, 4, dtype=args.dtype)
     llama.engine.prefix_reuse = False
-    work = workloads(llama)
+    every = workloads(llama)
+    unknown = sorted(set(args.workloads.split(",")) - set(every))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose among {sorted(every)}")
+    work = {n: every[n] for n in args.workloads.split(",")}
     show_samples(llama, work, args.max_tokens)
-    streams = stream_prompts(llama, work)
+    streams = stream_prompts(llama, every) if {"edit", "infill", "test"} <= set(work) else None
 
     reference: Dict[Tuple[str, int], List[int]] = {}
     # name -> k -> per-round lists
-    rate: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in KS} for n in work}
-    speedup: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in KS} for n in work}
-    accept: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in KS} for n in work}
-    per_pass: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in KS} for n in work}
-    generated: Dict[str, int] = {}
-    stream_rate: Dict[Optional[int], List[float]] = {k: [] for k in KS}
+    rate: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in ks} for n in work}
+    speedup: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in ks} for n in work}
+    accept: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in ks} for n in work}
+    per_pass: Dict[str, Dict[Optional[int], List[float]]] = {n: {k: [] for k in ks} for n in work}
+    generated: Dict[str, Dict[Optional[int], List[int]]] = {n: {k: [] for k in ks} for n in work}
+    stream_rate: Dict[Optional[int], List[float]] = {k: [] for k in ks}
     stream_ref: Optional[List[List[int]]] = None
     load_before = os.getloadavg()[0]
-    run_one(llama, work["edit"][0][0], None, 4, 8)  # warm-up
+    run_one(llama, every["edit"][0][0], None, 4, 8)  # warm-up
     for round_ in range(args.rounds):
-        order = KS if round_ % 2 == 0 else tuple(reversed(KS))
+        order = ks if round_ % 2 == 0 else tuple(reversed(ks))
         for name, items in work.items():
             for k in order:
                 tokens = decode_time = 0.0
                 total = proposed = accepted = 0
-                for i, (prompt, stop) in enumerate(items):
-                    ids, first, last, p, a = run_one(llama, prompt, stop, k, args.max_tokens)
-                    reference.setdefault((name, i), ids)
-                    assert ids == reference[(name, i)], f"{name}[{i}] k={k}: tokens differ from k off"
+                for i, (prompt, stop, sampling) in enumerate(items):
+                    ids, first, last, p, a = run_one(
+                        llama, prompt, stop, k, args.max_tokens, sampling=sampling
+                    )
+                    if (
+                        sampling is None
+                    ):  # sampled tokens differ with speculation, their distribution does not
+                        reference.setdefault((name, i), ids)
+                        assert ids == reference[(name, i)], f"{name}[{i}] k={k}: tokens differ from k off"
                     tokens += len(ids) - 1
                     decode_time += last - first
                     total += len(ids)
                     proposed += p
                     accepted += a
-                generated[name] = total
+                generated[name][k].append(total)
                 rate[name][k].append(tokens / decode_time)
                 accept[name][k].append(accepted / proposed if proposed else 0.0)
                 per_pass[name][k].append(total / (total - accepted))
             base = rate[name][None][-1]
-            for k in KS:
+            for k in ks:
                 speedup[name][k].append(rate[name][k][-1] / base)
-        for k in order:
+        for k in order if streams else ():
             results, wall = run_streams(llama, streams, k, args.max_tokens)
             stream_ref = stream_ref or results
             assert results == stream_ref, f"4 streams k={k}: tokens differ from k off"
@@ -256,35 +298,45 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "",
         f"`{policy}python benchmarks/speculative.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
         f"{machine_line(args.dtype)}; {versions()}. Load average {load_before:.1f} before and "
-        f"{load_after:.1f} after the run. Batch 1, greedy, prefix reuse off (cold prefill every run), "
-        f"up to {args.max_tokens} tokens per request; {args.rounds} rounds alternating the settings, "
-        "medians. "
+        f"{load_after:.1f} after the run. Batch 1, greedy"
+        + (
+            f" (held-out-sampled: temperature {SAMPLED_TEMPERATURE:g}, seeds "
+            f"{', '.join(map(str, SAMPLED_SEEDS))} per prompt, the same in every setting)"
+            if "held-out-sampled" in work
+            else ""
+        )
+        + f", prefix reuse off (cold prefill every run), up to {args.max_tokens} tokens per request; "
+        f"{args.rounds} rounds alternating the settings, medians (tokens generated too). "
         "Decode tokens/s = (generated - 1) / (last token time - first token time), prefill left out; "
         "tokens per pass = generated / (generated - accepted), the prefill pass counted; speedup = "
         "median over rounds of decode tokens/s against k off in the same round. Token ids with "
-        "speculation equal those without in every run (asserted).",
+        "speculation equal those without in every greedy run (asserted).",
         "",
         "| workload | tokens generated | k | decode tokens/s | acceptance | tokens per pass "
         "| speedup vs off |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in work:
-        for k in KS:
+        for k in ks:
             lines.append(
-                f"| {name} | {generated[name]} | {name_k(k)} | {med(rate[name][k]):.1f} | "
+                f"| {name} | {med(generated[name][k]):g} | {name_k(k)} | {med(rate[name][k]):.1f} | "
                 + ("-" if k is None else f"{med(accept[name][k]):.2f}")
                 + f" | {med(per_pass[name][k]):.2f} | {med(speedup[name][k]):.2f}x |"
             )
-    lines += [
-        "",
-        "4 concurrent streams (edit, infill, test and a fourth copying prompt, submitted together, "
-        "stepped in the calling thread; generated tokens / wall time, prefills included):",
-        "",
-        "| k | total tokens/s | vs off |",
-        "|---|---|---|",
-    ]
+    lines += (
+        []
+        if not streams
+        else [
+            "",
+            "4 concurrent streams (edit, infill, test and a fourth copying prompt, submitted together, "
+            "stepped in the calling thread; generated tokens / wall time, prefills included):",
+            "",
+            "| k | total tokens/s | vs off |",
+            "|---|---|---|",
+        ]
+    )
     off = stream_rate[None]
-    for k in KS:
+    for k in ks if streams else ():
         ratios = [r / o for r, o in zip(stream_rate[k], off)]
         lines.append(f"| {name_k(k)} | {med(stream_rate[k]):.1f} | {med(ratios):.2f}x |")
     text = "\n".join(lines) + "\n"
