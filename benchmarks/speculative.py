@@ -286,7 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             stream_ref = stream_ref or results
             assert results == stream_ref, f"4 streams k={k}: tokens differ from k off"
             stream_rate[k].append(sum(len(r) for r in results) / wall)
-        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+        this_round = "; ".join(
+            f"{n} " + " ".join(f"{k or 'off'}:{rate[n][k][-1]:.0f}" for k in ks) for n in work
+        )
+        print(f"round {round_ + 1}/{args.rounds} decode tokens/s: {this_round}", file=sys.stderr)
     load_after = os.getloadavg()[0]
 
     med = statistics.median
