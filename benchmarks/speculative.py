@@ -216,12 +216,17 @@ def show_samples(llama: Llama, work, max_tokens: int) -> None:
         print(tok.decode(ids), file=sys.stderr)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every demo-model speculation benchmark takes: rounds, tokens, threads, dtype."""
     parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the settings; medians")
     parser.add_argument("--max_tokens", type=int, default=112, help="tokens to generate per request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--dtype", default="float32", help="weights and compute dtype (the demo runs fp32)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
     parser.add_argument("--out", help="append the markdown section to this file (default: print it)")
     parser.add_argument(
         "--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated workloads to run"

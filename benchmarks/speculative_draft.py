@@ -49,7 +49,7 @@ for path in (str(REPO), str(REPO / "benchmarks")):
 
 import torch  # noqa: E402
 from bench import versions  # noqa: E402
-from speculative import DEMO, machine_line, run_one, workloads  # noqa: E402
+from speculative import DEMO, add_run_arguments, machine_line, run_one, workloads  # noqa: E402
 from verify_cost import timed  # noqa: E402
 
 from llama import Llama, checkpoint, kernel_report  # noqa: E402
@@ -201,10 +201,7 @@ def build(draft_dir: Path, dtype: str) -> Tuple[Llama, PassLog, PassLog]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the settings; medians")
-    parser.add_argument("--max_tokens", type=int, default=112, help="tokens to generate per request")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--dtype", default="float32", help="weights and compute dtype (the demo runs fp32)")
+    add_run_arguments(parser)
     parser.add_argument("--cost_rounds", type=int, default=200, help="rounds of the standalone step timing")
     parser.add_argument(
         "--context",

@@ -348,14 +348,13 @@ class Engine:
         for request, _ in drafting:
             target = self.scheduler.slots[request.slot].tokens
             held = self._draft_tokens[request.slot]
-            n = 0
-            while n < min(len(held), len(target)) and held[n] == target[n]:
-                n += 1
+            n = _common_prefix(held, target)
             missing = list(target[n:])
             if len(missing) >= limits.SPECULATION_ROWS:
                 catch_up.append((request.slot, n, missing))
                 missing, n = [], len(target)
-            self._draft_tokens[request.slot] = list(target[:n])
+            del held[n:]
+            held.extend(target[len(held) : n])
             feeding[id(request)] = missing + [request.pending]
         if catch_up:
             self._run_draft(Plan(decode=[], prefill=catch_up))
@@ -404,20 +403,22 @@ class Engine:
     ) -> None:
         """Record what the passes computed, sample the rows that are due, publish events."""
         plan = step.plan
-        proposals = {id(r): list(r.proposals) for r in step.decoding}
         due: List[Request] = []
         logits = []
         verifying: List[Tuple[Request, List[int], torch.Tensor]] = []
-        row = 0
-        for request in step.decoding:
-            proposed = proposals[id(request)]
-            rows = decode_logits[row : row + 1 + len(proposed)]
-            row += 1 + len(proposed)
-            if proposed:
-                verifying.append((request, proposed, rows))
-            else:
-                due.append(request)
-                logits.append(rows)
+        if len(plan.decode) == len(step.decoding):  # no proposals: one logits row per request
+            due, logits = list(step.decoding), ([decode_logits] if step.decoding else [])
+        else:
+            row = 0
+            for request in step.decoding:
+                proposed = list(request.proposals)  # `decoded` below clears them
+                rows = decode_logits[row : row + 1 + len(proposed)]
+                row += 1 + len(proposed)
+                if proposed:
+                    verifying.append((request, proposed, rows))
+                else:
+                    due.append(request)
+                    logits.append(rows)
         offset = 0
         for request, (_, start, chunk) in zip(step.prefilling, plan.prefill):
             with self._lock:
@@ -568,3 +569,15 @@ class Engine:
         with self._lock:
             self.scheduler.release(request)
         request.stream.publish(event)
+
+
+def _common_prefix(a: List[int], b: List[int]) -> int:
+    """How many leading ids `a` and `b` share. The draft's record usually differs from the main
+    model's only in its last few ids, so the long equal head is compared at C speed first."""
+    n = min(len(a), len(b))
+    tail = max(n - 2 * limits.SPECULATION_ROWS, 0)
+    if a[:tail] != b[:tail]:
+        tail = 0
+    while tail < n and a[tail] == b[tail]:
+        tail += 1
+    return tail
