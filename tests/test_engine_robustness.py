@@ -132,13 +132,15 @@ def test_a_task_cancelled_while_waiting_cancels_its_request(engine, sp):
 
     async def main():
         request = engine.submit(ps[0], max_tokens=100, default_stop=None)
+        started = asyncio.Event()
 
         async def consume():
             async for _ in request:
-                pass
+                started.set()
 
         task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.2)
+        # Cancel as soon as the first tokens arrived: a fixed sleep lets a fast CPU finish all 100.
+        await asyncio.wait_for(started.wait(), timeout=60)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
