@@ -52,8 +52,8 @@ _I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes
 # The C entry points every variant exports, with their argument types (all return an int status).
 ENTRY_POINTS = {
     "codellama_gemv_bf16": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
-    "codellama_decode_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 7
+    "codellama_decode_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
+    + [_I64] * 8
     + [_FLOAT, _INT],
     "codellama_prefill_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
     + [_I64] * 7

@@ -327,12 +327,22 @@ def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def _decode_attention(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     _check_same_layout(cache_k, cache_v)
+    cache_rows = cache_k.shape[0]
+    if rows is None:
+        rows_ptr, rows_len = None, 0
+    else:
+        rows = rows.to(torch.int64).contiguous()
+        rows_ptr, rows_len = rows.data_ptr(), rows.numel()
     out = torch.empty_like(q)
     _run(
         "codellama_decode_attention_bf16",
@@ -345,6 +355,9 @@ def _decode_attention(
         _elements(out),
         lengths.data_ptr(),
         lengths.numel(),
+        rows_ptr,
+        rows_len,
+        cache_rows,
         batch,
         heads,
         cache_k.shape[1],
@@ -360,38 +373,54 @@ def _decode_attention(
 
 @torch.library.custom_op("codellama::decode_attention_bf16", mutates_args=())
 def _decode_attention_op(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _decode_attention(q, cache_k, cache_v, lengths)
+    return _decode_attention(q, cache_k, cache_v, lengths, rows)
 
 
 @_decode_attention_op.register_fake
-def _(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def decode_attention(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention of one new token per row over that row's cached keys and values.
+    """Attention of one new token per row over that row's cached keys and values, read in place.
 
     Args:
         q: queries [B, heads, head_dim], bf16.
-        cache_k, cache_v: the rows' caches [B, kv_heads, max_seq_len, head_dim], bf16 (the
-            query heads sharing a kv head are consecutive: head h reads kv head h // (heads /
-            kv_heads)).
+        cache_k, cache_v: caches [R, kv_heads, max_seq_len, head_dim], bf16 (the query heads
+            sharing a kv head are consecutive: head h reads kv head h // (heads / kv_heads)).
         lengths: [B] number of cached positions each row attends to (its new token included).
+        rows: [B] the cache row (0 .. R-1) each batch row reads; None reads rows 0 .. B-1.
+            The rows are read where they are: nothing is gathered or copied.
 
     Returns:
-        [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over each row's first
-        `lengths[b]` positions, computed in fp32.
+        [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over the first
+        `lengths[b]` positions of cache row `rows[b]`, computed in fp32.
 
     Raises:
         RuntimeError: if the kernel does not apply (check `attention_applies` first).
+        ValueError: if a length is outside 1 .. max_seq_len or a row outside the cache.
     """
     if torch.compiler.is_compiling():
-        return _decode_attention_op(q, cache_k, cache_v, lengths)
-    return _decode_attention(q, cache_k, cache_v, lengths)
+        return _decode_attention_op(q, cache_k, cache_v, lengths, rows)
+    return _decode_attention(q, cache_k, cache_v, lengths, rows)
 
 
 def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:

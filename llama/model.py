@@ -271,6 +271,10 @@ class Attention(nn.Module):
         rows, positions = inputs.row_index, inputs.write_pos
         self.cache_k[rows, :, positions] = k[:, 0]
         self.cache_v[rows, :, positions] = v[:, 0]
+        if kernels.attention_applies(q, self.cache_k):  # each row over its own positions, in place
+            heads = q.view(bsz, self.n_local_heads, self.head_dim)
+            attended = kernels.decode_attention(heads, self.cache_k, self.cache_v, inputs.lengths, rows)
+            return attended.view(bsz, 1, -1)
         if inputs.host_lengths is not None:  # each row over exactly its own positions
             out = torch.empty_like(q)
             for b, (row, length) in enumerate(zip(inputs.host_rows, inputs.host_lengths)):
@@ -283,9 +287,6 @@ class Attention(nn.Module):
                 out[b] = attended.view(1, self.n_local_heads, self.head_dim)
             return out.view(bsz, 1, -1)
         cache_k, cache_v = self.cache_k[rows, :, : inputs.kv_len], self.cache_v[rows, :, : inputs.kv_len]
-        if kernels.attention_applies(q, cache_k):
-            heads = q.view(bsz, self.n_local_heads, self.head_dim)
-            return kernels.decode_attention(heads, cache_k, cache_v, inputs.lengths).view(bsz, 1, -1)
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
         return F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=inputs.mask).reshape(bsz, 1, -1)
 

@@ -309,13 +309,18 @@ def test_model_attention_kernels_match_torch_path(monkeypatch, variant):
         for i in range(steps.shape[1]):
             positions = [len(p) + i for p in prompts]
             outs.append(model(steps[:, i : i + 1], positions, last_only=True))
+        # The engine's decode step: any cache rows, in any order, read in place.
+        rows = torch.tensor([2, 0])
+        positions = torch.tensor([len(prompts[2]), len(prompts[0])]) + steps.shape[1]
+        decoded = model.forward_decode(torch.tensor([5, 6]), rows, positions)
+        outs.append(torch.stack([decoded[1], torch.zeros_like(decoded[0]), decoded[0]])[:, None])
         return torch.cat(outs, dim=1)
 
     with_kernel = run(True)
-    assert len(calls) == 2 * steps.shape[1]  # every layer of every decode step
+    assert len(calls) == 2 * (steps.shape[1] + 1)  # every layer of every decode step
     assert len(prefills) == 2 * len(prompts)  # every layer, every packed prompt
     torch_only = run(False)
-    assert len(calls) == 2 * steps.shape[1] and len(prefills) == 2 * len(prompts)
+    assert len(calls) == 2 * (steps.shape[1] + 1) and len(prefills) == 2 * len(prompts)
     scale = torch_only.abs().max()
     assert (with_kernel - torch_only).abs().max() <= 0.05 * scale
 
@@ -419,6 +424,30 @@ def test_decode_attention_row_is_the_same_alone_or_with_up_to_7_others(variant):
     for rows in range(2, 9):
         out = kernels.decode_attention(q[:rows], cache_k[:rows], cache_v[:rows], lengths[:rows])
         assert torch.equal(out, alone[:rows]), f"{rows} rows"
+
+
+def test_decode_attention_reads_any_cache_rows_in_place(variant):
+    """Rows picked by index (out of order, repeated, a middle row) give what a gathered copy of
+    those rows gives, and match fp64; the cache is read where it is."""
+    g = torch.Generator().manual_seed(11)
+    cache_k = torch.randn(6, 2, 80, 64, generator=g).to(torch.bfloat16)
+    cache_v = torch.randn(6, 2, 80, 64, generator=g).to(torch.bfloat16)
+    rows = torch.tensor([4, 0, 4, 2])
+    lengths = torch.tensor([80, 3, 17, 41])
+    q = torch.randn(4, 8, 64, generator=g).to(torch.bfloat16)
+    in_place = kernels.decode_attention(q, cache_k, cache_v, lengths, rows)
+    gathered = kernels.decode_attention(q, cache_k[rows], cache_v[rows], lengths)
+    assert torch.equal(in_place, gathered)
+    expected = fp64_attention(q, cache_k[rows], cache_v[rows], lengths.tolist())
+    assert ((in_place.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+
+
+@pytest.mark.parametrize("row", [-1, 6])
+def test_decode_attention_refuses_a_row_outside_the_cache(row, variant):
+    q = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(6, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(q, cache, cache, torch.tensor([3, 3]), torch.tensor([1, row]))
 
 
 def test_prefill_attention_token_is_the_same_alone_or_with_up_to_7_others(variant):

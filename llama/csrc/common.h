@@ -52,17 +52,23 @@ static inline int64_t cache_extent(int64_t rows, int64_t kv_heads, int64_t max_l
 
 // Checks shared by the decode-attention entry points of every variant; STATUS_OK when the call
 // only reads and writes inside its buffers.
+// `rows` (may be NULL: batch row b reads cache row b) gives the cache row each batch row reads, in
+// place, out of `cache_rows` rows.
 static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
-                                         int64_t lens_len, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                                         int64_t lens_len, const int64_t* rows, int64_t rows_len,
+                                         int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
                                          int64_t max_len, int64_t row_stride, int64_t head_stride) {
   if ((D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
   if (B < 0 || lens_len < B || max_len < 1 || row_stride < 0 || head_stride < 0) return STATUS_BAD_SIZES;
+  if (rows ? rows_len < B : cache_rows < B) return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(B, H), D);
   if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
-  const int64_t extent = cache_extent(B, KVH, max_len, D, row_stride, head_stride);
+  const int64_t extent = cache_extent(cache_rows, KVH, max_len, D, row_stride, head_stride);
   if (extent < 0 || !fits(extent, kv_len)) return STATUS_BAD_SIZES;
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < B; ++b) {
     if (lens[b] < 1 || lens[b] > max_len) return STATUS_BAD_SIZES;
+    if (rows && (rows[b] < 0 || rows[b] >= cache_rows)) return STATUS_BAD_SIZES;
+  }
   return STATUS_OK;
 }
 

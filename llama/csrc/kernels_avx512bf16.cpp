@@ -208,11 +208,12 @@ static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v,
 extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
                                                const uint16_t* v, int64_t kv_len, uint16_t* out,
                                                int64_t out_len, const int64_t* lens, int64_t lens_len,
+                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
                                                int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
                                                int64_t row_stride, int64_t head_stride, float scale,
                                                int threads) {
-  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, B, H, KVH, D, max_len,
-                                            row_stride, head_stride);
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
+                                            B, H, KVH, D, max_len, row_stride, head_stride);
   if (status != STATUS_OK) return status;
   const int64_t rep = H / KVH;
   int64_t longest = 0;
@@ -229,8 +230,9 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len,
     for (int64_t task = 0; task < B * KVH; ++task) {
       if (!scores) continue;
       const int64_t b = task / KVH, g = task % KVH;
-      const uint16_t* kb = k + b * row_stride + g * head_stride;
-      const uint16_t* vb = v + b * row_stride + g * head_stride;
+      const int64_t row = rows ? rows[b] : b;
+      const uint16_t* kb = k + row * row_stride + g * head_stride;
+      const uint16_t* vb = v + row * row_stride + g * head_stride;
       const int64_t first = (b * H + g * rep) * D;
       if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
       else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
