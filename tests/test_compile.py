@@ -66,3 +66,32 @@ def test_compiled_bf16_generation_with_the_attention_kernel(tmp_path, tokenizer_
     got, _ = compiled.generate(PROMPTS, max_gen_len=5, temperature=0.0)
     assert got == want
     assert [len(t) for t in got] == [5, 5, 5]
+
+
+@torch.inference_mode()
+def test_compiled_bf16_decode_step_allocates_nothing_sized_by_max_seq_len(tmp_path, tokenizer_path):
+    """The compiled decode step attends the cache rows in place: none of the buffers the generated
+    code allocates has the cache's length as a dimension (a gathered copy of the running rows'
+    keys and values would: [rows, kv_heads, max_seq_len, head_dim] per layer and step)."""
+    import sentencepiece as spm
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.tiny import make_checkpoint
+
+    if kernels.variant() is None:
+        pytest.skip("no kernel variant runs on this CPU: bf16 decode attention is torch's SDPA here")
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
+    ckpt = make_checkpoint(tmp_path, vocab_size=vocab, dim=128, n_heads=2, n_kv_heads=1, n_layers=1, seed=4)
+    max_seq_len = 3001  # a length no other dimension of this model has
+    llama = Llama.build(str(ckpt), str(tokenizer_path), max_seq_len, 3, dtype="bfloat16", compile=True)
+    llama.model.forward_packed([torch.tensor([1, 5, 9]), torch.tensor([1, 7])], row_offset=1)
+    llama.set_up_compile()
+    rows, tokens, positions = torch.tensor([1, 2]), torch.tensor([11, 12]), torch.tensor([3, 2])
+    logits, sources = run_and_get_code(llama._compiled_model, tokens, rows, positions)
+    allocations = [
+        line.strip() for source in sources for line in source.splitlines() if "empty_strided" in line
+    ]
+    assert allocations, "expected the generated code to allocate its outputs"
+    assert [line for line in allocations if str(max_seq_len) in line] == []
+    eager = llama.model.forward_decode(tokens, rows, positions)
+    assert (logits - eager).abs().max() <= 0.02 * eager.abs().max()
