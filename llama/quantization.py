@@ -367,17 +367,15 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 
 def _kernel_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    flat = x.reshape(-1, weight.in_features)
-    outs = []
-    for first in range(0, flat.shape[0], kernels.MAX_ROWS):
-        rows = flat[first : first + kernels.MAX_ROWS]
-        if weight.scheme.mode == "int8":
-            outs.append(kernels.int8_gemv(rows, weight.codes, weight.scales))
-        else:
-            outs.append(
-                kernels.int4_gemv(
-                    rows, weight.codes, weight.out_features, weight.in_features, weight.scheme.group_size
-                )
-            )
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.view(*x.shape[:-1], weight.out_features)
+    rows = x.numel() // weight.in_features
+    if rows > kernels.MAX_ROWS:  # in passes: each row's result is the same as alone
+        flat = x.reshape(rows, weight.in_features)
+        passes = [
+            _kernel_linear(flat[i : i + kernels.MAX_ROWS], weight) for i in range(0, rows, kernels.MAX_ROWS)
+        ]
+        return torch.cat(passes).view(*x.shape[:-1], weight.out_features)
+    if weight.scheme.mode == "int8":
+        return kernels.int8_gemv(x, weight.codes, weight.scales)
+    return kernels.int4_gemv(
+        x, weight.codes, weight.out_features, weight.in_features, weight.scheme.group_size
+    )

@@ -607,6 +607,8 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
     free(xs), free(sums), free(row);
     return STATUS_NO_MEMORY;
   }
+  float factor[8];  // 2^(-4 i) for the nibbles multiplied in place, 1 for the top one
+  for (int i = 0; i < 8; ++i) factor[i] = i < 7 ? ldexpf(1.0f, -4 * i) : 1.0f;
   for (int64_t m = 0; m < M; ++m) {
     activations_row(x, x_bf16, m, K, row);
     group_sums(row, K, G, sums + m * sums_stride);
@@ -615,8 +617,7 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
       for (int64_t t = 0; t < G; ++t) {
         const int64_t step = t / 2, c = step / 4;
         const int i = (int)(step % 4 + 4 * (t & 1));
-        const float factor = i < 7 ? ldexpf(1.0f, -4 * i) : 1.0f;
-        xs[m * stride + int4_x_index(b, G, c, i) + l] = row[g * G + t] * factor;
+        xs[m * stride + int4_x_index(b, G, c, i) + l] = row[g * G + t] * factor[i];
       }
     }
   }

@@ -476,6 +476,44 @@ static inline void int8_rows(const Int8Activations& xa, int64_t M_all, const int
   }
 }
 
+// Row m of fp32 activations [K] as integers X = round(x / s) and their digits (see above).
+static void int8_activations(const float* row, int64_t K, int64_t m, int64_t M, Int8Activations* xa) {
+  const int64_t Kr = xa->Kr;
+  __m512 largest = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(row + k);
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float most = _mm512_reduce_max_ps(largest);
+  for (; k < K; ++k) {
+    most = fmaxf(most, fabsf(row[k]));
+    nan |= row[k] != row[k];
+  }
+  const int finite = !nan && isfinite(most);
+  const float scale = most > 0.0f ? most * 0x1p-22f : 1.0f, inverse = finite ? 1.0f / scale : 0.0f;
+  xa->scales[m] = finite ? scale : NAN;
+  // X = round(x / s) (to nearest even), |X| <= 2^22; digits D0, D1 in -128..127, D2 in -64..64.
+  __m512i sum = _mm512_setzero_si512();
+  const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
+  for (k = 0; k < Kr; k += 16) {
+    const __m512i X = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), _mm512_set1_ps(inverse)));
+    const __m512i d0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, half), byte), half);
+    const __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(X, d0), 8);
+    const __m512i d1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(r, half), byte), half);
+    const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(r, d1), 8);
+    _mm_storeu_si128((__m128i*)(xa->digits + (0 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d0));
+    _mm_storeu_si128((__m128i*)(xa->digits + (1 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d1));
+    _mm_storeu_si128((__m128i*)(xa->digits + (2 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d2));
+    sum = _mm512_add_epi64(sum, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
+    sum = _mm512_add_epi64(sum, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
+  }
+  xa->sums[m] = _mm512_reduce_add_epi64(sum);
+  for (k = Kr; k < K; ++k) xa->tail[m * 64 + (k - Kr)] = (int32_t)lrintf(row[k] * inverse);
+}
+
 // y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
 // fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
 // STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
@@ -498,26 +536,7 @@ extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, con
   }
   for (int64_t m = 0; m < M; ++m) {
     activations_row(x, x_bf16, m, K, row);
-    float largest = 0.0f;
-    for (int64_t k = 0; k < K; ++k) largest = fmaxf(largest, fabsf(row[k]));
-    for (int64_t k = 0; k < K; ++k) largest = row[k] != row[k] ? INFINITY : largest;  // NaN
-    const float scale = largest > 0.0f ? largest * 0x1p-22f : 1.0f;
-    xa.scales[m] = isfinite(largest) ? scale : NAN;
-    int64_t sum = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t X = isfinite(largest) ? (int32_t)lrintf(row[k] / scale) : 0;
-      if (k >= xa.Kr) {
-        xa.tail[m * 64 + (k - xa.Kr)] = X;
-        continue;
-      }
-      const int32_t d0 = ((X + 128) & 255) - 128, r = (X - d0) / 256;
-      const int32_t d1 = ((r + 128) & 255) - 128, d2 = (r - d1) / 256;
-      xa.digits[(0 * M + m) * xa.Kr + k] = (int8_t)d0;
-      xa.digits[(1 * M + m) * xa.Kr + k] = (int8_t)d1;
-      xa.digits[(2 * M + m) * xa.Kr + k] = (int8_t)d2;
-      sum += X;
-    }
-    xa.sums[m] = sum;
+    int8_activations(row, K, m, M, &xa);
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
@@ -624,18 +643,26 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
   }
   for (int64_t m = 0; m < M; ++m) {
     activations_row(x, x_bf16, m, K, row);
+    if (x_bf16) {  // the pairs of inputs (2p, 2p + 1) of each group move as one 32-bit word
+      const uint32_t* pairs = (const uint32_t*)((const uint16_t*)x + m * K);
+      uint32_t* out = (uint32_t*)(xa.hi + m * xa.stride);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b = g / INT4_BLOCK_GROUPS, l = g % INT4_BLOCK_GROUPS;
+        for (int64_t p = 0; p < G / 2; ++p) out[b * INT4_BLOCK_GROUPS * G / 2 + p * 16 + l] = pairs[g * G / 2 + p];
+      }
+      group_sums(row, K, G, xa.sums + m * xa.sums_stride);
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t b = g / INT4_BLOCK_GROUPS, l = g % INT4_BLOCK_GROUPS;
       for (int64_t t = 0; t < G; ++t) {
         const int64_t at = m * xa.stride + b * INT4_BLOCK_GROUPS * G + (t / 2) * 32 + 2 * l + (t & 1);
         float* value = row + g * G + t;
         xa.hi[at] = to_bf16(*value);
-        if (!x_bf16) {
-          xa.lo[at] = to_bf16(*value - bf16_to_float(xa.hi[at]));
-          // The sums must be of the two parts the codes meet: the 136 * sum x taken off
-          // cancels most of the dot product, and would leave 136 times their difference.
-          *value = bf16_to_float(xa.hi[at]) + bf16_to_float(xa.lo[at]);
-        }
+        xa.lo[at] = to_bf16(*value - bf16_to_float(xa.hi[at]));
+        // The sums must be of the two parts the codes meet: the 136 * sum x taken off cancels
+        // most of the dot product, and would leave 136 times their difference.
+        *value = bf16_to_float(xa.hi[at]) + bf16_to_float(xa.lo[at]);
       }
     }
     group_sums(row, K, G, xa.sums + m * xa.sums_stride);
