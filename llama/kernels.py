@@ -8,8 +8,9 @@ values once, in fp32 arithmetic, up to that row's own length (no mask), where to
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
 no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
-pass, bit-identical to the torch operations. Quantized weights multiply with torch's weight-only
-kernels (`llama.quantized_backends`).
+pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
+int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
+that stream each weight row once at its quantized size.
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
@@ -64,7 +65,8 @@ def enabled() -> bool:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """True on an x86 CPU (Linux) whose flags include avx512_bf16 (and avx512bw/vl for the loads)."""
+    """True on an x86 CPU (Linux) whose flags include avx512_bf16 (and avx512bw/vl for the loads,
+    avx512_vnni for the int8 kernel: the "avx512bf16" variant's flags)."""
     return "avx512bf16" in kernel_build.cpu_variants()
 
 
@@ -313,14 +315,13 @@ QUANTIZED_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 def quantized_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
     """Whether the int8/int4 matrix-vector kernels take activations `x` [..., in_features]: 1 to
     `MAX_ROWS` rows of fp32 or bf16 on the CPU, without autograd, the kernels on and built here."""
-    rows = x.numel() // max(in_features, 1)
     return (
         _enabled
+        and x.is_cpu
         and x.shape[-1] == in_features
-        and 1 <= rows <= MAX_ROWS
-        and x.device.type == "cpu"
+        and 1 <= x.numel() // max(in_features, 1) <= MAX_ROWS
         and x.dtype in QUANTIZED_ACTIVATION_DTYPES
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not (x.requires_grad and torch.is_grad_enabled())
         and (_available if _available is not None else _first_use_outside_tracing())
     )
 
@@ -396,7 +397,7 @@ def _quantized_rows(x: torch.Tensor, in_features: int, **parts: torch.Tensor) ->
     if x.dtype not in QUANTIZED_ACTIVATION_DTYPES:
         raise ValueError(f"the quantized kernels take fp32 or bf16 activations, not {x.dtype}")
     for name, (tensor, dtype) in parts.items():
-        if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        if tensor.dtype != dtype or not tensor.is_contiguous() or not tensor.is_cpu:
             raise ValueError(
                 f"the kernels read {name} as a contiguous {dtype} CPU tensor, got {tensor.dtype}"
             )

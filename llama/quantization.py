@@ -194,8 +194,8 @@ class QuantizedWeight(nn.Module):
         self.scheme = scheme
         self.out_features, self.in_features = parts["weight"].shape[0], in_features
         self.backend = quantized_backends.choose(device.type, scheme.mode, in_features, torch_ops)
-        self.packed = scheme.mode == "int4" and not self.backend.dequantizes
-        self.kernel_packed = self.packed and self.backend.int4_packing == "kernel"
+        self.packed = scheme.mode == "int4" and self.backend.int4_layout is not None
+        self.kernel_packed = self.packed and self.backend.int4_layout == "kernel"
         # How to read torch's packed codes back (None: unknown here, ask the kernel; see `_values`).
         torch_packed = self.packed and not self.kernel_packed
         self.layout = int4_pack.cpu_layout() if torch_packed and device.type == "cpu" else None

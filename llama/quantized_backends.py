@@ -43,7 +43,8 @@ class Backend:
     other calls of at most `max_rows` rows (None: any number), and on CPUs without bf16
     instructions for bf16 activations of any number of rows; every other call dequantizes the
     weight into the activations' dtype and runs `F.linear`. `packing` is what loading does to the
-    stored parts, once.
+    stored parts, once: `int4_layout` names the form int4 codes are packed in, "kernel"
+    (`int4_pack.kernel_pack`), "torch" (torch's converter for the device) or None (kept as stored).
     """
 
     name: str
@@ -52,19 +53,12 @@ class Backend:
     max_rows: Optional[int] = None
     kernel: Optional[str] = None
     kernel_max_rows: int = 0
+    int4_layout: Optional[str] = None
 
     @property
     def dequantizes(self) -> bool:
         """Whether every call dequantizes the whole weight (no kernel, no weight-only operator)."""
         return self.op is None and self.kernel is None
-
-    @property
-    def int4_packing(self) -> Optional[str]:
-        """How int4 codes are packed at load: "kernel" (`int4_pack.kernel_pack`), "torch" (torch's
-        converter for the device) or None (kept as stored)."""
-        if self.kernel == "int4":
-            return "kernel"
-        return "torch" if self.op is not None and "int4" in self.op else None
 
 
 DEQUANTIZE = Backend("dequantize", None, "stored parts kept as they are")
@@ -76,6 +70,7 @@ TORCH_CPU_INT4 = Backend(
     "aten._weight_int4pack_mm_for_cpu",
     "codes packed by aten._convert_weight_to_int4pack_for_cpu (this CPU's layout), rows padded to 64",
     CPU_OP_MAX_ROWS,
+    int4_layout="torch",
 )
 
 TABLE: Dict[Tuple[str, str], Tuple[Backend, ...]] = {
@@ -98,6 +93,7 @@ TABLE: Dict[Tuple[str, str], Tuple[Backend, ...]] = {
             "rows padded to 64",
             kernel="int4",
             kernel_max_rows=CPU_OP_MAX_ROWS,
+            int4_layout="kernel",
         ),
         TORCH_CPU_INT4,
     ),
@@ -113,6 +109,7 @@ TABLE: Dict[Tuple[str, str], Tuple[Backend, ...]] = {
             "torch-int4pack-cuda",
             "aten._weight_int4pack_mm",
             "codes packed by aten._convert_weight_to_int4pack (CUDA tiles), rows padded to 64",
+            int4_layout="torch",
         ),
     ),
 }

@@ -496,7 +496,7 @@ def test_backend_table_per_device_and_scheme(monkeypatch):
         assert cpu_int8.kernel == "int8" and quantized_backends.uses_kernel(cpu_int8, kernels.MAX_ROWS)
         assert not quantized_backends.uses_kernel(cpu_int8, kernels.MAX_ROWS + 1)
         cpu_int4 = quantized_backends.choose("cpu", "int4", 4096)
-        assert cpu_int4.kernel == "int4" and cpu_int4.int4_packing == "kernel" and cpu_int4.op is None
+        assert cpu_int4.kernel == "int4" and cpu_int4.int4_layout == "kernel" and cpu_int4.op is None
     assert [entry.name for entry in quantized_backends.TABLE[("cpu", "int4")]] == [
         "codellama-int4-cpu",
         "torch-int4pack-cpu",

@@ -138,10 +138,26 @@ def test_the_kernel_path_is_taken_on_this_cpu(mode, group, monkeypatch):
     assert calls == [f"{mode}_gemv"] * 6
 
 
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 64)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_spoils_its_row_only(mode, group, bad, variant):  # noqa: F811
+    """As in torch's product, a NaN or infinite activation makes its row's outputs non-finite (the
+    int8 kernel scales each row by its largest value), and leaves the other rows as they were."""
+    parts, scheme, weight = quantized(24, 192, mode, group)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    clean = weight.linear(x)
+    x[1, 17] = bad
+    out = weight.linear(x)
+    assert not torch.isfinite(out[1]).any()
+    assert torch.equal(out[[0, 2]], clean[[0, 2]])
+
+
 @pytest.mark.parametrize("mode,group", [("int8", None), ("int4", 32)])
 def test_more_rows_keep_torch_or_dequantize(mode, group):
-    _, _, weight = quantized(64, 128, mode, group)
-    assert weight.path(torch.randn(quantized_backends.CPU_OP_MAX_ROWS + 1, 128)) == "dequantize"
+    parts, scheme, weight = quantized(64, 128, mode, group)
+    many = torch.randn(quantized_backends.CPU_OP_MAX_ROWS + 1, 128)
+    assert weight.path(many) == "dequantize"
+    assert_close_to_fp64(weight.linear(many), many, fp64_weight(parts, scheme), "int8")  # fp32 weights
     middle = torch.randn(kernels.MAX_ROWS + 1, 128)
     assert weight.path(middle) == ("op" if mode == "int8" else "kernel")
     with torch.no_grad():  # outside the kernels' domain: autograd, or the kernels turned off
@@ -161,6 +177,8 @@ def test_kernel_packing_reads_back_the_stored_parts(mode, group):
         assert torch.equal(weight.parts()[name], tensor), name
     plain = QuantizedWeight(parts, scheme, 448, CPU, torch_ops=False)
     assert torch.equal(weight.dequantize(torch.float32), plain.dequantize(torch.float32))
+    # bf16: each fp32 weight rounded once
+    assert torch.equal(weight.dequantize(torch.bfloat16), weight.dequantize(torch.float32).to(torch.bfloat16))
 
 
 def test_kernels_refuse_buffers_that_do_not_fit(variant):  # noqa: F811

@@ -181,29 +181,31 @@ static inline int dequantize_int4(const uint8_t* packed, int64_t packed_len, voi
   const int64_t groups = K / G;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    float row[128];  // one group's weights (G <= 128)
     const uint8_t* block = packed + n * row_bytes;
     for (int64_t first = 0; first < groups; first += INT4_BLOCK_GROUPS) {
       const int64_t L = groups - first < INT4_BLOCK_GROUPS ? groups - first : INT4_BLOCK_GROUPS;
-      const uint16_t* words = (const uint16_t*)block;  // chunk c, pair l, e: word c * 2 L + 2 l + e
       const uint8_t* pairs = block + (G / 8) * 4 * L;
       for (int64_t l = 0; l < L; ++l) {
         uint16_t s16, z16;
         memcpy(&s16, pairs + 2 * l, 2);
         memcpy(&z16, pairs + 2 * L + 2 * l, 2);
         const float scale = bf16_to_float(s16), zero = bf16_to_float(z16);
-        for (int64_t t = 0; t < G; ++t) {
-          const int64_t step = t / 2, c = step / 4, j = step % 4;
-          uint16_t word;
-          memcpy(&word, words + c * 2 * L + 2 * l + (t & 1), 2);
-          row[t] = (float)((word >> (4 * j)) & 0xF) - 8.0f;
-          row[t] = row[t] * scale + zero;
+        float value[16];  // the group's weight for each code
+        uint16_t rounded[16];
+        for (int q = 0; q < 16; ++q) {
+          value[q] = (float)(q - 8) * scale + zero;
+          rounded[q] = to_bf16(value[q]);
         }
         const int64_t at = n * K + (first + l) * G;
-        if (out_bf16)
-          for (int64_t t = 0; t < G; ++t) ((uint16_t*)out)[at + t] = to_bf16(row[t]);
-        else
-          memcpy((float*)out + at, row, sizeof(float) * G);
+        for (int64_t c = 0; c < G / 8; ++c) {  // dword l of chunk c: inputs 8 c .. 8 c + 7 of the group
+          uint32_t word;
+          memcpy(&word, block + c * 4 * L + 4 * l, 4);
+          for (int i = 0; i < 8; ++i) {  // input 8 c + i: nibble i / 2 of the low (even i) or high half
+            const int code = (word >> (4 * (i >> 1) + 16 * (i & 1))) & 0xF;
+            if (out_bf16) ((uint16_t*)out)[at + 8 * c + i] = rounded[code];
+            else ((float*)out)[at + 8 * c + i] = value[code];
+          }
+        }
       }
       block += (G / 8) * 4 * L + 4 * L;
     }
