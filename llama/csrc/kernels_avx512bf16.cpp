@@ -459,17 +459,17 @@ static inline void int8_rows(const Int8Activations& xa, int64_t M_all, const int
       }
   }
   for (int m = 0; m < M; ++m) {
-    int64_t digit_sums[3];
-    for (int d = 0; d < 3; ++d) {  // lanes widened to 64 bits before adding: no overflow
-      const __m512i a = acc[m][d][0], b = acc[m][d][1];
-      const __m512i wide = _mm512_add_epi64(
-          _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)),
-                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1))),
-          _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(b)),
-                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(b, 1))));
-      digit_sums[d] = _mm512_reduce_add_epi64(wide);
+    // Each accumulator lane took at most K / 128 + 1 instructions of 4 products of magnitude at
+    // most 255 * 128: the two of a digit add up in 32 bits for K below 2^20; the digits are then
+    // combined in 64-bit lanes.
+    __m512i lanes = _mm512_setzero_si512();
+    for (int d = 2; d >= 0; --d) {
+      const __m512i a = _mm512_add_epi32(acc[m][d][0], acc[m][d][1]);
+      lanes = _mm512_slli_epi64(lanes, 8);
+      lanes = _mm512_add_epi64(lanes, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)));
+      lanes = _mm512_add_epi64(lanes, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
     }
-    int64_t total = 65536 * digit_sums[2] + 256 * digit_sums[1] + digit_sums[0] - 128 * xa.sums[m0 + m];
+    int64_t total = _mm512_reduce_add_epi64(lanes) - 128 * xa.sums[m0 + m];
     for (int64_t t = Kr; t < K; ++t) total += (int64_t)xa.tail[(m0 + m) * 64 + (t - Kr)] * qr[t];
     const double value = (double)total * xa.scales[m0 + m] * bf16_to_float(scales[n]);
     store_output(y, y_bf16, (m0 + m) * N + n, (float)value);
@@ -516,13 +516,14 @@ static void int8_activations(const float* row, int64_t K, int64_t m, int64_t M, 
 
 // y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
 // fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
-// STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
+// STATUS_UNSUPPORTED for M outside 1..8 or K of 2^20 or more, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
 extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
                                    const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
                                    int64_t N, int64_t K, int threads) {
   int status = check_quantized_gemv(x_len, q_len, y_len, M, N, K, K);
   if (status != STATUS_OK) return status;
   if (!fits(N, scales_len)) return STATUS_BAD_SIZES;
+  if (K >= (1 << 20)) return STATUS_UNSUPPORTED;  // the 32-bit sums of int8_rows could overflow
   Int8Activations xa;
   xa.Kr = K / 64 * 64;
   xa.digits = (int8_t*)malloc(3 * M * xa.Kr + 1);
