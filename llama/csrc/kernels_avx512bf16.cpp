@@ -1,5 +1,6 @@
 // The CPU kernels for x86-64 with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD
-// Zen 4 and later). Built by llama/kernels.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16;
+// Zen 4 and later). Built by llama/kernel_build.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16
+// -mavx512vnni (every CPU with AVX512-BF16 has AVX512-VNNI);
 // kernels_avx2.cpp holds the same entry points for CPUs with AVX2 and FMA only.
 #include <immintrin.h>
 #include <math.h>
@@ -387,9 +388,15 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
 // the bf16 bits 0x4300 is the number 128 + q, exactly. The dot products with those (fp32 sums,
 // four independent accumulators per output to hide the instruction's latency) carry 128 times
 // the sum of the activations, which is taken off with the other constant terms. Masked loads
-// are slow from memory on some CPUs (AMD Zen 4), so the weights are read with plain loads.
+// are slow from memory on some CPUs (the AMD EPYC these were tuned on: 4x slower), so the
+// weights are read with plain loads.
 
 #define PASS 4
+// Bytes ahead of the int8 and int4 weight streams prefetched into L1: on the AMD EPYC these were
+// tuned on, the hardware prefetchers alone leave a single stream at 70-80% of what it reaches
+// with these (one thread, large matrices).
+#define INT8_PF 16384
+#define INT4_PF 8192
 
 // All M rows for one weight row: passes of PASS rows, then the rest.
 template <typename Rows>
@@ -416,11 +423,6 @@ static inline __m512bh nibble_weights(__m512i v, int shift, __m512i bits) {
 // X = 65536 D2 + 256 D1 + D0. The codes enter as unsigned bytes u = q + 128 (sign bit flipped),
 // so q . X = 65536 (u . D2) + 256 (u . D1) + (u . D0) - 128 sum X, summed exactly in integers.
 // Digits [3][M][Kr] (Kr = K rounded down to 64); the last K % 64 inputs as integers (`tail`).
-// Bytes ahead of the int8 and int4 weight streams prefetched into L1: on AMD Zen 4 the hardware
-// prefetchers alone leave a single stream at 70-80% of what it reaches with these (measured
-// with one thread on large matrices).
-#define INT8_PF 16384
-#define INT4_PF 8192
 struct Int8Activations {
   int8_t* digits;
   int32_t* tail;  // [M][64]
