@@ -189,6 +189,9 @@ class CodeLlamaEngine(Engine):
         self.llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH, **kwargs)
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        # Every case times its own prefill: a prompt run before (decode's one-token run) must not
+        # leave its keys and values for reuse.
+        self.llama.engine.forget_prefixes()
         tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
         return tokens
 

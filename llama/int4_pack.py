@@ -185,3 +185,99 @@ def cuda_pack(values: torch.Tensor, device: torch.device) -> torch.Tensor:
         raise ValueError(f"CUDA's int4 packing needs a multiple of 32 inputs, got {values.shape[1]}")
     codes = cuda_codes(pack_plain(values)).to(device)
     return torch.ops.aten._convert_weight_to_int4pack(codes.contiguous(), tiles)
+
+
+# The hand-written CPU kernels' own packing (`llama.kernels.int4_gemv`, llama/csrc/common.h):
+# each output row streams its codes, scales and zeros in one sequential read. A row is cut into
+# blocks of `KERNEL_BLOCK_GROUPS` groups (the last may hold fewer, L); a block holds group_size / 8
+# chunks of 4 L bytes, then the L bf16 scales, then the L bf16 zeros. In chunk c, word 2 l + e
+# (16 bits, little-endian) holds in its nibble j the code of input 2 (4 c + j) + e of the block's
+# group l: the kernels turn a whole chunk into weights with a few shifts and masks, one group per
+# lane, and scale each group in its lane.
+KERNEL_BLOCK_GROUPS = 16
+
+
+def kernel_row_bytes(in_features: int, group_size: int) -> int:
+    """Bytes of one row in the kernels' packing: 4 bits a weight, 4 bytes a group."""
+    return in_features // 2 + 4 * (in_features // group_size)
+
+
+def _kernel_blocks(groups: int):
+    """(first group, groups L) of each block of a row."""
+    return [
+        (first, min(KERNEL_BLOCK_GROUPS, groups - first)) for first in range(0, groups, KERNEL_BLOCK_GROUPS)
+    ]
+
+
+def _nibbles_by_input_parity(units: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """int32 units of 4 stored bytes (byte j: inputs 2j and 2j + 1 of the unit in its low and
+    high nibble) -> the kernels' word pair (nibble j of the low word: input 2j; of the high word:
+    input 2j + 1), or back with `inverse`."""
+    out = torch.zeros_like(units)
+    for j in range(4):
+        for e in range(2):
+            stored, kernel = 8 * j + 4 * e, 16 * e + 4 * j
+            source, target = (kernel, stored) if inverse else (stored, kernel)
+            out |= ((units >> source) & 0xF) << target
+    return out
+
+
+def kernel_pack(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The kernels' packing of stored int4 codes [N, K/2] (two per byte, input 2j in the low
+    nibble) with their groups' bf16 scales and zeros [N, K / group_size]: uint8
+    [padded_rows(N), kernel_row_bytes(K, group_size)], the rows past N zero (padded like torch's
+    packing, so one size holds for every int4 backend).
+
+    Raises:
+        ValueError: if group_size is not a multiple of 8 dividing K.
+    """
+    rows, cols = codes.shape[0], codes.shape[1] * 2
+    if group_size % 8 != 0 or cols % group_size != 0:
+        raise ValueError(
+            f"the int4 kernels need groups of a multiple of 8 inputs dividing {cols}, not {group_size}"
+        )
+    groups, units_per_group = cols // group_size, group_size // 8
+    out = torch.zeros(padded_rows(rows), kernel_row_bytes(cols, group_size), dtype=torch.uint8)
+    for start in range(0, rows, _PACK_ROWS):
+        end = min(start + _PACK_ROWS, rows)
+        units = _nibbles_by_input_parity(codes[start:end].contiguous().view(torch.int32))
+        units = units.view(end - start, groups, units_per_group)
+        pieces = []
+        for first, count in _kernel_blocks(groups):
+            # chunk c of a block: unit c of each of its groups
+            pieces.append(
+                units[:, first : first + count].transpose(1, 2).reshape(end - start, -1).view(torch.uint8)
+            )
+            for part in (scales, zeros):
+                pieces.append(
+                    part[start:end, first : first + count].to(torch.bfloat16).contiguous().view(torch.uint8)
+                )
+        out[start:end] = torch.cat(pieces, dim=1)
+    return out
+
+
+def kernel_unpack(
+    packed: torch.Tensor, rows: int, in_features: int, group_size: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first `rows` rows of a `kernel_pack` packing read back: (stored codes [rows, K/2]
+    uint8, scales [rows, K / group_size] bf16, zeros likewise)."""
+    codes, scales, zeros = [], [], []
+    offset = 0
+    packed = packed[:rows]
+    units_per_group = group_size // 8
+    for _first, count in _kernel_blocks(in_features // group_size):
+        size = count * group_size // 2
+        units = (
+            packed[:, offset : offset + size]
+            .contiguous()
+            .view(torch.int32)
+            .view(rows, units_per_group, count)
+        )
+        codes.append(_nibbles_by_input_parity(units.transpose(1, 2), inverse=True).reshape(rows, -1))
+        offset += size
+        for out in (scales, zeros):
+            out.append(packed[:, offset : offset + 2 * count].contiguous().view(torch.bfloat16))
+            offset += 2 * count
+    return torch.cat(codes, dim=1).view(torch.uint8), torch.cat(scales, dim=1), torch.cat(zeros, dim=1)

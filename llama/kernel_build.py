@@ -36,11 +36,11 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # /proc/cpuinfo) each needs, and the compiler flags that enable them.
 VARIANTS: Tuple[str, ...] = ("avx512bf16", "avx2")
 _CPU_FLAGS: Dict[str, FrozenSet[str]] = {
-    "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+    "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}),
     "avx2": frozenset({"avx2", "fma"}),
 }
 _ISA_FLAGS: Dict[str, List[str]] = {
-    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"],
     "avx2": ["-mavx2", "-mfma"],
 }
 # -ffp-contract=off: the rotary kernels must not fuse a product into a sum (they match torch
@@ -59,6 +59,9 @@ ENTRY_POINTS = {
     + [_I64] * 7
     + [_FLOAT, _INT],
     "codellama_rotary_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "codellama_gemv_int8": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "codellama_gemv_int4": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _INT],
+    "codellama_dequantize_int4": [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _I64, _INT],
 }
 
 
@@ -251,18 +254,30 @@ def load(variant: str) -> ctypes.CDLL:
 
 
 # Run by `prove` in a child process: one bf16 matrix-vector product of all-ones [1, 40] by [3, 40]
-# (40: full vectors and a tail on every variant), which must give 40.0 three times.
+# (40: full vectors and a tail on every variant), which must give 40.0 three times; then one int8
+# product of all-ones [1, 72] by all-ones codes [1, 72] with scale 1 (the integer dot products of
+# AVX512-VNNI, and a tail), which must give 72.0.
 _PROOF_SCRIPT = r"""
 import ctypes, sys
 library = ctypes.CDLL(sys.argv[1])
-ONE, FORTY = 0x3F80, 0x4220  # 1.0 and 40.0 in bf16
+ONE, FORTY, SEVENTY_TWO = 0x3F80, 0x4220, 0x4290  # 1.0, 40.0 and 72.0 in bf16
 x, w, y = (ctypes.c_uint16 * 40)(*[ONE] * 40), (ctypes.c_uint16 * 120)(*[ONE] * 120), (ctypes.c_uint16 * 3)()
 function = library.codellama_gemv_bf16
 function.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 function.restype = ctypes.c_int
 status = function(x, 40, w, 120, y, 3, 1, 3, 40, 1)
 print(status, list(y))
-sys.exit(0 if status == 0 and list(y) == [FORTY] * 3 else 3)
+if status != 0 or list(y) != [FORTY] * 3:
+    sys.exit(3)
+x, q = (ctypes.c_uint16 * 72)(*[ONE] * 72), (ctypes.c_int8 * 72)(*[1] * 72)
+s, y = (ctypes.c_uint16 * 1)(ONE), (ctypes.c_uint16 * 1)()
+function = library.codellama_gemv_int8
+function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p, ctypes.c_int64] * 3
+function.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_int]
+function.restype = ctypes.c_int
+status = function(x, 72, 1, q, 72, s, 1, y, 1, 1, 1, 72, 1)
+print(status, list(y))
+sys.exit(0 if status == 0 and list(y) == [SEVENTY_TWO] else 3)
 """
 
 

@@ -135,7 +135,11 @@ def _quantized_path(mode: str, rows: int, dtype: torch.dtype) -> str:
     scheme = quantization.make_scheme(mode, 32 if mode == "int4" else None)
     parts = quantization.quantize(torch.zeros(64, 64), scheme)
     weight = quantization.QuantizedWeight(parts, scheme, 64, torch.device("cpu"), torch_ops=kernels.enabled())
-    if weight.uses_op(torch.zeros(rows, 64, dtype=dtype)):
+    x = torch.zeros(rows, 64, dtype=dtype)
+    if weight.uses_kernel(x):
+        passes = f", in passes of {kernels.MAX_ROWS} rows" if rows > kernels.MAX_ROWS else ""
+        return f"codellama {mode} kernel ({kernels.variant()}, {str(dtype).removeprefix('torch.')}{passes})"
+    if weight.uses_op(x):
         return f"{weight.backend.op} (bf16 activations)"
     return f"dequantize the whole weight to {str(dtype).removeprefix('torch.')}, then F.linear"
 
@@ -151,7 +155,7 @@ def operation_paths() -> List[Tuple[str, str, str]]:
         paths.append(("rotary", label, _rotary_path(dtype)))
     for mode in ("int8", "int4"):
         for act, act_label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for rows in (1, 512):
+            for rows in (1, 64, 512):
                 paths.append(
                     (
                         f"{mode} linear, {rows} row{'s' if rows > 1 else ''}",
@@ -205,7 +209,7 @@ def report(prove_torch: bool = True) -> str:
 def _cuda_table() -> List[str]:
     lines = []
     for mode in ("int8", "int4"):
-        entry = quantized_backends.TABLE[("cuda", mode)]
+        entry = quantized_backends.TABLE[("cuda", mode)][0]
         lines.append(f"{mode}: {entry.op} at every row count; load: {entry.packing}")
     return lines
 

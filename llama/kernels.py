@@ -8,8 +8,9 @@ values once, in fp32 arithmetic, up to that row's own length (no mask), where to
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
 no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
-pass, bit-identical to the torch operations. Quantized weights multiply with torch's weight-only
-kernels (`llama.quantized_backends`).
+pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
+int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
+that stream each weight row once at its quantized size.
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
@@ -64,7 +65,8 @@ def enabled() -> bool:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """True on an x86 CPU (Linux) whose flags include avx512_bf16 (and avx512bw/vl for the loads)."""
+    """True on an x86 CPU (Linux) whose flags include avx512_bf16 (and avx512bw/vl for the loads,
+    avx512_vnni for the int8 kernel: the "avx512bf16" variant's flags)."""
     return "avx512bf16" in kernel_build.cpu_variants()
 
 
@@ -300,6 +302,180 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         out = _gemv(rows, weight)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantized matrix-vector products (`llama.quantization` decides when they are used)
+# ---------------------------------------------------------------------------------------------
+
+# Activation dtypes the quantized kernels take (the output has the same dtype).
+QUANTIZED_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def quantized_kernel_applies(x: torch.Tensor, in_features: int) -> bool:
+    """Whether the int8/int4 matrix-vector kernels take activations `x` [..., in_features]: 1 to
+    `MAX_ROWS` rows of fp32 or bf16 on the CPU, without autograd, the kernels on and built here."""
+    return (
+        _enabled
+        and x.is_cpu
+        and x.shape[-1] == in_features
+        and 1 <= x.numel() // max(in_features, 1) <= MAX_ROWS
+        and x.dtype in QUANTIZED_ACTIVATION_DTYPES
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and (_available if _available is not None else _first_use_outside_tracing())
+    )
+
+
+def _gemv_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    rows, (n_out, n_in) = x.shape[0], codes.shape
+    out = torch.empty(rows, n_out, dtype=x.dtype)
+    _run(
+        "codellama_gemv_int8",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        codes.data_ptr(),
+        _elements(codes),
+        scales.data_ptr(),
+        _elements(scales),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_out,
+        n_in,
+        unsupported=f"{rows} rows",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int8", mutates_args=())
+def _gemv_int8_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _gemv_int8(x, codes, scales)
+
+
+@_gemv_int8_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def _gemv_int4(x: torch.Tensor, packed: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    rows, n_in = x.shape
+    out = torch.empty(rows, out_features, dtype=x.dtype)
+    _run(
+        "codellama_gemv_int4",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        packed.data_ptr(),
+        _elements(packed),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        out_features,
+        n_in,
+        group_size,
+        unsupported=f"{rows} rows in groups of {group_size}",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int4", mutates_args=())
+def _gemv_int4_op(x: torch.Tensor, packed: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    return _gemv_int4(x, packed, out_features, group_size)
+
+
+@_gemv_int4_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _quantized_rows(x: torch.Tensor, in_features: int, **parts: torch.Tensor) -> torch.Tensor:
+    """x as contiguous rows [M, in_features], after checking it and the weight's `parts`
+    ({name: (tensor, dtype)}) against what the kernels read."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"activations of {x.shape[-1]} features for a weight of {in_features} inputs")
+    if x.dtype not in QUANTIZED_ACTIVATION_DTYPES:
+        raise ValueError(f"the quantized kernels take fp32 or bf16 activations, not {x.dtype}")
+    for name, (tensor, dtype) in parts.items():
+        if tensor.dtype != dtype or not tensor.is_contiguous() or not tensor.is_cpu:
+            raise ValueError(
+                f"the kernels read {name} as a contiguous {dtype} CPU tensor, got {tensor.dtype}"
+            )
+    return x.reshape(-1, in_features).contiguous()
+
+
+def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (fp32 or bf16) times the int8 weight `codes` [N, K] * `scales` [N, None]
+    (bf16, one per output row) transposed -> [..., N] in x's dtype: fp32 products and sums, one
+    rounding at the end. Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: if the shapes or dtypes do not fit each other (nothing was read).
+        RuntimeError: for more than `MAX_ROWS` rows.
+    """
+    rows = _quantized_rows(x, codes.shape[1], codes=(codes, torch.int8), scales=(scales, torch.bfloat16))
+    if torch.compiler.is_compiling():
+        out = _gemv_int8_op(rows, codes, scales)
+    else:
+        out = _gemv_int8(rows, codes, scales)
+    return out.view(*x.shape[:-1], codes.shape[0])
+
+
+def int4_gemv(
+    x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int, group_size: int
+) -> torch.Tensor:
+    """x [..., in_features] (fp32 or bf16) times the int4 weight [out_features, in_features]
+    packed by `llama.int4_pack.kernel_pack` (groups of `group_size` inputs) transposed ->
+    [..., out_features] in x's dtype, in fp32 arithmetic (fp32 activations enter as two bf16
+    parts, 16 significant bits). Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: if the shapes or dtypes do not fit each other or the group size does not
+            divide the inputs (nothing was read).
+        RuntimeError: for more than `MAX_ROWS` rows, or a group size other than 32, 64 or 128.
+    """
+    rows = _quantized_rows(x, in_features, packed=(packed, torch.uint8))
+    if torch.compiler.is_compiling():
+        out = _gemv_int4_op(rows, packed, out_features, group_size)
+    else:
+        out = _gemv_int4(rows, packed, out_features, group_size)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def int4_dequantize(
+    packed: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    dtype: torch.dtype,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The int4 weight [out_features, in_features] packed by `llama.int4_pack.kernel_pack`, in
+    `dtype` (fp32, or bf16: the fp32 value rounded once), written into `out` when given (a
+    contiguous tensor of that shape and dtype). Needs `kernel_available()`.
+
+    Raises:
+        ValueError: for another dtype, or tensors that do not fit the shape (nothing was read).
+    """
+    if dtype not in QUANTIZED_ACTIVATION_DTYPES or packed.dtype != torch.uint8 or not packed.is_contiguous():
+        raise ValueError(f"the int4 dequantization writes fp32 or bf16 from uint8 codes, not {dtype}")
+    if out is None:
+        out = torch.empty(out_features, in_features, dtype=dtype)
+    if out.dtype != dtype or not out.is_contiguous() or out.shape != (out_features, in_features):
+        raise ValueError(f"out must be a contiguous {dtype} tensor [{out_features}, {in_features}]")
+    _run(
+        "codellama_dequantize_int4",
+        packed.data_ptr(),
+        _elements(packed),
+        out.data_ptr(),
+        _elements(out),
+        int(dtype == torch.bfloat16),
+        out_features,
+        in_features,
+        group_size,
+        unsupported=f"groups of {group_size}",
+    )
+    return out
 
 
 # Head sizes the decode-attention kernel is built for (Code Llama: 128).

@@ -6,8 +6,9 @@ One arithmetic for `codellama plan` and for the refusal in `Llama.build` before 
   projections and the output layer; the norms are replicated on every rank). With weight-only
   quantization the seven linear layers of each block and the output layer hold int8 values with
   one scale per output channel, or int4 values (two per byte) with a scale and a zero point per
-  group of `group_size` input columns, their rows padded to a multiple of 64 as torch's int4
-  kernels take them (`llama.int4_pack`); scales and zero points take 2 bytes (bf16). Embeddings
+  group of `group_size` input columns, their rows padded to a multiple of 64 as every int4 backend
+  keeps them (torch's kernels and the hand-written ones, `llama.int4_pack`); scales and zero points
+  take 2 bytes (bf16). Embeddings
   and norms stay in the model dtype.
 - **KV cache**: keys and values of every layer for `max_batch_size` rows of `max_seq_len` positions
   (the rank's share of the kv heads).

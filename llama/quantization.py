@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import alignment, int4_pack, quantized_backends
+from llama import alignment, int4_pack, kernels, quantized_backends
 from llama.layout import QUANTIZED_PARTS
 
 MODES = ("int8", "int4")
@@ -173,10 +173,12 @@ class QuantizedWeight(nn.Module):
     """One rank's part of a quantized linear weight [out_features, in_features], in place of the
     layer's `weight` parameter: `llama.kernels.linear(x, weight)` calls its `linear`.
 
-    `backend` (`llama.quantized_backends.choose`) decides the form kept, once, at load: for
-    torch's int4 kernels the codes are packed by torch's own converter for this device (rows
-    padded to a multiple of 64) and kept only in that form, so the memory stays at 4 bits a
-    weight; otherwise the stored parts are kept as they are. Every tensor kept is contiguous and
+    `backend` (`llama.quantized_backends.choose`) decides the form kept, once, at load: for the
+    hand-written int4 kernel the codes, scales and zeros are packed together row by row
+    (`llama.int4_pack.kernel_pack`); for torch's int4 kernels the codes are packed by torch's own
+    converter for this device; both pad the rows to a multiple of 64 and keep only that form, so
+    the memory stays at 4 bits a weight. Otherwise (int8 for every backend) the stored parts are
+    kept as they are. Every tensor kept is contiguous and
     starts at a 64-byte boundary (`llama.alignment`), whatever its offset in the file.
     """
 
@@ -192,10 +194,15 @@ class QuantizedWeight(nn.Module):
         self.scheme = scheme
         self.out_features, self.in_features = parts["weight"].shape[0], in_features
         self.backend = quantized_backends.choose(device.type, scheme.mode, in_features, torch_ops)
-        self.packed = scheme.mode == "int4" and not self.backend.dequantizes
-        # How to read the packed codes back (None: unknown here, ask the kernel; see `_values`).
-        self.layout = int4_pack.cpu_layout() if self.packed and device.type == "cpu" else None
-        if self.packed:
+        self.packed = scheme.mode == "int4" and self.backend.int4_layout is not None
+        self.kernel_packed = self.packed and self.backend.int4_layout == "kernel"
+        # How to read torch's packed codes back (None: unknown here, ask the kernel; see `_values`).
+        torch_packed = self.packed and not self.kernel_packed
+        self.layout = int4_pack.cpu_layout() if torch_packed and device.type == "cpu" else None
+        if self.kernel_packed:
+            codes = int4_pack.kernel_pack(parts["weight"], parts["scales"], parts["zeros"], scheme.group_size)
+            self.register_buffer("codes", alignment.aligned(codes), persistent=False)
+        elif self.packed:
             rows = int4_pack.padded_rows(self.out_features)
             values = F.pad(int4_pack.unpack_plain(parts["weight"]), (0, 0, 0, rows - self.out_features))
             values[self.out_features :] = INT4_MID
@@ -220,8 +227,14 @@ class QuantizedWeight(nn.Module):
     def numel(self) -> int:
         return self.out_features * self.in_features
 
+    def _kernel_parts(self) -> Dict[str, torch.Tensor]:
+        codes, scales, zeros = int4_pack.kernel_unpack(
+            self.codes, self.out_features, self.in_features, self.scheme.group_size
+        )
+        return {"weight": codes, "scales": scales, "zeros": zeros}
+
     def _values(self) -> torch.Tensor:
-        """The int4 values [padded rows, in_features] (uint8 0..15) of the packed codes: read back
+        """The int4 values [padded rows, in_features] (uint8 0..15) of torch's packed codes: read back
         through the known layout, or, where the packing is not known here, multiplied out of the
         kernel itself (the identity times the weight with every scale 1 and zero 8 gives the
         values exactly; slow, for inspection only: `linear` never needs it then)."""
@@ -245,6 +258,8 @@ class QuantizedWeight(nn.Module):
 
     def parts(self) -> Dict[str, torch.Tensor]:
         """The stored parts this weight was built from, in the stored layout."""
+        if self.kernel_packed:
+            return self._kernel_parts()
         if not self.packed:
             parts = {"weight": self.codes, "scales": self.scales}
             return parts if self.scheme.mode == "int8" else {**parts, "zeros": self.zeros}
@@ -257,6 +272,13 @@ class QuantizedWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight [N, K] in `dtype` (written into `out` when given)."""
+        if self.kernel_packed:
+            fast = dtype in kernels.QUANTIZED_ACTIVATION_DTYPES and not torch.compiler.is_compiling()
+            if fast and kernels.enabled() and kernels.kernel_available():
+                return kernels.int4_dequantize(
+                    self.codes, self.out_features, self.in_features, self.scheme.group_size, dtype, out
+                )
+            return dequantize(self._kernel_parts(), self.scheme, dtype, out)
         if not self.packed:
             return dequantize(
                 {"weight": self.codes, "scales": self.scales, **self._zeros()}, self.scheme, dtype, out
@@ -273,14 +295,33 @@ class QuantizedWeight(nn.Module):
     def _zeros(self) -> Dict[str, torch.Tensor]:
         return {"zeros": self.zeros} if self.scheme.mode == "int4" else {}
 
-    def uses_op(self, x: torch.Tensor) -> bool:
-        """Whether `linear(x, self)` takes the backend's weight-only operator (else it dequantizes
-        the whole weight): see `llama.quantized_backends.uses_op`. Packed codes whose layout is
-        not known here are always multiplied by the operator."""
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `linear(x, self)` takes the backend's hand-written kernel
+        (`llama.quantized_backends.uses_kernel`, `llama.kernels.quantized_kernel_applies`)."""
         rows = x.numel() // max(self.in_features, 1)
-        if self.packed and self.layout is None:
+        if not quantized_backends.uses_kernel(self.backend, rows):
+            return False
+        if rows > kernels.MAX_ROWS:  # taken in passes: ask about one row of the same kind
+            x = x.reshape(-1, self.in_features)[:1]
+        return kernels.quantized_kernel_applies(x, self.in_features)
+
+    def uses_op(self, x: torch.Tensor) -> bool:
+        """Whether `linear(x, self)` takes the backend's torch weight-only operator (else the
+        kernel, `uses_kernel`, or it dequantizes the whole weight): see
+        `llama.quantized_backends.uses_op`. torch-packed codes whose layout is not known here are
+        always multiplied by the operator."""
+        if self.uses_kernel(x):
+            return False
+        rows = x.numel() // max(self.in_features, 1)
+        if self.packed and not self.kernel_packed and self.layout is None:
             return rows > 0
         return quantized_backends.uses_op(self.backend, rows, x.dtype, x.device.type)
+
+    def path(self, x: torch.Tensor) -> str:
+        """How `linear(x, self)` multiplies: "kernel", "op" or "dequantize"."""
+        if self.uses_kernel(x):
+            return "kernel"
+        return "op" if self.uses_op(x) else "dequantize"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)`: see the module-level `linear`."""
@@ -304,11 +345,15 @@ def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
 
-    Takes the weight's backend operator (`QuantizedWeight.uses_op`; torch's weight-only kernels,
+    Takes the hand-written kernel for a few rows (`QuantizedWeight.uses_kernel`; activations and
+    output in x's dtype, more rows than `kernels.MAX_ROWS` in passes), else the weight's backend
+    operator (`QuantizedWeight.uses_op`; torch's weight-only kernels,
     which read the weights once at their quantized size and take bf16 activations: others are
     rounded to bf16 for them and the result converted back), else dequantizes into x's dtype
     (into a reused buffer) and runs `F.linear`, at the matrix-product speed of that dtype.
     """
+    if weight.uses_kernel(x):
+        return _kernel_linear(x, weight)
     if weight.uses_op(x):
         flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
         if weight.packed:
@@ -319,3 +364,18 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return F.linear(x, weight.dequantize(x.dtype))
     return F.linear(x, weight.dequantize(x.dtype, out=_scratch_buffer(weight.shape, x.dtype, x.device)))
+
+
+def _kernel_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    rows = x.numel() // weight.in_features
+    if rows > kernels.MAX_ROWS:  # in passes: each row's result is the same as alone
+        flat = x.reshape(rows, weight.in_features)
+        passes = [
+            _kernel_linear(flat[i : i + kernels.MAX_ROWS], weight) for i in range(0, rows, kernels.MAX_ROWS)
+        ]
+        return torch.cat(passes).view(*x.shape[:-1], weight.out_features)
+    if weight.scheme.mode == "int8":
+        return kernels.int8_gemv(x, weight.codes, weight.scales)
+    return kernels.int4_gemv(
+        x, weight.codes, weight.out_features, weight.in_features, weight.scheme.group_size
+    )

@@ -47,9 +47,16 @@ def test_report_names_instruction_sets_proofs_variant_and_paths():
         assert (
             sum(line.strip().startswith(operation) for line in out.splitlines()) == 2
         ), operation  # fp32, bf16
-    for mode in ("int8", "int4"):
-        assert sum(f"{mode} x " in line for line in out.splitlines()) == 4, mode  # fp32/bf16, 1/512 rows
-    assert "aten._weight_int4pack_mm_for_cpu (bf16 activations)" in out  # the int4 fast path
+    for mode in ("int8", "int4"):  # fp32/bf16 activations, 1/64/512 rows
+        assert sum(f"{mode} x " in line for line in out.splitlines()) == 6, mode
+        if runnable:  # the hand-written kernels for decoding
+            assert (
+                f"{mode} linear, 1 row                {mode} x bf16  codellama {mode} kernel ({runnable[0]}"
+                in out
+            )
+        assert f"{mode} linear, 512 rows             {mode} x bf16  dequantize the whole weight" in out
+    if not runnable:
+        assert "aten._weight_int4pack_mm_for_cpu (bf16 activations)" in out  # torch's int4 fast path
     assert "FALLBACK" not in out
     for operation in ("bf16 matmul (oneDNN)", "aten._weight_int8pack_mm", "round trip"):
         assert any(operation in line and line.endswith(": ran") for line in out.splitlines()), operation
@@ -69,15 +76,21 @@ def test_report_follows_the_variant_override_and_the_off_switch():
 
 
 def test_reported_quantized_paths_are_the_ones_taken(monkeypatch):
-    """The report's int4 line at one row names the op; a forward of one row calls that op."""
+    """The report's int4 line at one row names the kernel (or torch's op where no variant runs);
+    a forward of one row takes it and does not dequantize."""
     calls = []
     monkeypatch.setattr(quantization.QuantizedWeight, "dequantize", lambda *a, **k: calls.append(1))
     kernels.set_enabled(True)
     path = kernel_report._quantized_path("int4", 1, torch.bfloat16)
-    assert path.startswith("aten._weight_int4pack_mm_for_cpu")
+    if kernels.kernel_available():
+        assert path.startswith(f"codellama int4 kernel ({kernels.variant()}")
+        gemv = kernels.int4_gemv
+        monkeypatch.setattr(kernels, "int4_gemv", lambda *a: calls.append("kernel") or gemv(*a))
+    else:
+        assert path.startswith("aten._weight_int4pack_mm_for_cpu")
     scheme = quantization.make_scheme("int4", 32)
     weight = quantization.QuantizedWeight(
         quantization.quantize(torch.randn(64, 64), scheme), scheme, 64, torch.device("cpu")
     )
     weight.linear(torch.randn(1, 64, dtype=torch.bfloat16))
-    assert not calls
+    assert calls == (["kernel"] if kernels.kernel_available() else [])

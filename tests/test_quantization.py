@@ -65,10 +65,11 @@ def test_codes_stay_in_range_and_within_half_a_step(mode, group_size):
 
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_linear_matches_fp64_reference_and_torch_ops_agree(mode, group_size, rows):
+def test_linear_matches_fp64_reference_and_torch_ops_agree(mode, group_size, rows, torch_backends):
     """The plain path (dequantize, F.linear) against an fp64 product with the weights the parts
-    stand for; torch's weight-only kernels (bf16 activations) against the plain path. 48 output
-    rows are not a multiple of torch's 32-row int4 blocks, so the padding is exercised."""
+    stand for; torch's weight-only kernels (bf16 activations; the hand-written kernels, tested in
+    tests/test_quantized_kernels.py, turned off) against the plain path. 48 output rows are not a
+    multiple of torch's 32-row int4 blocks, so the padding is exercised."""
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(48, 192, generator=gen)
     scheme = make_scheme(mode, group_size)
@@ -78,7 +79,7 @@ def test_linear_matches_fp64_reference_and_torch_ops_agree(mode, group_size, row
     plain = QuantizedWeight(parts, scheme, 192, CPU, torch_ops=False)
     torch.testing.assert_close(plain.linear(x).double(), expected, rtol=1e-5, atol=1e-4)
     fast = QuantizedWeight(parts, scheme, 192, CPU, torch_ops=True)
-    assert fast.backend == quantized_backends.TABLE[("cpu", mode)]
+    assert fast.backend == quantized_backends.TABLE[("cpu", mode)][1]
     assert fast.packed == (mode == "int4")
     # bf16 activations and outputs: within a percent of the outputs' scale.
     assert (fast.linear(x) - plain.linear(x)).abs().max() <= 0.01 * plain.linear(x).abs().max()
@@ -89,6 +90,14 @@ def test_linear_matches_fp64_reference_and_torch_ops_agree(mode, group_size, row
         for name, tensor in parts.items():
             assert torch.equal(fast.parts()[name], tensor), name
         torch.testing.assert_close(fast.dequantize(torch.float32), plain.dequantize(torch.float32))
+
+
+@pytest.fixture
+def torch_backends():
+    """The hand-written kernels turned off: quantized weights built now take torch's backends."""
+    kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(True)
 
 
 # A model whose row-parallel inputs split into 32-wide groups on 4 ranks (wo: 128 -> 32 each,
@@ -390,9 +399,10 @@ def test_quantized_checkpoint_with_a_longer_header_loads_aligned_and_equal(
 # The int4 fast path: found by a round trip on this CPU, taken, and never given up silently.
 
 
-def test_int4_fast_path_round_trips_and_is_taken_on_this_cpu(monkeypatch):
+def test_int4_fast_path_round_trips_and_is_taken_on_this_cpu(monkeypatch, torch_backends):
     """torch ships its CPU int4 kernel for every CPU (AVX-512, AVX2 and plain C++ builds), so the
-    round trip must pass here; then a linear layer multiplies with it and never dequantizes."""
+    round trip must pass here; then, without the hand-written kernels, a linear layer multiplies
+    with it and never dequantizes."""
     usable, found = int4_pack.cpu_round_trip()
     assert usable, found
     gen = torch.Generator().manual_seed(8)
@@ -450,7 +460,7 @@ def test_int4_packed_layout_is_read_back_whichever_torch_uses(monkeypatch):
     assert find() is None
 
 
-def test_a_failing_int4_round_trip_falls_back_loudly(monkeypatch):
+def test_a_failing_int4_round_trip_falls_back_loudly(monkeypatch, torch_backends):
     monkeypatch.setattr(int4_pack, "cpu_round_trip", lambda: (False, "a simulated mismatch"))
     monkeypatch.setattr(quantized_backends, "_warned", set())
     parts = quantization.quantize(torch.randn(64, 64), make_scheme("int4", 32))
@@ -462,6 +472,9 @@ def test_a_failing_int4_round_trip_falls_back_loudly(monkeypatch):
     assert any(
         "FALLBACK" in line and "a simulated mismatch" in line for line in quantized_backends.describe("cpu")
     )
+    kernels.set_enabled(True)  # the hand-written kernel needs no torch int4 operation
+    if kernels.kernel_available():
+        assert QuantizedWeight(parts, make_scheme("int4", 32), 64, CPU).backend.kernel == "int4"
 
 
 # One table of backends per device and scheme, CUDA included (asked, not run: no GPU here).
@@ -479,6 +492,15 @@ def test_backend_table_per_device_and_scheme(monkeypatch):
             assert quantized_backends.uses_op(backend, rows, torch.float16, "cuda")
     cpu_int8 = quantized_backends.choose("cpu", "int8", 4096)
     assert cpu_int8.op == "aten._weight_int8pack_mm"
+    if kernels.kernel_available():  # the hand-written kernels first, for decode-sized calls
+        assert cpu_int8.kernel == "int8" and quantized_backends.uses_kernel(cpu_int8, kernels.MAX_ROWS)
+        assert not quantized_backends.uses_kernel(cpu_int8, kernels.MAX_ROWS + 1)
+        cpu_int4 = quantized_backends.choose("cpu", "int4", 4096)
+        assert cpu_int4.kernel == "int4" and cpu_int4.int4_layout == "kernel" and cpu_int4.op is None
+    assert [entry.name for entry in quantized_backends.TABLE[("cpu", "int4")]] == [
+        "codellama-int4-cpu",
+        "torch-int4pack-cpu",
+    ]
     assert quantized_backends.uses_op(cpu_int8, 64, torch.float32, "cpu")
     assert not quantized_backends.uses_op(cpu_int8, 65, torch.float32, "cpu")
     assert quantized_backends.choose("cpu", "int8", 4096, torch_ops=False) is quantized_backends.DEQUANTIZE

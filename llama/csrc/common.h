@@ -103,3 +103,118 @@ static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len
   return STATUS_OK;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only quantized matrix-vector products (int8 per output row, int4 in groups)
+// ---------------------------------------------------------------------------------------------
+//
+// int8: codes [N, K] (int8, as stored) and one bf16 scale per output row.
+//
+// int4: the codes of one output row are packed for the kernels (llama/int4_pack.py) in
+// "blocks" of 16 consecutive groups of G inputs (the last block of a row may hold fewer, L).
+// A block holds G / 8 chunks of 4 L bytes, then L bf16 scales, then L bf16 zeros (8 G + 64 bytes
+// for a whole block). Chunk c is L pairs of 16-bit words, one pair per group l of the block:
+// word 2 l + e holds in its nibble j (bits 4 j .. 4 j + 3) the code of input 2 (4 c + j) + e of
+// group l. Every row takes K / 2 + 4 K / G bytes. The weight of a code q is (q - 8) * scale +
+// zero, so a group's share of a product is scale * (sum x q - 8 sum x) + zero * sum x.
+#define INT4_BLOCK_GROUPS 16
+
+static inline int64_t int4_row_bytes(int64_t K, int64_t G) { return K / 2 + 4 * (K / G); }
+
+static inline int check_quantized_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N,
+                                       int64_t K, int64_t row_bytes) {
+  if (M < 1 || M > MAX_GEMV_ROWS) return STATUS_UNSUPPORTED;
+  if (N < 0 || K < 1) return STATUS_BAD_SIZES;
+  const int64_t xn = checked_mul(M, K), wn = checked_mul(N, row_bytes), yn = checked_mul(M, N);
+  if (xn < 0 || wn < 0 || yn < 0 || !fits(xn, x_len) || !fits(wn, w_len) || !fits(yn, y_len))
+    return STATUS_BAD_SIZES;
+  return STATUS_OK;
+}
+
+static inline int check_int4_groups(int64_t K, int64_t G) {
+  if (G != 32 && G != 64 && G != 128) return STATUS_UNSUPPORTED;
+  if (K < 1 || K % G != 0) return STATUS_BAD_SIZES;
+  return STATUS_OK;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// Row m of the activations as fp32 (bf16 widened exactly, or fp32 copied).
+static inline void activations_row(const void* x, int x_bf16, int64_t m, int64_t K, float* out) {
+  if (x_bf16) {
+    const uint16_t* row = (const uint16_t*)x + m * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_float(row[k]);
+  } else {
+    memcpy(out, (const float*)x + m * K, sizeof(float) * K);
+  }
+}
+
+// Sum of each group of G inputs (a multiple of 8) of an fp32 row, in blocks of 16 (zero past the
+// last group): 8 interleaved partial sums (independent, so the compiler vectorizes them), added
+// in a fixed order.
+static inline void group_sums(const float* row, int64_t K, int64_t G, float* sums) {
+  const int64_t groups = K / G, padded = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS * INT4_BLOCK_GROUPS;
+  for (int64_t g = 0; g < padded; ++g) {
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (g < groups)
+      for (int64_t t = 0; t < G; t += 8)
+        for (int j = 0; j < 8; ++j) part[j] += row[g * G + t + j];
+    sums[g] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+}
+
+// Store output (m, n) in the activations' dtype.
+static inline void store_output(void* y, int y_bf16, int64_t index, float value) {
+  if (y_bf16) ((uint16_t*)y)[index] = to_bf16(value);
+  else ((float*)y)[index] = value;
+}
+
+// The weight [N, K] of int4 rows packed as above, as fp32 (w = (q - 8) * scale + zero, one
+// rounding) or bf16 (that fp32 rounded once more): for calls with too many rows for the
+// matrix-vector kernels, which multiply it with a matrix-matrix product. Rows are split over the
+// threads; the compiler vectorizes the inner loop for the variant's instruction set.
+static inline int dequantize_int4(const uint8_t* packed, int64_t packed_len, void* out, int64_t out_len,
+                                  int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
+  int status = check_int4_groups(K, G);
+  if (status != STATUS_OK) return status;
+  const int64_t row_bytes = int4_row_bytes(K, G), wn = checked_mul(N, row_bytes), on = checked_mul(N, K);
+  if (N < 0 || wn < 0 || on < 0 || !fits(wn, packed_len) || !fits(on, out_len)) return STATUS_BAD_SIZES;
+  const int64_t groups = K / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* block = packed + n * row_bytes;
+    for (int64_t first = 0; first < groups; first += INT4_BLOCK_GROUPS) {
+      const int64_t L = groups - first < INT4_BLOCK_GROUPS ? groups - first : INT4_BLOCK_GROUPS;
+      const uint8_t* pairs = block + (G / 8) * 4 * L;
+      for (int64_t l = 0; l < L; ++l) {
+        uint16_t s16, z16;
+        memcpy(&s16, pairs + 2 * l, 2);
+        memcpy(&z16, pairs + 2 * L + 2 * l, 2);
+        const float scale = bf16_to_float(s16), zero = bf16_to_float(z16);
+        float value[16];  // the group's weight for each code
+        uint16_t rounded[16];
+        for (int q = 0; q < 16; ++q) {
+          value[q] = (float)(q - 8) * scale + zero;
+          rounded[q] = to_bf16(value[q]);
+        }
+        const int64_t at = n * K + (first + l) * G;
+        for (int64_t c = 0; c < G / 8; ++c) {  // dword l of chunk c: inputs 8 c .. 8 c + 7 of the group
+          uint32_t word;
+          memcpy(&word, block + c * 4 * L + 4 * l, 4);
+          for (int i = 0; i < 8; ++i) {  // input 8 c + i: nibble i / 2 of the low (even i) or high half
+            const int code = (word >> (4 * (i >> 1) + 16 * (i & 1))) & 0xF;
+            if (out_bf16) ((uint16_t*)out)[at + 8 * c + i] = rounded[code];
+            else ((float*)out)[at + 8 * c + i] = value[code];
+          }
+        }
+      }
+      block += (G / 8) * 4 * L + 4 * L;
+    }
+  }
+  return STATUS_OK;
+}

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "common.h"
 
 // 8 bf16 values widened to fp32, in order.
@@ -443,4 +445,197 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
     }
   }
   return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only quantized matrix-vector products (layouts in common.h)
+// ---------------------------------------------------------------------------------------------
+//
+// Each output is one thread's sum, by the same operations in the same order whatever the number
+// of rows, so a row's result never depends on its batch. One weight row is streamed at a time (a
+// single sequential read per thread, prefetched ahead: several streams per thread, or none
+// prefetched, read the weights at half the speed on AMD CPUs); with 16 vector registers, more
+// than `PASS` rows of activations are taken in passes over the same weight row, which the later
+// passes read from the caches. Codes are widened to fp32 exactly, fp32 products and sums.
+
+#define PASS 2
+// Bytes ahead of the weight stream prefetched into L1.
+#define QUANT_PF 8192
+
+// All M rows for one weight row: passes of PASS rows, then the rest.
+template <typename Rows>
+static inline void in_passes(int64_t M, Rows rows) {
+  int64_t m0 = 0;
+  for (; m0 + PASS <= M; m0 += PASS) rows(std::integral_constant<int, PASS>(), m0);
+  if (M > m0) rows(std::integral_constant<int, 1>(), m0);
+}
+
+// int8: y[m, n] = scale[n] * x[m, :] . q[n, :] for rows m0 .. m0 + M of fp32 activations xf
+// [rows, Kp] (Kp = K rounded up to 32, zero past K); four accumulators per output, 8 codes each.
+template <int M>
+static inline void int8_rows(const float* __restrict xf, int64_t Kp, const int8_t* __restrict q, int64_t K,
+                             const uint16_t* __restrict scales, void* y, int y_bf16, int64_t N, int64_t m0,
+                             int64_t n) {
+  __m256 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_ps();
+  const int8_t* qr = q + n * K;
+  for (int64_t k = 0; k < Kp; k += 32) {
+    int8_t tail[32];
+    const int8_t* src = qr + k;
+    if (k + 32 > K) {  // the last K % 32 codes, copied so nothing past the row is read
+      memset(tail, 0, 32);
+      memcpy(tail, src, K - k);
+      src = tail;
+    } else {
+      _mm_prefetch((const char*)(src + QUANT_PF), _MM_HINT_T0);
+    }
+    for (int u = 0; u < 4; ++u) {
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + 8 * u))));
+      for (int m = 0; m < M; ++m)
+        acc[m][u] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + (m0 + m) * Kp + k + 8 * u), w, acc[m][u]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+    store_output(y, y_bf16, (m0 + m) * N + n, bf16_to_float(scales[n]) * sum8(sum));
+  }
+}
+
+// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
+// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
+// STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
+                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  int status = check_quantized_gemv(x_len, q_len, y_len, M, N, K, K);
+  if (status != STATUS_OK) return status;
+  if (!fits(N, scales_len)) return STATUS_BAD_SIZES;
+  const int64_t Kp = (K + 31) / 32 * 32;
+  float* xf = (float*)calloc(M * Kp, sizeof(float));
+  if (!xf) return STATUS_NO_MEMORY;
+  for (int64_t m = 0; m < M; ++m) activations_row(x, x_bf16, m, K, xf + m * Kp);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    in_passes(M, [&](auto rows, int64_t m0) {
+      int8_rows<decltype(rows)::value>(xf, Kp, q, K, scales, y, x_bf16, N, m0, n);
+    });
+  free(xf);
+  return STATUS_OK;
+}
+
+// int4: the activations regrouped to match a block's chunks, in fp32. A chunk's 16 dwords hold
+// one group each (dword l: group l of the block), and nibble i of a dword (bits 4 i .. 4 i + 3)
+// is input 2 (4 c + i % 4) + i / 4 of that group. Nibble i is multiplied in place, masked but not
+// shifted (its value times 2^(4 i) becomes an fp32 exactly), so the activation that meets it is
+// scaled by 2^(-4 i); the top nibble is shifted down instead (as a signed integer it would be
+// negative). For block b, chunk c and nibble i, 16 floats: the activations of the block's groups
+// (zero past the last group).
+static inline int64_t int4_x_index(int64_t b, int64_t G, int64_t c, int i) {
+  return ((b * (G / 8) + c) * 8 + i) * INT4_BLOCK_GROUPS;
+}
+
+// y[m, n] for rows m0 .. m0 + M: a group's share is scale * (dot - 8 sum x) + zero * sum x, one
+// group per lane (two vectors of 8 groups), two accumulators per vector (even and odd nibbles).
+template <int M>
+static inline void int4_rows(const float* __restrict xs, int64_t stride, const float* __restrict sums,
+                             int64_t sums_stride, const uint8_t* __restrict packed, int64_t row_bytes, int64_t K,
+                             int64_t G, void* y, int y_bf16, int64_t N, int64_t m0, int64_t n) {
+  const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
+  __m256 total[M][2];
+  for (int m = 0; m < M; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  const uint8_t* base = packed + n * row_bytes;
+  for (int64_t b = 0; b < blocks; ++b, base += 8 * G + 64) {
+    const int64_t L = groups - b * INT4_BLOCK_GROUPS < INT4_BLOCK_GROUPS ? groups - b * INT4_BLOCK_GROUPS
+                                                                          : INT4_BLOCK_GROUPS;
+    __m256i lanes[2];  // dwords of a chunk that exist (the last block of a row may hold fewer)
+    for (int h = 0; h < 2; ++h)
+      lanes[h] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(L - 8 * h)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 acc[M][2][2];
+    for (int m = 0; m < M; ++m)
+      for (int h = 0; h < 2; ++h) acc[m][h][0] = acc[m][h][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < G / 8; ++c) {
+      __m256i v[2];
+      for (int h = 0; h < 2; ++h) {
+        const int* at = (const int*)(base + c * 4 * L + 32 * h);
+        v[h] = L == 16 ? _mm256_loadu_si256((const __m256i*)at) : _mm256_maskload_epi32(at, lanes[h]);
+      }
+      if (L == 16) _mm_prefetch((const char*)(base + c * 64 + QUANT_PF), _MM_HINT_T0);
+      for (int i = 0; i < 8; ++i) {
+        const float* xi = xs + m0 * stride + int4_x_index(b, G, c, i);
+        for (int h = 0; h < 2; ++h) {
+          const __m256 w = _mm256_cvtepi32_ps(
+              i < 7 ? _mm256_and_si256(v[h], _mm256_set1_epi32(0xF << (4 * i))) : _mm256_srli_epi32(v[h], 28));
+          for (int m = 0; m < M; ++m)
+            acc[m][h][i & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xi + m * stride + 8 * h), w, acc[m][h][i & 1]);
+        }
+      }
+    }
+    uint16_t pairs[2 * INT4_BLOCK_GROUPS] = {0};  // scales, then zeros, zero past the last group
+    const uint8_t* stored = base + (G / 8) * 4 * L;
+    memcpy(pairs, stored, 2 * L);
+    memcpy(pairs + INT4_BLOCK_GROUPS, stored + 2 * L, 2 * L);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = bf16x8_to_ps(pairs + 8 * h), zero = bf16x8_to_ps(pairs + INT4_BLOCK_GROUPS + 8 * h);
+      for (int m = 0; m < M; ++m) {
+        const __m256 s = _mm256_loadu_ps(sums + (m0 + m) * sums_stride + b * INT4_BLOCK_GROUPS + 8 * h);
+        const __m256 dot = _mm256_fnmadd_ps(s, _mm256_set1_ps(8.0f), _mm256_add_ps(acc[m][h][0], acc[m][h][1]));
+        total[m][h] = _mm256_fmadd_ps(dot, scale, total[m][h]);
+        total[m][h] = _mm256_fmadd_ps(s, zero, total[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    store_output(y, y_bf16, (m0 + m) * N + n, sum8(_mm256_add_ps(total[m][0], total[m][1])));
+}
+
+// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
+// rows are packed as common.h describes (groups of G inputs). Returns STATUS_OK,
+// STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128, STATUS_BAD_SIZES (also for K not
+// a multiple of G) or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
+                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
+                                   int64_t G, int threads) {
+  int status = check_int4_groups(K, G);
+  if (status != STATUS_OK) return status;
+  status = check_quantized_gemv(x_len, packed_len, y_len, M, N, K, int4_row_bytes(K, G));
+  if (status != STATUS_OK) return status;
+  const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
+  const int64_t stride = blocks * INT4_BLOCK_GROUPS * G, sums_stride = blocks * INT4_BLOCK_GROUPS;
+  float* xs = (float*)calloc(M * stride, sizeof(float));
+  float* sums = (float*)malloc(sizeof(float) * M * sums_stride);
+  float* row = (float*)malloc(sizeof(float) * K);
+  if (!xs || !sums || !row) {
+    free(xs), free(sums), free(row);
+    return STATUS_NO_MEMORY;
+  }
+  float factor[8];  // 2^(-4 i) for the nibbles multiplied in place, 1 for the top one
+  for (int i = 0; i < 8; ++i) factor[i] = i < 7 ? ldexpf(1.0f, -4 * i) : 1.0f;
+  for (int64_t m = 0; m < M; ++m) {
+    activations_row(x, x_bf16, m, K, row);
+    group_sums(row, K, G, sums + m * sums_stride);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b = g / INT4_BLOCK_GROUPS, l = g % INT4_BLOCK_GROUPS;
+      for (int64_t t = 0; t < G; ++t) {
+        const int64_t step = t / 2, c = step / 4;
+        const int i = (int)(step % 4 + 4 * (t & 1));
+        xs[m * stride + int4_x_index(b, G, c, i) + l] = row[g * G + t] * factor[i];
+      }
+    }
+  }
+  const int64_t row_bytes = int4_row_bytes(K, G);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    in_passes(M, [&](auto rows, int64_t m0) {
+      int4_rows<decltype(rows)::value>(xs, stride, sums, sums_stride, packed, row_bytes, K, G, y, x_bf16, N, m0, n);
+    });
+  free(xs), free(sums), free(row);
+  return STATUS_OK;
+}
+
+// The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,
+// else fp32; out_len elements): see dequantize_int4 in common.h.
+extern "C" int codellama_dequantize_int4(const uint8_t* packed, int64_t packed_len, void* out, int64_t out_len,
+                                         int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
+  return dequantize_int4(packed, packed_len, out, out_len, out_bf16, N, K, G, threads);
 }

@@ -1,11 +1,14 @@
 // The CPU kernels for x86-64 with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD
-// Zen 4 and later). Built by llama/kernels.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16;
+// Zen 4 and later). Built by llama/kernel_build.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16
+// -mavx512vnni (every CPU with AVX512-BF16 has AVX512-VNNI);
 // kernels_avx2.cpp holds the same entry points for CPUs with AVX2 and FMA only.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "common.h"
 
@@ -372,4 +375,312 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
     }
   }
   return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only quantized matrix-vector products (layouts in common.h)
+// ---------------------------------------------------------------------------------------------
+//
+// Each output is one thread's sum, by the same operations in the same order whatever the number
+// of rows, so a row's result never depends on its batch. One weight row is streamed at a time
+// (a single sequential read per thread); more than `PASS` rows of activations are taken in
+// passes over the same weight row, which the later passes read from the caches.
+//
+// Codes become bf16 weights with a shift and one ternary-logic instruction: a nibble q ORed into
+// the bf16 bits 0x4300 is the number 128 + q, exactly. The dot products with those (fp32 sums,
+// four independent accumulators per output to hide the instruction's latency) carry 128 times
+// the sum of the activations, which is taken off with the other constant terms. Masked loads
+// are slow from memory on some CPUs (the AMD EPYC these were tuned on: 4x slower), so the
+// weights are read with plain loads.
+
+#define PASS 4
+// Bytes ahead of the int8 and int4 weight streams prefetched into L1: on the AMD EPYC these were
+// tuned on, the hardware prefetchers alone leave a single stream at 70-80% of what it reaches
+// with these (one thread, large matrices).
+#define INT8_PF 16384
+#define INT4_PF 8192
+
+// All M rows for one weight row: passes of PASS rows, then the rest.
+template <typename Rows>
+static inline void in_passes(int64_t M, Rows rows) {
+  int64_t m0 = 0;
+  for (; m0 + PASS <= M; m0 += PASS) rows(std::integral_constant<int, PASS>(), m0);
+  switch (M - m0) {
+    case 1: rows(std::integral_constant<int, 1>(), m0); break;
+    case 2: rows(std::integral_constant<int, 2>(), m0); break;
+    case 3: rows(std::integral_constant<int, 3>(), m0); break;
+    default: break;
+  }
+}
+
+// (v >> shift) & 0xF, then XOR `bits` (0x4300 | flip): the bf16 weight 128 + nibble.
+static inline __m512bh nibble_weights(__m512i v, int shift, __m512i bits) {
+  return (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, shift), _mm512_set1_epi16(0x000F), bits, 0x6A);
+}
+
+// int8: y[m, n] = scale[n] * x[m, :] . q[n, :] with integer dot products (AVX512-VNNI: 64
+// byte products per instruction). Each row of activations is taken as integers x = s * X, with
+// s = max |x| / 2^22 (every bf16 value exact unless it is 2^-15 times the row's largest or
+// smaller; the error is at most max |x| * 2^-23), written with three signed digits,
+// X = 65536 D2 + 256 D1 + D0. The codes enter as unsigned bytes u = q + 128 (sign bit flipped),
+// so q . X = 65536 (u . D2) + 256 (u . D1) + (u . D0) - 128 sum X, summed exactly in integers.
+// Digits [3][M][Kr] (Kr = K rounded down to 64); the last K % 64 inputs as integers (`tail`).
+struct Int8Activations {
+  int8_t* digits;
+  int32_t* tail;  // [M][64]
+  int64_t* sums;  // sum of X over the first Kr inputs, per row
+  float* scales;  // s per row (NaN when the row holds a NaN or an infinity)
+  int64_t Kr;
+};
+
+template <int M>
+static inline void int8_rows(const Int8Activations& xa, int64_t M_all, const int8_t* __restrict q, int64_t K,
+                             const uint16_t* __restrict scales, void* y, int y_bf16, int64_t N, int64_t m0,
+                             int64_t n) {
+  const int64_t Kr = xa.Kr;
+  __m512i acc[M][3][2];
+  for (int m = 0; m < M; ++m)
+    for (int d = 0; d < 3; ++d) acc[m][d][0] = acc[m][d][1] = _mm512_setzero_si512();
+  const int8_t* qr = q + n * K;
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  int64_t k = 0;
+  for (; k + 128 <= Kr; k += 128)
+    for (int u = 0; u < 2; ++u) {
+      if (INT8_PF) _mm_prefetch((const char*)(qr + k + 64 * u + INT8_PF), _MM_HINT_T0);
+      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(qr + k + 64 * u), flip);
+      for (int m = 0; m < M; ++m)
+        for (int d = 0; d < 3; ++d) {
+          const int8_t* xd = xa.digits + (d * M_all + m0 + m) * Kr + k + 64 * u;
+          acc[m][d][u] = _mm512_dpbusd_epi32(acc[m][d][u], w, _mm512_loadu_si512(xd));
+        }
+    }
+  if (k < Kr) {  // an odd 64
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(qr + k), flip);
+    for (int m = 0; m < M; ++m)
+      for (int d = 0; d < 3; ++d) {
+        const int8_t* xd = xa.digits + (d * M_all + m0 + m) * Kr + k;
+        acc[m][d][0] = _mm512_dpbusd_epi32(acc[m][d][0], w, _mm512_loadu_si512(xd));
+      }
+  }
+  for (int m = 0; m < M; ++m) {
+    // Each accumulator lane took at most K / 128 + 1 instructions of 4 products of magnitude at
+    // most 255 * 128: the two of a digit add up in 32 bits for K below 2^20; the digits are then
+    // combined in 64-bit lanes.
+    __m512i lanes = _mm512_setzero_si512();
+    for (int d = 2; d >= 0; --d) {
+      const __m512i a = _mm512_add_epi32(acc[m][d][0], acc[m][d][1]);
+      lanes = _mm512_slli_epi64(lanes, 8);
+      lanes = _mm512_add_epi64(lanes, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)));
+      lanes = _mm512_add_epi64(lanes, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
+    }
+    int64_t total = _mm512_reduce_add_epi64(lanes) - 128 * xa.sums[m0 + m];
+    for (int64_t t = Kr; t < K; ++t) total += (int64_t)xa.tail[(m0 + m) * 64 + (t - Kr)] * qr[t];
+    const double value = (double)total * xa.scales[m0 + m] * bf16_to_float(scales[n]);
+    store_output(y, y_bf16, (m0 + m) * N + n, (float)value);
+  }
+}
+
+// Row m of fp32 activations [K] as integers X = round(x / s) and their digits (see above).
+static void int8_activations(const float* row, int64_t K, int64_t m, int64_t M, Int8Activations* xa) {
+  const int64_t Kr = xa->Kr;
+  __m512 largest = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(row + k);
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float most = _mm512_reduce_max_ps(largest);
+  for (; k < K; ++k) {
+    most = fmaxf(most, fabsf(row[k]));
+    nan |= row[k] != row[k];
+  }
+  const int finite = !nan && isfinite(most);
+  const float scale = most > 0.0f ? most * 0x1p-22f : 1.0f, inverse = finite ? 1.0f / scale : 0.0f;
+  xa->scales[m] = finite ? scale : NAN;
+  // X = round(x / s) (to nearest even), |X| <= 2^22; digits D0, D1 in -128..127, D2 in -64..64.
+  __m512i sum = _mm512_setzero_si512();
+  const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
+  for (k = 0; k < Kr; k += 16) {
+    const __m512i X = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), _mm512_set1_ps(inverse)));
+    const __m512i d0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, half), byte), half);
+    const __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(X, d0), 8);
+    const __m512i d1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(r, half), byte), half);
+    const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(r, d1), 8);
+    _mm_storeu_si128((__m128i*)(xa->digits + (0 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d0));
+    _mm_storeu_si128((__m128i*)(xa->digits + (1 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d1));
+    _mm_storeu_si128((__m128i*)(xa->digits + (2 * M + m) * Kr + k), _mm512_cvtepi32_epi8(d2));
+    sum = _mm512_add_epi64(sum, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
+    sum = _mm512_add_epi64(sum, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
+  }
+  xa->sums[m] = _mm512_reduce_add_epi64(sum);
+  for (k = Kr; k < K; ++k) xa->tail[m * 64 + (k - Kr)] = (int32_t)lrintf(row[k] * inverse);
+}
+
+// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
+// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
+// STATUS_UNSUPPORTED for M outside 1..8 or K of 2^20 or more, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
+                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  int status = check_quantized_gemv(x_len, q_len, y_len, M, N, K, K);
+  if (status != STATUS_OK) return status;
+  if (!fits(N, scales_len)) return STATUS_BAD_SIZES;
+  if (K >= (1 << 20)) return STATUS_UNSUPPORTED;  // the 32-bit sums of int8_rows could overflow
+  Int8Activations xa;
+  xa.Kr = K / 64 * 64;
+  xa.digits = (int8_t*)malloc(3 * M * xa.Kr + 1);
+  xa.tail = (int32_t*)calloc(M * 64, sizeof(int32_t));
+  xa.sums = (int64_t*)malloc(sizeof(int64_t) * M);
+  xa.scales = (float*)malloc(sizeof(float) * M);
+  float* row = (float*)malloc(sizeof(float) * K);
+  if (!xa.digits || !xa.tail || !xa.sums || !xa.scales || !row) {
+    free(xa.digits), free(xa.tail), free(xa.sums), free(xa.scales), free(row);
+    return STATUS_NO_MEMORY;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    activations_row(x, x_bf16, m, K, row);
+    int8_activations(row, K, m, M, &xa);
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    in_passes(M, [&](auto rows, int64_t m0) {
+      int8_rows<decltype(rows)::value>(xa, M, q, K, scales, y, x_bf16, N, m0, n);
+    });
+  free(xa.digits), free(xa.tail), free(xa.sums), free(xa.scales), free(row);
+  return STATUS_OK;
+}
+
+// int4: the activations regrouped to match a block's chunks. For block b, step p (inputs 2p and
+// 2p + 1 of each group) and group l, words 2 l and 2 l + 1 of the 32-word vector (b, p) hold x at
+// inputs 2p and 2p + 1 of group 16 b + l (zero past the last group). fp32 activations are split
+// into a bf16 part and the bf16 rounding of the rest (`lo`), each multiplied by the codes.
+struct Int4Activations {
+  uint16_t* hi;
+  uint16_t* lo;  // NULL for bf16 activations (exact in `hi`)
+  float* sums;   // sum of x over each group, blocks of 16
+  int64_t stride, sums_stride;
+};
+
+// y[m, n] for rows m0 .. m0 + M: a group's share is scale * (dot - 136 sum x) + zero * sum x,
+// one group per lane.
+template <int M, bool LO>
+static inline void int4_rows(const Int4Activations& xa, const uint8_t* __restrict packed, int64_t row_bytes,
+                             int64_t K, int64_t G, void* y, int y_bf16, int64_t N, int64_t m0, int64_t n) {
+  const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
+  const __m512i bits = _mm512_set1_epi16(0x4300);
+  const __m512 offset = _mm512_set1_ps(136.0f);
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  const uint8_t* base = packed + n * row_bytes;
+  for (int64_t b = 0; b < blocks; ++b, base += 8 * G + 64) {
+    const int64_t L = groups - b * INT4_BLOCK_GROUPS < INT4_BLOCK_GROUPS ? groups - b * INT4_BLOCK_GROUPS
+                                                                          : INT4_BLOCK_GROUPS;
+    const __mmask32 words = (__mmask32)((1ull << (2 * L)) - 1);
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    const int64_t first = b * INT4_BLOCK_GROUPS * G;  // the block's activations
+    for (int64_t c = 0; c < G / 8; ++c) {
+      if (INT4_PF) _mm_prefetch((const char*)(base + c * 64 + INT4_PF), _MM_HINT_T0);
+      const __m512i v = L == 16 ? _mm512_loadu_si512(base + c * 64) : _mm512_maskz_loadu_epi16(words, base + c * 4 * L);
+      for (int j = 0; j < 4; ++j) {
+        const __m512bh w = nibble_weights(v, 4 * j, bits);
+        const int64_t at = first + (4 * c + j) * 32;
+        for (int m = 0; m < M; ++m) {
+          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)_mm512_loadu_si512(xa.hi + (m0 + m) * xa.stride + at), w);
+          if (LO)
+            acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)_mm512_loadu_si512(xa.lo + (m0 + m) * xa.stride + at), w);
+        }
+      }
+    }
+    const uint8_t* pairs = base + (G / 8) * 4 * L;
+    const __mmask16 lanes = (__mmask16)((1u << L) - 1);
+    const __m256i s16 = L == 16 ? _mm256_loadu_si256((const __m256i*)pairs) : _mm256_maskz_loadu_epi16(lanes, pairs);
+    const __m256i z16 =
+        L == 16 ? _mm256_loadu_si256((const __m256i*)(pairs + 32)) : _mm256_maskz_loadu_epi16(lanes, pairs + 2 * L);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(z16), 16));
+    for (int m = 0; m < M; ++m) {
+      const __m512 sums = _mm512_loadu_ps(xa.sums + (m0 + m) * xa.sums_stride + b * INT4_BLOCK_GROUPS);
+      const __m512 dots = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+      total[m] = _mm512_fmadd_ps(_mm512_fnmadd_ps(sums, offset, dots), scale, total[m]);
+      total[m] = _mm512_fmadd_ps(sums, zero, total[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) store_output(y, y_bf16, (m0 + m) * N + n, _mm512_reduce_add_ps(total[m]));
+}
+
+template <bool LO>
+static void int4_gemv(const Int4Activations& xa, const uint8_t* packed, void* y, int y_bf16, int64_t M, int64_t N,
+                      int64_t K, int64_t G, int threads) {
+  const int64_t row_bytes = int4_row_bytes(K, G);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    in_passes(M, [&](auto rows, int64_t m0) {
+      int4_rows<decltype(rows)::value, LO>(xa, packed, row_bytes, K, G, y, y_bf16, N, m0, n);
+    });
+}
+
+// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
+// rows are packed as common.h describes (groups of G inputs). Returns STATUS_OK,
+// STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128, STATUS_BAD_SIZES (also for K not
+// a multiple of G) or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
+                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
+                                   int64_t G, int threads) {
+  int status = check_int4_groups(K, G);
+  if (status != STATUS_OK) return status;
+  status = check_quantized_gemv(x_len, packed_len, y_len, M, N, K, int4_row_bytes(K, G));
+  if (status != STATUS_OK) return status;
+  const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
+  Int4Activations xa;
+  xa.stride = blocks * INT4_BLOCK_GROUPS * G;
+  xa.sums_stride = blocks * INT4_BLOCK_GROUPS;
+  xa.hi = (uint16_t*)calloc(M * xa.stride, sizeof(uint16_t));
+  xa.lo = x_bf16 ? NULL : (uint16_t*)calloc(M * xa.stride, sizeof(uint16_t));
+  xa.sums = (float*)malloc(sizeof(float) * M * xa.sums_stride);
+  float* row = (float*)malloc(sizeof(float) * K);
+  if (!xa.hi || (!x_bf16 && !xa.lo) || !xa.sums || !row) {
+    free(xa.hi), free(xa.lo), free(xa.sums), free(row);
+    return STATUS_NO_MEMORY;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    activations_row(x, x_bf16, m, K, row);
+    if (x_bf16) {  // the pairs of inputs (2p, 2p + 1) of each group move as one 32-bit word
+      const uint32_t* pairs = (const uint32_t*)((const uint16_t*)x + m * K);
+      uint32_t* out = (uint32_t*)(xa.hi + m * xa.stride);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b = g / INT4_BLOCK_GROUPS, l = g % INT4_BLOCK_GROUPS;
+        for (int64_t p = 0; p < G / 2; ++p) out[b * INT4_BLOCK_GROUPS * G / 2 + p * 16 + l] = pairs[g * G / 2 + p];
+      }
+      group_sums(row, K, G, xa.sums + m * xa.sums_stride);
+      continue;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b = g / INT4_BLOCK_GROUPS, l = g % INT4_BLOCK_GROUPS;
+      for (int64_t t = 0; t < G; ++t) {
+        const int64_t at = m * xa.stride + b * INT4_BLOCK_GROUPS * G + (t / 2) * 32 + 2 * l + (t & 1);
+        float* value = row + g * G + t;
+        xa.hi[at] = to_bf16(*value);
+        xa.lo[at] = to_bf16(*value - bf16_to_float(xa.hi[at]));
+        // The sums must be of the two parts the codes meet: the 136 * sum x taken off cancels
+        // most of the dot product, and would leave 136 times their difference.
+        *value = bf16_to_float(xa.hi[at]) + bf16_to_float(xa.lo[at]);
+      }
+    }
+    group_sums(row, K, G, xa.sums + m * xa.sums_stride);
+  }
+  if (x_bf16) int4_gemv<false>(xa, packed, y, x_bf16, M, N, K, G, threads);
+  else int4_gemv<true>(xa, packed, y, x_bf16, M, N, K, G, threads);
+  free(xa.hi), free(xa.lo), free(xa.sums), free(row);
+  return STATUS_OK;
+}
+
+// The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,
+// else fp32; out_len elements): see dequantize_int4 in common.h.
+extern "C" int codellama_dequantize_int4(const uint8_t* packed, int64_t packed_len, void* out, int64_t out_len,
+                                         int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
+  return dequantize_int4(packed, packed_len, out, out_len, out_bf16, N, K, G, threads);
 }
