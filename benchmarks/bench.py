@@ -858,8 +858,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if opts.repeats < 1 or opts.new_tokens < 2:
         parser.error("--repeats must be >= 1 and --new-tokens >= 2")
     skipped = None
-    absent = llama_cpp_peer.missing()
     dropped = [e for e in engines if llama_cpp_kind(e) is not None]
+    absent = llama_cpp_peer.missing() if dropped else None
     if absent and dropped:
         skipped = f"{', '.join(dropped)}: {absent}"
         print(f"skipping {skipped}", file=sys.stderr)
