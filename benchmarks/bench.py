@@ -202,6 +202,9 @@ class CodeLlamaEngine(Engine):
         self.llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, max_batch, **kwargs)
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        # Every call prefills cold, as in the other engines: the engine would otherwise reuse the
+        # keys and values of a prompt it has just seen (every case runs its prompts twice).
+        self.llama.engine.forget_prefixes()
         tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
         return tokens
 
