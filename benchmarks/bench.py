@@ -177,6 +177,11 @@ class Engine:
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
         raise NotImplementedError
 
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        """Greedy generation of `new_tokens` tokens after one prompt, prefilled cold; returns the
+        seconds from the call to the first generated token and to the last one."""
+        raise NotImplementedError
+
 
 class CodeLlamaEngine(Engine):
     """This engine on the bf16 weights, or (`quantize`) on int8/int4 weights quantized while loading,
@@ -207,6 +212,20 @@ class CodeLlamaEngine(Engine):
         self.llama.engine.forget_prefixes()
         tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
         return tokens
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        from llama.sampling import SamplingParams
+
+        self.llama.engine.forget_prefixes()
+        start, first, count = time.perf_counter(), None, 0
+        greedy = SamplingParams(temperature=0.0)
+        for event in self.llama.engine.submit(prompt, max_tokens=new_tokens, sampling=greedy):
+            count += len(event.token_ids)
+            if first is None and count:
+                first = time.perf_counter()
+        if count != new_tokens or first is None:
+            raise RuntimeError(f"{self.name} generated {count} tokens, expected {new_tokens}")
+        return first - start, time.perf_counter() - start
 
 
 def meta_to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
@@ -270,8 +289,34 @@ class TransformersEngine(Engine):
         self.model = model.to(torch.bfloat16).eval()
         self.model.generation_config.pad_token_id = 0
 
-    @torch.inference_mode()
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        return self.run(prompts, new_tokens)
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        class FirstToken:  # generate's streamer: called with the prompt, then with each new token
+            calls, at = 0, 0.0
+
+            def put(self, value: torch.Tensor) -> None:
+                self.calls += 1
+                if self.calls == 2:
+                    self.at = time.perf_counter()
+
+            def end(self) -> None:
+                pass
+
+        clock = FirstToken()
+        start = time.perf_counter()
+        out = self.run([prompt], new_tokens, streamer=clock)
+        total = time.perf_counter() - start
+        if len(out[0]) != new_tokens or clock.calls < 2:
+            raise RuntimeError(f"{self.name} generated {len(out[0])} tokens, expected {new_tokens}")
+        return clock.at - start, total
+
+    @torch.inference_mode()
+    def run(
+        self, prompts: List[List[int]], new_tokens: int, streamer: Optional[object] = None
+    ) -> List[List[int]]:
+        """Greedy generation through `generate`, left-padded, with an optional streamer."""
         longest = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         mask = torch.zeros(len(prompts), longest, dtype=torch.long)
@@ -285,6 +330,7 @@ class TransformersEngine(Engine):
             do_sample=False,
             eos_token_id=EOS_ID,
             pad_token_id=0,
+            streamer=streamer,
         )
         return out[:, longest:].tolist()
 
@@ -300,6 +346,14 @@ class LlamaCppEngine(Engine):
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
         return self.model.generate(prompts, new_tokens)
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        start = time.perf_counter()
+        out = self.model.generate([prompt], new_tokens)
+        total = time.perf_counter() - start
+        if len(out[0]) != new_tokens:
+            raise RuntimeError(f"{self.name} generated {len(out[0])} tokens, expected {new_tokens}")
+        return self.model.first_token_at - start, total
 
 
 LLAMA_CPP = "llama.cpp"
@@ -411,9 +465,11 @@ def measure_contexts(
     names: Sequence[str], ckpt: Path, lengths: Sequence[int], new_tokens: int, repeats: int
 ) -> Dict[int, Dict[str, Dict[str, float]]]:
     """Prefill and decode tokens/s at long contexts: for each length, the engines are built with
-    room for one sequence of that length plus `new_tokens`, then each round times a cold prefill
-    of a prompt of that length (one token generated) and a generation of `new_tokens` after it,
-    engines alternating; decode is timed as in `measure_round`. Returns the medians as
+    room for one sequence of that length plus `new_tokens`, then each round generates
+    `new_tokens` tokens after a prompt of that length (cold prefill), engines alternating.
+    Prefill is timed to the first generated token and decode from there to the last, within the
+    same call (at long contexts the prefill dwarfs the decode, so the difference of two calls
+    would be mostly noise). Returns the medians as
     {length: {engine: {"prefill": tok/s, "decode": tok/s}}}."""
     out: Dict[int, Dict[str, Dict[str, float]]] = {}
     for length in lengths:
@@ -422,10 +478,9 @@ def measure_contexts(
             run_case(engine, random_prompts([min(length, DECODE_PROMPT)], 1), 4)
         samples: Dict[str, Dict[str, List[float]]] = {e.name: {"prefill": [], "decode": []} for e in live}
         for round_index in range(repeats):
-            prompt = random_prompts([length], round_index)
+            prompt = random_prompts([length], round_index)[0]
             for engine in live if round_index % 2 == 0 else live[::-1]:
-                first = run_case(engine, prompt, 1)
-                total = run_case(engine, prompt, new_tokens)
+                first, total = engine.timed_generate(prompt, new_tokens)
                 prefill, decode = length / first, (new_tokens - 1) / max(total - first, 1e-9)
                 samples[engine.name]["prefill"].append(prefill)
                 samples[engine.name]["decode"].append(decode)
@@ -750,8 +805,9 @@ def context_table(
     lines = [
         "## Long context",
         "",
-        f"Batch 1, one random prompt of each length; prefill cold (empty KV cache), decode of "
-        f"{new_tokens} tokens after it, timed as above; medians over the rounds.",
+        f"Batch 1, one random prompt of each length, {new_tokens} tokens generated after it; prefill "
+        "cold (empty KV cache) and timed to the first generated token, decode timed from there to the "
+        "last in the same call; medians over the rounds.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

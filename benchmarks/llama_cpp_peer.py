@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -225,6 +226,7 @@ class LlamaCppModel:
             )
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.first_token_at = 0.0
 
     def close(self) -> None:
         """Free the batch, the context and the model (the object is unusable afterwards)."""
@@ -259,7 +261,8 @@ class LlamaCppModel:
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
         """Greedy: exactly `new_tokens` tokens after each prompt, all prompts decoded as one batch
-        of sequences; the KV cache starts empty (a cold prefill). Raises ValueError when the
+        of sequences; the KV cache starts empty (a cold prefill). `first_token_at` is then the
+        `time.perf_counter()` at which the first tokens were known. Raises ValueError when the
         prompts do not fit the context."""
         if len(prompts) > self.max_batch:
             raise ValueError(f"{len(prompts)} prompts, the context holds {self.max_batch}")
@@ -273,6 +276,7 @@ class LlamaCppModel:
             for pos, token in enumerate(prompt)
         ]
         nxt = self._decode(items)
+        self.first_token_at = time.perf_counter()
         out = [[t] for t in nxt]
         for step in range(1, new_tokens):
             items = [(nxt[s], len(p) + step - 1, s, True) for s, p in enumerate(prompts)]
