@@ -38,7 +38,9 @@ setup(
         ]
         + SERVER,
         "server": SERVER,
-        "bench": ["transformers>=4.40", "psutil"],
+        # llama-cpp-python compiles llama.cpp on install (set CMAKE_ARGS="-DGGML_NATIVE=ON" to build
+        # for this CPU); gguf and protobuf write the benchmark checkpoint as a GGUF file for it.
+        "bench": ["transformers>=4.40", "psutil", "llama-cpp-python", "gguf", "protobuf"],
         "dev": ["black", "ruff"],
         "mask": ["pillow"],
     },

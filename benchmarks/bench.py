@@ -1,16 +1,22 @@
 """Speed and memory of this engine next to Hugging Face transformers, on this machine.
 
-Creates (or reuses, in a cache folder) random-weight Meta checkpoints, then measures both
+Creates (or reuses, in a cache folder) random-weight Meta checkpoints, then measures the
 engines in one run, alternating them case by case, and reports medians:
 
 - decode tokens/s at batch 1 and 4 (prompt 128, greedy), prefill tokens/s of a 512-token
   prompt and its time to first token, an uneven batch (prompts 16, 64, 256, 512) end to end;
 - load time and peak RSS, each engine in a fresh process;
 - the machine's memory-read bandwidth and bf16 matmul throughput, and each result as a
-  percentage of the bound they imply.
+  percentage of the bound they imply;
+- with `--context`, prefill and decode tokens/s at batch 1 after prompts of the given lengths.
+
+Engines: this one (bf16, compiled, int8/int4), Hugging Face transformers, and llama.cpp
+through `llama-cpp-python` on a GGUF conversion of the same checkpoint (bf16, and q8_0/q4_0
+quantized by llama.cpp; see `llama_cpp_peer.py`), skipped with a message when not installed.
 
 Writes a markdown table (default `benchmarks/RESULTS.md`). Needs the `bench` extra
-(`pip install -e .[bench]`: transformers, psutil). Run `python benchmarks/bench.py --help`.
+(`pip install -e .[bench]`: transformers, psutil, llama-cpp-python, gguf, protobuf). Run
+`python benchmarks/bench.py --help`.
 """
 
 import argparse
@@ -26,12 +32,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import llama_cpp_peer  # noqa: E402
 import torch  # noqa: E402
 
 from llama import kernel_report  # noqa: E402
@@ -170,13 +177,24 @@ class Engine:
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
         raise NotImplementedError
 
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        """Greedy generation of `new_tokens` tokens after one prompt, prefilled cold; returns the
+        seconds from the call to the first generated token and to the last one."""
+        raise NotImplementedError
+
 
 class CodeLlamaEngine(Engine):
     """This engine on the bf16 weights, or (`quantize`) on int8/int4 weights quantized while loading,
     then with the device's default activation dtype (fp32 on CPUs without bf16 instructions)."""
 
     def __init__(
-        self, ckpt: Path, name: str = "codellama", compile: bool = False, quantize: Optional[str] = None
+        self,
+        ckpt: Path,
+        name: str = "codellama",
+        compile: bool = False,
+        quantize: Optional[str] = None,
+        max_seq_len: int = MAX_SEQ_LEN,
+        max_batch: int = MAX_BATCH,
     ):
         from llama import Llama
 
@@ -186,14 +204,28 @@ class CodeLlamaEngine(Engine):
             kwargs.update(quantize=quantize, dtype=None)
         else:
             kwargs["dtype"] = "bfloat16"
-        self.llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), MAX_SEQ_LEN, MAX_BATCH, **kwargs)
+        self.llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, max_batch, **kwargs)
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
-        # Every case times its own prefill: a prompt run before (decode's one-token run) must not
-        # leave its keys and values for reuse.
+        # Every call prefills cold, as in the other engines: the engine would otherwise reuse the
+        # keys and values of a prompt it has just seen (every case runs its prompts twice).
         self.llama.engine.forget_prefixes()
         tokens, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0.0)
         return tokens
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        from llama.sampling import SamplingParams
+
+        self.llama.engine.forget_prefixes()
+        start, first, count = time.perf_counter(), None, 0
+        greedy = SamplingParams(temperature=0.0)
+        for event in self.llama.engine.submit(prompt, max_tokens=new_tokens, sampling=greedy):
+            count += len(event.token_ids)
+            if first is None and count:
+                first = time.perf_counter()
+        if count != new_tokens or first is None:
+            raise RuntimeError(f"{self.name} generated {count} tokens, expected {new_tokens}")
+        return first - start, time.perf_counter() - start
 
 
 def meta_to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
@@ -225,7 +257,7 @@ def meta_to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, ckpt: Path):
+    def __init__(self, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         params = json.loads((ckpt / "params.json").read_text())
@@ -239,7 +271,7 @@ class TransformersEngine(Engine):
             num_key_value_heads=args.kv_heads,
             rms_norm_eps=args.norm_eps,
             rope_theta=args.rope_theta,
-            max_position_embeddings=MAX_SEQ_LEN,
+            max_position_embeddings=max_seq_len,
             tie_word_embeddings=False,
             bos_token_id=1,
             eos_token_id=EOS_ID,
@@ -257,8 +289,34 @@ class TransformersEngine(Engine):
         self.model = model.to(torch.bfloat16).eval()
         self.model.generation_config.pad_token_id = 0
 
-    @torch.inference_mode()
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        return self.run(prompts, new_tokens)
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        class FirstToken:  # generate's streamer: called with the prompt, then with each new token
+            calls, at = 0, 0.0
+
+            def put(self, value: torch.Tensor) -> None:
+                self.calls += 1
+                if self.calls == 2:
+                    self.at = time.perf_counter()
+
+            def end(self) -> None:
+                pass
+
+        clock = FirstToken()
+        start = time.perf_counter()
+        out = self.run([prompt], new_tokens, streamer=clock)
+        total = time.perf_counter() - start
+        if len(out[0]) != new_tokens or clock.calls < 2:
+            raise RuntimeError(f"{self.name} generated {len(out[0])} tokens, expected {new_tokens}")
+        return clock.at - start, total
+
+    @torch.inference_mode()
+    def run(
+        self, prompts: List[List[int]], new_tokens: int, streamer: Optional[object] = None
+    ) -> List[List[int]]:
+        """Greedy generation through `generate`, left-padded, with an optional streamer."""
         longest = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         mask = torch.zeros(len(prompts), longest, dtype=torch.long)
@@ -272,23 +330,67 @@ class TransformersEngine(Engine):
             do_sample=False,
             eos_token_id=EOS_ID,
             pad_token_id=0,
+            streamer=streamer,
         )
         return out[:, longest:].tolist()
 
 
-def make_engine(name: str, ckpt: Path) -> Engine:
-    if name == "codellama":
-        return CodeLlamaEngine(ckpt)
-    if name == "codellama-compile":
-        return CodeLlamaEngine(ckpt, name, compile=True)
+class LlamaCppEngine(Engine):
+    """llama.cpp (the `llama-cpp-python` package) on a GGUF conversion of the checkpoint: bf16, or
+    quantized by llama.cpp to q8_0 / q4_0; flash attention on, torch's thread count."""
+
+    def __init__(self, ckpt: Path, kind: str, max_seq_len: int = MAX_SEQ_LEN, max_batch: int = MAX_BATCH):
+        self.name = LLAMA_CPP if kind == "bf16" else f"{LLAMA_CPP}-{kind}"
+        path = llama_cpp_peer.ensure_gguf(ckpt, kind)
+        self.model = llama_cpp_peer.LlamaCppModel(path, max_seq_len, max_batch, torch.get_num_threads())
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
+        return self.model.generate(prompts, new_tokens)
+
+    def timed_generate(self, prompt: List[int], new_tokens: int) -> Tuple[float, float]:
+        start = time.perf_counter()
+        out = self.model.generate([prompt], new_tokens)
+        total = time.perf_counter() - start
+        if len(out[0]) != new_tokens:
+            raise RuntimeError(f"{self.name} generated {len(out[0])} tokens, expected {new_tokens}")
+        return self.model.first_token_at - start, total
+
+
+LLAMA_CPP = "llama.cpp"
+ENGINES = (
+    "codellama",
+    "codellama-compile",
+    "codellama-int8",
+    "codellama-int4",
+    "transformers",
+    LLAMA_CPP,
+    f"{LLAMA_CPP}-q8_0",
+    f"{LLAMA_CPP}-q4_0",
+)
+# Engines the report compares the first codellama engine with, one ratio column each.
+PEERS = ("transformers", LLAMA_CPP)
+
+
+def llama_cpp_kind(name: str) -> Optional[str]:
+    """The GGUF variant of a llama.cpp engine name (bf16 for plain `llama.cpp`), else None."""
+    if name == LLAMA_CPP:
+        return "bf16"
+    return name.removeprefix(f"{LLAMA_CPP}-") if name.startswith(f"{LLAMA_CPP}-") else None
+
+
+def make_engine(name: str, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN, max_batch: int = MAX_BATCH) -> Engine:
+    """The engine called `name` (one of ENGINES) on the checkpoint in `ckpt`, with KV room for
+    `max_batch` sequences of `max_seq_len` tokens. Raises ValueError for an unknown name."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
     if name == "transformers":
-        return TransformersEngine(ckpt)
-    if name.startswith("codellama-int"):  # codellama-int8, codellama-int4
-        return CodeLlamaEngine(ckpt, name, quantize=name.removeprefix("codellama-"))
-    raise ValueError(
-        f"unknown engine {name!r}; use codellama, codellama-compile, codellama-int8, codellama-int4 "
-        "or transformers"
-    )
+        return TransformersEngine(ckpt, max_seq_len)
+    kind = llama_cpp_kind(name)
+    if kind is not None:
+        return LlamaCppEngine(ckpt, kind, max_seq_len, max_batch)
+    compile = name == "codellama-compile"
+    quantize = name.removeprefix("codellama-") if name.startswith("codellama-int") else None
+    return CodeLlamaEngine(ckpt, name, compile, quantize, max_seq_len, max_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +461,40 @@ def run_case(engine: Engine, prompts: List[List[int]], new_tokens: int) -> float
     return elapsed
 
 
+def measure_contexts(
+    names: Sequence[str], ckpt: Path, lengths: Sequence[int], new_tokens: int, repeats: int
+) -> Dict[int, Dict[str, Dict[str, float]]]:
+    """Prefill and decode tokens/s at long contexts: for each length, the engines are built with
+    room for one sequence of that length plus `new_tokens`, then each round generates
+    `new_tokens` tokens after a prompt of that length (cold prefill), engines alternating.
+    Prefill is timed to the first generated token and decode from there to the last, within the
+    same call (at long contexts the prefill dwarfs the decode, so the difference of two calls
+    would be mostly noise). Returns the medians as
+    {length: {engine: {"prefill": tok/s, "decode": tok/s}}}."""
+    out: Dict[int, Dict[str, Dict[str, float]]] = {}
+    for length in lengths:
+        live = [make_engine(name, ckpt, max_seq_len=length + new_tokens, max_batch=1) for name in names]
+        for engine in live:  # warm-up on a short prompt: the long one is what is measured
+            run_case(engine, random_prompts([min(length, DECODE_PROMPT)], 1), 4)
+        samples: Dict[str, Dict[str, List[float]]] = {e.name: {"prefill": [], "decode": []} for e in live}
+        for round_index in range(repeats):
+            prompt = random_prompts([length], round_index)[0]
+            for engine in live if round_index % 2 == 0 else live[::-1]:
+                first, total = engine.timed_generate(prompt, new_tokens)
+                prefill, decode = length / first, (new_tokens - 1) / max(total - first, 1e-9)
+                samples[engine.name]["prefill"].append(prefill)
+                samples[engine.name]["decode"].append(decode)
+                print(
+                    f"context {length} round {round_index} {engine.name} prefill {prefill:.1f} "
+                    f"decode {decode:.2f}",
+                    file=sys.stderr,
+                )
+        out[length] = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
+        del live
+        gc.collect()
+    return out
+
+
 def measure_round(engine: Engine, cases: Sequence[str], new_tokens: int, seed: int) -> Dict[str, float]:
     """One timing of every in-process case for one engine."""
     r: Dict[str, float] = {}
@@ -385,14 +521,57 @@ def measure_round(engine: Engine, cases: Sequence[str], new_tokens: int, seed: i
     return r
 
 
+def measure_cases(
+    names: Sequence[str],
+    ckpt: Path,
+    cases: Sequence[str],
+    new_tokens: int,
+    repeats: int,
+    bandwidth: float,
+    flops: float,
+) -> Tuple[Dict[str, Dict[str, float]], Optional[str], float, float]:
+    """The in-process cases: all engines loaded at once, warmed up, then `repeats` rounds with the
+    engines alternating, the machine's bounds measured again after each round. Returns the median
+    of each case per engine, the greedy agreement line, and the best bandwidth and matmul FLOP/s
+    seen (starting from `bandwidth` and `flops`)."""
+    live = [make_engine(name, ckpt) for name in names]
+    for engine in live:  # warm-up: page in the weights, build kernels, compile every batch shape
+        for lengths in ([DECODE_PROMPT], [DECODE_PROMPT] * MAX_BATCH, UNEVEN_LENGTHS):
+            run_case(engine, random_prompts(lengths, 1), 4)
+    agree = agreement(live, seed=1)
+    dim = ModelArgs(**json.loads((ckpt / "params.json").read_text())).dim
+    samples: Dict[str, Dict[str, List[float]]] = {e.name: {} for e in live}
+    bw_samples, flop_samples = [bandwidth], [flops]
+    for round_index in range(repeats):
+        for engine in live if round_index % 2 == 0 else live[::-1]:
+            for key, value in measure_round(engine, cases, new_tokens, seed=round_index).items():
+                samples[engine.name].setdefault(key, []).append(value)
+                print(f"round {round_index} {engine.name} {key} {value:.3f}", file=sys.stderr)
+        bw_samples.append(memory_read_bandwidth(1))
+        flop_samples.append(bf16_matmul_flops(1, dim))
+        gc.collect()
+    results = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
+    return results, agree, max(bw_samples), max(flop_samples)
+
+
 def agreement(engines: List[Engine], seed: int, n: int = 16) -> Optional[str]:
-    """How many of the first `n` greedy tokens the engines agree on (a check of the conversion)."""
+    """How many of the first `n` greedy tokens each engine shares with the first one, averaged
+    over MAX_BATCH prompts (a check of the conversions), e.g. "transformers 12.5/16,
+    llama.cpp 14.0/16"; None for a single engine.
+
+    Random weights put many logits within rounding of each other, so engines that compute the
+    same model part ways at near ties; a wrong conversion parts at the first tokens everywhere.
+    """
     if len(engines) < 2:
         return None
-    prompt = random_prompts([DECODE_PROMPT], seed)
-    outs = [e.generate(prompt, n)[0] for e in engines]
-    same = next((i for i in range(n) if any(o[i] != outs[0][i] for o in outs)), n)
-    return f"{same}/{n}"
+    prompts = random_prompts([DECODE_PROMPT] * MAX_BATCH, seed)
+    first, *others = [e.generate(prompts, n) for e in engines]
+
+    def shared(a: List[int], b: List[int]) -> int:
+        return next((i for i in range(n) if a[i] != b[i]), n)
+
+    means = [statistics.mean(shared(a, b) for a, b in zip(first, out)) for out in others]
+    return ", ".join(f"{e.name} {m:.1f}/{n}" for e, m in zip(engines[1:], means))
 
 
 LOAD_CHILD = "--load-child"
@@ -414,6 +593,8 @@ def load_child(engine: str, ckpt: Path, threads: int) -> None:
 
     if engine == "transformers":
         import transformers  # noqa: F401
+    if llama_cpp_kind(engine) is not None:
+        import llama_cpp  # noqa: F401
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
     eng = make_engine(engine, ckpt)
@@ -451,6 +632,13 @@ def measure_load(engine: str, ckpt: Path, threads: int) -> Dict[str, float]:
 # Report
 
 
+def times_better(mine: Optional[float], peer: Optional[float], higher_better: bool) -> str:
+    """How many times better `mine` is than `peer` ("1.20x"), or "-" when either is missing."""
+    if mine is None or peer is None:
+        return "-"
+    return f"{(mine / peer if higher_better else peer / mine):.2f}x"
+
+
 def fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -480,6 +668,12 @@ def versions() -> str:
         parts.append(f"transformers {transformers.__version__}")
     except ImportError:
         pass
+    try:
+        import llama_cpp
+
+        parts.append(f"llama-cpp-python {llama_cpp.__version__}")
+    except ImportError:
+        pass
     return ", ".join(parts)
 
 
@@ -495,9 +689,12 @@ def report(
     weight_bytes: int,
     kv_bytes: int,
     agree: Optional[str],
+    contexts: Dict[int, Dict[str, Dict[str, float]]],
+    skipped: Optional[str],
 ) -> str:
+    """The markdown report of one run (see the module docstring for what each part measures)."""
     mine = next((e for e in engines if e.startswith("codellama")), engines[0])
-    peer = "transformers" if "transformers" in engines else None
+    peers = [p for p in PEERS if p in engines and p != mine]
     new = opts.new_tokens
     avg_context = DECODE_PROMPT + new // 2
     bounds = {
@@ -515,7 +712,7 @@ def report(
         ("longest prompt (512) alone end to end (s), mean of before and after", "longest", 2, False),
         ("uneven batch / longest alone", "uneven_ratio", 2, False),
     ]
-    header = ["case"] + engines + ([f"{mine} / {peer}"] if peer and mine != peer else []) + ["bound"]
+    header = ["case"] + engines + [f"{mine} / {p}" for p in peers] + ["bound"]
     header += [f"{e} % of bound" for e in engines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, key, digits, higher_better in rows:
@@ -523,10 +720,9 @@ def report(
         if all(v is None for v in values):
             continue
         cells = [label] + [fmt(v, digits) for v in values]
-        if peer and mine != peer:
-            a, b = results.get(mine, {}).get(key), results.get(peer, {}).get(key)
-            ratio = None if a is None or b is None else (a / b if higher_better else b / a)
-            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        for peer in peers:
+            theirs = results.get(peer, {}).get(key)
+            cells.append(times_better(results.get(mine, {}).get(key), theirs, higher_better))
         bound = bounds.get(key)
         cells.append(fmt(bound, digits))
         if key == "ttft":
@@ -546,9 +742,7 @@ def report(
             values = [loads[e][key] / scale if e in loads else None for e in engines]
             if key == "first_gen_s":
                 values = [None if e not in loads else (loads[e]["load_s"] + loads[e][key]) for e in engines]
-            cells = [label] + [fmt(v, digits) for v in values]
-            if peer and mine != peer:
-                cells.append("-")
+            cells = [label] + [fmt(v, digits) for v in values] + ["-"] * len(peers)
             if key == "load_s":
                 read = min(v["read_s"] for v in loads.values())
                 cells.append(f"read shard {read:.2f}")
@@ -584,13 +778,50 @@ def report(
         "",
     ]
     if agree:
-        out.append(f"- Greedy agreement between engines (first tokens of a 128-token prompt): {agree}.")
+        out.append(
+            f"- Greedy agreement (leading tokens of 16 shared with `{engines[0]}`, mean over "
+            f"{MAX_BATCH} prompts of {DECODE_PROMPT} tokens): {agree}."
+        )
+    if skipped:
+        out.append(f"- Not measured: {skipped}.")
     out += ["", *lines, ""]
+    if contexts:
+        out += context_table(engines, contexts, opts.new_tokens)
     for engine in (e for e in engines if e.startswith("codellama")):
+        peer = "transformers" if "transformers" in engines else None
         targets = target_lines(engine, peer, results, loads, weight_bytes + kv_bytes)
         if targets:
             out += [f"## Targets: `{engine}`", "", *targets, ""]
     return "\n".join(out)
+
+
+def context_table(
+    engines: List[str], contexts: Dict[int, Dict[str, Dict[str, float]]], new_tokens: int
+) -> List[str]:
+    """The long-context section of the report: prefill and decode tokens/s per context length."""
+    mine = next((e for e in engines if e.startswith("codellama")), engines[0])
+    peers = [p for p in PEERS if p in engines and p != mine]
+    header = ["case"] + engines + [f"{mine} / {p}" for p in peers]
+    lines = [
+        "## Long context",
+        "",
+        f"Batch 1, one random prompt of each length, {new_tokens} tokens generated after it; prefill "
+        "cold (empty KV cache) and timed to the first generated token, decode timed from there to the "
+        "last in the same call; medians over the rounds.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for length, by_engine in contexts.items():
+        for label, key in (
+            (f"prefill tok/s, {length}-token prompt", "prefill"),
+            (f"decode tok/s after a {length}-token prompt", "decode"),
+        ):
+            values = [by_engine.get(e, {}).get(key) for e in engines]
+            cells = [label] + [fmt(v, 1) for v in values]
+            cells += [times_better(by_engine[mine][key], by_engine.get(p, {}).get(key), True) for p in peers]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def target_lines(
@@ -643,10 +874,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--engines",
         default="codellama,transformers",
-        help="comma-separated: codellama, codellama-compile, transformers (default: %(default)s)",
+        help=f"comma-separated: {', '.join(ENGINES)} (llama.cpp is bf16; default: %(default)s)",
     )
     parser.add_argument(
-        "--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}"
+        "--cases",
+        default=None,
+        help=f"comma-separated subset of {', '.join(CASES)} (default: all of them, none with --context)",
+    )
+    parser.add_argument(
+        "--context",
+        default="",
+        help="comma-separated prompt lengths, e.g. 1024,4096,16384: also measure prefill and decode "
+        "tokens/s at batch 1 after a prompt of each length (off by default)",
     )
     parser.add_argument(
         "--quantize",
@@ -661,17 +900,40 @@ def main(argv: Optional[List[str]] = None) -> None:
     opts = parser.parse_args(argv)
     engines = [e.strip() for e in opts.engines.split(",") if e.strip()]
     engines += [f"codellama-{mode.strip()}" for mode in opts.quantize.split(",") if mode.strip()]
-    cases = [c.strip() for c in opts.cases.split(",") if c.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+    try:
+        contexts_asked = [int(n) for n in opts.context.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--context takes comma-separated token counts, not {opts.context!r}")
+    if any(n < 2 for n in contexts_asked):
+        parser.error("--context lengths must be >= 2 tokens")
+    cases_text = opts.cases if opts.cases is not None else ("" if contexts_asked else ",".join(CASES))
+    cases = [c.strip() for c in cases_text.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
     if opts.repeats < 1 or opts.new_tokens < 2:
         parser.error("--repeats must be >= 1 and --new-tokens >= 2")
+    skipped = None
+    dropped = [e for e in engines if llama_cpp_kind(e) is not None]
+    absent = llama_cpp_peer.missing() if dropped else None
+    if absent and dropped:
+        skipped = f"{', '.join(dropped)}: {absent}"
+        print(f"skipping {skipped}", file=sys.stderr)
+        engines = [e for e in engines if e not in dropped]
+    if not engines:
+        parser.error("no engine left to measure")
 
     torch.set_num_threads(opts.threads)
     ckpt = ensure_checkpoint(opts.cache_dir, opts.model)
     args = ModelArgs(**MODELS[opts.model])
     work = Workload(args)
+    for name in engines:  # convert before anything is timed
+        kind = llama_cpp_kind(name)
+        if kind is not None:
+            llama_cpp_peer.ensure_gguf(ckpt, kind)
 
     loads: Dict[str, Dict[str, float]] = {}
     if "load" in cases:
@@ -685,26 +947,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     results: Dict[str, Dict[str, float]] = {e: {} for e in engines}
     agree = None
     if in_process:
-        live = [make_engine(name, ckpt) for name in engines]
-        for engine in live:  # warm-up: page in the weights, build kernels, compile every batch shape
-            for lengths in ([DECODE_PROMPT], [DECODE_PROMPT] * MAX_BATCH, UNEVEN_LENGTHS):
-                run_case(engine, random_prompts(lengths, 1), 4)
-        agree = agreement(live, seed=1)
-        samples: Dict[str, Dict[str, List[float]]] = {e: {} for e in engines}
-        bw_samples, flop_samples = [bandwidth], [flops]
-        for round_index in range(opts.repeats):
-            order = live if round_index % 2 == 0 else live[::-1]
-            for engine in order:
-                for key, value in measure_round(
-                    engine, in_process, opts.new_tokens, seed=round_index
-                ).items():
-                    samples[engine.name].setdefault(key, []).append(value)
-                    print(f"round {round_index} {engine.name} {key} {value:.3f}", file=sys.stderr)
-            bw_samples.append(memory_read_bandwidth(1))
-            flop_samples.append(bf16_matmul_flops(1, args.dim))
-            gc.collect()
-        results = {e: {k: statistics.median(v) for k, v in s.items()} for e, s in samples.items()}
-        bandwidth, flops = max(bw_samples), max(flop_samples)
+        results, agree, bandwidth, flops = measure_cases(
+            engines, ckpt, in_process, opts.new_tokens, opts.repeats, bandwidth, flops
+        )
+        gc.collect()  # the engines are gone: free their memory before the next ones load
+    contexts = measure_contexts(engines, ckpt, contexts_asked, opts.new_tokens, opts.repeats)
 
     weight_bytes = sum(
         t.numel() * 2
@@ -713,7 +960,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         ).values()
     )
     kv_bytes = 2 * args.n_layers * args.kv_heads * args.head_dim * MAX_BATCH * MAX_SEQ_LEN * 2
-    text = report(argv, opts, engines, results, loads, bandwidth, flops, work, weight_bytes, kv_bytes, agree)
+    text = report(
+        argv,
+        opts,
+        engines,
+        results,
+        loads,
+        bandwidth,
+        flops,
+        work,
+        weight_bytes,
+        kv_bytes,
+        agree,
+        contexts,
+        skipped,
+    )
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(text)
     print(text)
