@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 enum {
   STATUS_OK = 0,
   STATUS_UNSUPPORTED = 1,  // a shape the kernel is not built for
@@ -84,15 +86,6 @@ static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t
   return STATUS_OK;
 }
 
-static inline int check_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N, int64_t K) {
-  if (M < 1 || M > MAX_GEMV_ROWS) return STATUS_UNSUPPORTED;
-  if (N < 0 || K < 1) return STATUS_BAD_SIZES;
-  const int64_t xn = checked_mul(M, K), wn = checked_mul(N, K), yn = checked_mul(M, N);
-  if (xn < 0 || wn < 0 || yn < 0 || !fits(xn, x_len) || !fits(wn, w_len) || !fits(yn, y_len))
-    return STATUS_BAD_SIZES;
-  return STATUS_OK;
-}
-
 static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len, int64_t tokens,
                                int64_t heads, int64_t D) {
   if (D % 32 != 0 || D <= 0 || D > 256) return STATUS_UNSUPPORTED;
@@ -121,6 +114,7 @@ static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len
 
 static inline int64_t int4_row_bytes(int64_t K, int64_t G) { return K / 2 + 4 * (K / G); }
 
+// x [M, K], weight rows of `row_bytes` elements each [N, ...], y [M, N]: the sizes fit the buffers.
 static inline int check_quantized_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N,
                                        int64_t K, int64_t row_bytes) {
   if (M < 1 || M > MAX_GEMV_ROWS) return STATUS_UNSUPPORTED;
@@ -129,6 +123,27 @@ static inline int check_quantized_gemv(int64_t x_len, int64_t w_len, int64_t y_l
   if (xn < 0 || wn < 0 || yn < 0 || !fits(xn, x_len) || !fits(wn, w_len) || !fits(yn, y_len))
     return STATUS_BAD_SIZES;
   return STATUS_OK;
+}
+
+static inline int check_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N, int64_t K) {
+  return check_quantized_gemv(x_len, w_len, y_len, M, N, K, K);
+}
+
+// The rows m0 .. m0 + left (left < R) in one call of rows(integral_constant<left>, m0).
+template <int R, typename Rows>
+static inline void rest_of_rows(int64_t left, int64_t m0, Rows rows) {
+  if constexpr (R > 0) {
+    if (left == R) rows(std::integral_constant<int, R>(), m0);
+    else rest_of_rows<R - 1>(left, m0, rows);
+  }
+}
+
+// All M rows of activations for one weight row: passes of P rows, then the rest in one call.
+template <int P, typename Rows>
+static inline void in_passes(int64_t M, Rows rows) {
+  int64_t m0 = 0;
+  for (; m0 + P <= M; m0 += P) rows(std::integral_constant<int, P>(), m0);
+  rest_of_rows<P - 1>(M - m0, m0, rows);
 }
 
 static inline int check_int4_groups(int64_t K, int64_t G) {

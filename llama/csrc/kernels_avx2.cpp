@@ -13,8 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <type_traits>
-
 #include "common.h"
 
 // 8 bf16 values widened to fp32, in order.
@@ -462,14 +460,6 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
 // Bytes ahead of the weight stream prefetched into L1.
 #define QUANT_PF 8192
 
-// All M rows for one weight row: passes of PASS rows, then the rest.
-template <typename Rows>
-static inline void in_passes(int64_t M, Rows rows) {
-  int64_t m0 = 0;
-  for (; m0 + PASS <= M; m0 += PASS) rows(std::integral_constant<int, PASS>(), m0);
-  if (M > m0) rows(std::integral_constant<int, 1>(), m0);
-}
-
 // int8: y[m, n] = scale[n] * x[m, :] . q[n, :] for rows m0 .. m0 + M of fp32 activations xf
 // [rows, Kp] (Kp = K rounded up to 32, zero past K); four accumulators per output, 8 codes each.
 template <int M>
@@ -517,7 +507,7 @@ extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, con
   for (int64_t m = 0; m < M; ++m) activations_row(x, x_bf16, m, K, xf + m * Kp);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    in_passes(M, [&](auto rows, int64_t m0) {
+    in_passes<PASS>(M, [&](auto rows, int64_t m0) {
       int8_rows<decltype(rows)::value>(xf, Kp, q, K, scales, y, x_bf16, N, m0, n);
     });
   free(xf);
@@ -626,7 +616,7 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
   const int64_t row_bytes = int4_row_bytes(K, G);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    in_passes(M, [&](auto rows, int64_t m0) {
+    in_passes<PASS>(M, [&](auto rows, int64_t m0) {
       int4_rows<decltype(rows)::value>(xs, stride, sums, sums_stride, packed, row_bytes, K, G, y, x_bf16, N, m0, n);
     });
   free(xs), free(sums), free(row);

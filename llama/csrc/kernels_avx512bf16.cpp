@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <type_traits>
-
 #include "common.h"
 
 // y[m, n .. n+R) = x[m, :] . w[n .. n+R, :] for all M rows of x: each weight row is read once.
@@ -400,19 +398,6 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
 #define INT8_PF 16384
 #define INT4_PF 8192
 
-// All M rows for one weight row: passes of PASS rows, then the rest.
-template <typename Rows>
-static inline void in_passes(int64_t M, Rows rows) {
-  int64_t m0 = 0;
-  for (; m0 + PASS <= M; m0 += PASS) rows(std::integral_constant<int, PASS>(), m0);
-  switch (M - m0) {
-    case 1: rows(std::integral_constant<int, 1>(), m0); break;
-    case 2: rows(std::integral_constant<int, 2>(), m0); break;
-    case 3: rows(std::integral_constant<int, 3>(), m0); break;
-    default: break;
-  }
-}
-
 // (v >> shift) & 0xF, then XOR `bits` (0x4300 | flip): the bf16 weight 128 + nibble.
 static inline __m512bh nibble_weights(__m512i v, int shift, __m512i bits) {
   return (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, shift), _mm512_set1_epi16(0x000F), bits, 0x6A);
@@ -545,7 +530,7 @@ extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, con
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    in_passes(M, [&](auto rows, int64_t m0) {
+    in_passes<PASS>(M, [&](auto rows, int64_t m0) {
       int8_rows<decltype(rows)::value>(xa, M, q, K, scales, y, x_bf16, N, m0, n);
     });
   free(xa.digits), free(xa.tail), free(xa.sums), free(xa.scales), free(row);
@@ -618,7 +603,7 @@ static void int4_gemv(const Int4Activations& xa, const uint8_t* packed, void* y,
   const int64_t row_bytes = int4_row_bytes(K, G);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    in_passes(M, [&](auto rows, int64_t m0) {
+    in_passes<PASS>(M, [&](auto rows, int64_t m0) {
       int4_rows<decltype(rows)::value, LO>(xa, packed, row_bytes, K, G, y, y_bf16, N, m0, n);
     });
 }
