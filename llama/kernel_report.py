@@ -135,11 +135,11 @@ def _quantized_path(mode: str, rows: int, dtype: torch.dtype) -> str:
     scheme = quantization.make_scheme(mode, 32 if mode == "int4" else None)
     parts = quantization.quantize(torch.zeros(64, 64), scheme)
     weight = quantization.QuantizedWeight(parts, scheme, 64, torch.device("cpu"), torch_ops=kernels.enabled())
-    x = torch.zeros(rows, 64, dtype=dtype)
-    if weight.uses_kernel(x):
+    path = weight.path(torch.zeros(rows, 64, dtype=dtype))
+    if path == "kernel":
         passes = f", in passes of {kernels.MAX_ROWS} rows" if rows > kernels.MAX_ROWS else ""
         return f"codellama {mode} kernel ({kernels.variant()}, {str(dtype).removeprefix('torch.')}{passes})"
-    if weight.uses_op(x):
+    if path == "op":
         return f"{weight.backend.op} (bf16 activations)"
     return f"dequantize the whole weight to {str(dtype).removeprefix('torch.')}, then F.linear"
 

@@ -306,22 +306,20 @@ class QuantizedWeight(nn.Module):
         return kernels.quantized_kernel_applies(x, self.in_features)
 
     def uses_op(self, x: torch.Tensor) -> bool:
-        """Whether `linear(x, self)` takes the backend's torch weight-only operator (else the
-        kernel, `uses_kernel`, or it dequantizes the whole weight): see
-        `llama.quantized_backends.uses_op`. torch-packed codes whose layout is not known here are
-        always multiplied by the operator."""
-        if self.uses_kernel(x):
-            return False
-        rows = x.numel() // max(self.in_features, 1)
-        if self.packed and not self.kernel_packed and self.layout is None:
-            return rows > 0
-        return quantized_backends.uses_op(self.backend, rows, x.dtype, x.device.type)
+        """Whether `linear(x, self)` takes the backend's torch weight-only operator (see `path`)."""
+        return self.path(x) == "op"
 
     def path(self, x: torch.Tensor) -> str:
-        """How `linear(x, self)` multiplies: "kernel", "op" or "dequantize"."""
+        """How `linear(x, self)` multiplies: "kernel" (`uses_kernel`), "op" (torch's weight-only
+        operator: `llama.quantized_backends.uses_op`; torch-packed codes whose layout is not
+        known here always take it) or "dequantize" (the whole weight, then `F.linear`)."""
         if self.uses_kernel(x):
             return "kernel"
-        return "op" if self.uses_op(x) else "dequantize"
+        rows = x.numel() // max(self.in_features, 1)
+        if self.packed and not self.kernel_packed and self.layout is None:
+            return "op" if rows > 0 else "dequantize"
+        op = quantized_backends.uses_op(self.backend, rows, x.dtype, x.device.type)
+        return "op" if op else "dequantize"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)`: see the module-level `linear`."""
@@ -345,16 +343,17 @@ def _scratch_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
 def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [..., K] times the quantized weight [N, K] transposed -> [..., N] in x's dtype.
 
-    Takes the hand-written kernel for a few rows (`QuantizedWeight.uses_kernel`; activations and
+    Takes the path `QuantizedWeight.path` names: the hand-written kernel for a few rows ( activations and
     output in x's dtype, more rows than `kernels.MAX_ROWS` in passes), else the weight's backend
-    operator (`QuantizedWeight.uses_op`; torch's weight-only kernels,
+    operator (torch's weight-only kernels,
     which read the weights once at their quantized size and take bf16 activations: others are
     rounded to bf16 for them and the result converted back), else dequantizes into x's dtype
     (into a reused buffer) and runs `F.linear`, at the matrix-product speed of that dtype.
     """
-    if weight.uses_kernel(x):
+    path = weight.path(x)
+    if path == "kernel":
         return _kernel_linear(x, weight)
-    if weight.uses_op(x):
+    if path == "op":
         flat = x.reshape(-1, weight.in_features).to(torch.bfloat16)
         if weight.packed:
             out = weight._int4_op(flat, weight.scales_and_zeros)[:, : weight.out_features]
