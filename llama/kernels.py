@@ -627,7 +627,8 @@ def prefill_attention(
 
     Raises:
         RuntimeError: if the kernel does not apply (check `prefill_attention_applies` first).
-        MemoryError: if its scratch space (the keys regrouped, scores) cannot be allocated.
+        MemoryError: if its scratch space (per thread: one tile of queries, sums and scores, and one
+            block of keys and values in fp32; it does not grow with the context) cannot be allocated.
     """
     length, heads, head_dim = q.shape
     _check_same_layout(cache_k, cache_v)

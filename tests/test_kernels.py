@@ -464,6 +464,41 @@ def test_prefill_attention_token_is_the_same_alone_or_with_up_to_7_others(varian
         assert torch.equal(out, alone[:tokens]), f"{tokens} tokens"
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 1, 64), (3, 3, 128), (72, 1, 64)])
+def test_prefill_attention_token_is_the_same_in_any_chunking(heads, kv_heads, head_dim, variant):
+    """A prompt of several key blocks (64 keys) and tiles, prefilled in one chunk or in chunks of
+    other sizes (as prefix reuse and chunked prefill cut it): every token's output is identical.
+    72 query heads on one kv head are more rows than a tile of 64 holds."""
+    g = torch.Generator().manual_seed(heads)
+    length = 300
+    q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
+    cache_k = (torch.randn(kv_heads, length + 5, head_dim, generator=g) * 2).to(torch.bfloat16)
+    cache_v = torch.randn(kv_heads, length + 5, head_dim, generator=g).to(torch.bfloat16)
+    whole = kernels.prefill_attention(q, cache_k, cache_v, 0)
+    expected = fp64_causal_attention(q, cache_k, cache_v, 0)
+    assert ((whole.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    for cuts in ([64, 128, 192, 256], [1, 63, 65, 200, 299], [100, 137]):
+        bounds = [0, *cuts, length]
+        parts = [
+            kernels.prefill_attention(q[a:b], cache_k, cache_v, a) for a, b in zip(bounds, bounds[1:])
+        ]
+        assert torch.equal(torch.cat(parts), whole), cuts
+
+
+def test_prefill_attention_rescales_when_a_later_block_holds_the_largest_score(variant):
+    """Keys grow with their position, so each key block of a long row holds larger scores than all
+    before it: the running maximum, sum and weighted sum are rescaled at every block."""
+    g = torch.Generator().manual_seed(3)
+    length, heads, head_dim = 260, 4, 64
+    q = (torch.rand(length, heads, head_dim, generator=g) + 0.5).to(torch.bfloat16)
+    growth = torch.linspace(0.0, 3.0, length)[None, :, None]
+    cache_k = (torch.rand(1, length, head_dim, generator=g) * growth).to(torch.bfloat16)
+    cache_v = torch.randn(1, length, head_dim, generator=g).to(torch.bfloat16)
+    out = kernels.prefill_attention(q, cache_k, cache_v, 0)
+    expected = fp64_causal_attention(q, cache_k, cache_v, 0)
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+
+
 def test_rotary_token_is_the_same_alone_or_with_up_to_7_others(variant):
     g = torch.Generator().manual_seed(8)
     x = torch.randn(1, 8, 4, 64, generator=g).to(torch.bfloat16)

@@ -319,38 +319,34 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len,
 // Prefill attention
 // ---------------------------------------------------------------------------------------------
 
-// Keys [len, D] of one kv head as fp32, transposed in blocks of 8 keys: packed[(b * D + d) * 8 + j]
-// is element d of key 8 b + j, so one multiply-add scores 8 keys. Keys past len are 0.
-template <int D>
-static void pack_keys(const uint16_t* k, int64_t len, float* packed) {
-  for (int64_t b = 0; b < (len + 7) / 8; ++b)
-    for (int d = 0; d < D; ++d)
-      for (int j = 0; j < 8; ++j) {
-        const int64_t s = b * 8 + j;
-        uint32_t bits = s < len ? (uint32_t)k[s * D + d] << 16 : 0u;
-        memcpy(packed + (b * D + d) * 8 + j, &bits, 4);
-      }
-}
-
-// Scores of 8 query rows (fp32, in order) against the first `blocks` blocks of packed keys,
-// scaled: scores[r * ld + s] = scale * q[r] . key[s], one multiply-add per head dimension in order.
-template <int D>
-static void score_rows(const float* qf, const float* packed, int64_t blocks, float scale, float* scores,
-                       int64_t ld) {
-  const __m256 sv = _mm256_set1_ps(scale);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256 acc[8];
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-    for (int d = 0; d < D; ++d) {
-      const __m256 kz = _mm256_loadu_ps(packed + (b * D + d) * 8);
-      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qf + r * D + d), kz, acc[r]);
-    }
-    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(scores + r * ld + b * 8, _mm256_mul_ps(acc[r], sv));
+// The vector operations of tiled_attention.h on 8 fp32 lanes.
+struct Avx2Ops {
+  using vec = __m256;
+  static constexpr int W = 8;
+  static inline vec zero() { return _mm256_setzero_ps(); }
+  static inline vec set1(float x) { return _mm256_set1_ps(x); }
+  static inline vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static inline vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static inline vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static inline float hmax(vec v) { return max8(v); }
+  static inline float hsum(vec v) { return sum8(v); }
+  static inline vec exp(vec v) { return exp_ps(v); }
+  static inline vec iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  static inline vec below(vec index, vec bound, vec v, vec fill) {
+    return _mm256_blendv_ps(fill, v, _mm256_cmp_ps(index, bound, _CMP_LT_OQ));
   }
-}
+  static inline vec load_bf16(const uint16_t* p) { return bf16x8_to_ps(p); }
+  static inline void store_bf16(uint16_t* p, vec v) { store_bf16x8(p, v); }
+};
 
-// Causal attention of a prompt chunk of one cache row; the layout, checks and status codes are
-// those of the AVX512-BF16 variant.
+#include "tiled_attention.h"
+
+// Causal attention of a prompt chunk of one cache row (tiled_attention.h); the layout, checks and
+// status codes are those of the AVX512-BF16 variant.
 extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
                                                 const uint16_t* v, int64_t kv_len, uint16_t* out,
                                                 int64_t out_len, int64_t start, int64_t len, int64_t H,
@@ -360,56 +356,8 @@ extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len
                                              head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
-  const int64_t rep = H / KVH, keys = start + len, blocks = (keys + 7) / 8;
-  const int64_t per_head = blocks * 8 * D;  // packed floats per kv head
-  float* packed = (float*)malloc(sizeof(float) * per_head * KVH);
-  if (!packed) return STATUS_NO_MEMORY;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < KVH; ++g) {
-    if (D == 64) pack_keys<64>(k + g * head_stride, keys, packed + g * per_head);
-    else pack_keys<128>(k + g * head_stride, keys, packed + g * per_head);
-  }
-  // Rows are (token, head in group) pairs, token-major; a task is 8 consecutive rows of one kv
-  // head, which see at most 8 different lengths.
-  const int64_t rows = len * rep, groups = (rows + 7) / 8;
-  const int64_t ld = blocks * 8;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* scores = (float*)malloc(sizeof(float) * (8 * ld + 8 * D));
-    if (!scores) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < KVH * groups; ++task) {
-      if (!scores) continue;
-      // Later tokens see more keys: hand out the longest tasks first.
-      const int64_t g = task % KVH, first = (groups - 1 - task / KVH) * 8;
-      float* qf = scores + 8 * ld;
-      uint16_t* orow[8];
-      int64_t seen[8], most = 0;
-      for (int r = 0; r < 8; ++r) {  // a short last task repeats its last row
-        const int64_t row = first + r < rows ? first + r : rows - 1;
-        const int64_t token = row / rep, head = g * rep + row % rep;
-        const uint16_t* qrow = q + (token * H + head) * D;
-        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, bf16x8_to_ps(qrow + d));
-        orow[r] = out + (token * H + head) * D;
-        seen[r] = start + token + 1;
-        most = seen[r] > most ? seen[r] : most;
-      }
-      if (D == 64) score_rows<64>(qf, packed + g * per_head, (most + 7) / 8, scale, scores, ld);
-      else score_rows<128>(qf, packed + g * per_head, (most + 7) / 8, scale, scores, ld);
-      for (int r = 0; r < 8; ++r) softmax_row(scores + r * ld, seen[r], most);
-      const int64_t n = rows - first < 8 ? rows - first : 8;
-      const uint16_t* vg = v + g * head_stride;
-      if (D == 64) weighted_values<64>(scores, ld, n, vg, most, orow);
-      else weighted_values<128>(scores, ld, n, vg, most, orow);
-    }
-    free(scores);
-  }
-  free(packed);
-  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+  if (D == 64) return tiled::prefill<Avx2Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  return tiled::prefill<Avx2Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -243,47 +243,39 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len,
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
-// Keys [len, D] of one kv head regrouped for the prefill scores: block b of 16 keys holds, for
-// each pair p of head dimensions, the 16 keys' (2p, 2p+1) elements side by side (one 32-bit
-// lane per key), so one dot-product instruction scores 16 keys at once. Keys past len are 0.
-template <int D>
-static void pack_keys(const uint16_t* k, int64_t len, uint32_t* packed) {
-  const uint32_t* pairs = (const uint32_t*)k;
-  for (int64_t b = 0; b < (len + 15) / 16; ++b)
-    for (int p = 0; p < D / 2; ++p)
-      for (int j = 0; j < 16; ++j) {
-        const int64_t s = b * 16 + j;
-        packed[(b * (D / 2) + p) * 16 + j] = s < len ? pairs[s * (D / 2) + p] : 0u;
-      }
-}
-
-// Scores of 8 query rows against the first `blocks` blocks of packed keys, scaled:
-// scores[r * ld + s] = scale * q[r] . key[s]. Each row's query pairs are broadcast to all lanes.
-template <int D>
-static void score_rows(const uint16_t* const* q, const uint32_t* packed, int64_t blocks, float scale,
-                       float* scores, int64_t ld) {
-  const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512 acc[8];
-    for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
-    for (int p = 0; p < D / 2; ++p) {
-      const __m512bh kz = (__m512bh)_mm512_loadu_si512(packed + (b * (D / 2) + p) * 16);
-      for (int r = 0; r < 8; ++r) {
-        uint32_t pair;
-        memcpy(&pair, q[r] + 2 * p, 4);
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kz);
-      }
-    }
-    for (int r = 0; r < 8; ++r) _mm512_storeu_ps(scores + r * ld + b * 16, _mm512_mul_ps(acc[r], sv));
+// The vector operations of tiled_attention.h on 16 fp32 lanes.
+struct Avx512Ops {
+  using vec = __m512;
+  static constexpr int W = 16;
+  static inline vec zero() { return _mm512_setzero_ps(); }
+  static inline vec set1(float x) { return _mm512_set1_ps(x); }
+  static inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static inline vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static inline vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+  static inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+  static inline vec exp(vec v) { return exp_ps(v); }
+  static inline vec iota() { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+  static inline vec below(vec index, vec bound, vec v, vec fill) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(index, bound, _CMP_LT_OQ), fill, v);
   }
-}
+  static inline vec load_bf16(const uint16_t* p) { return bf16x16_to_ps(p); }
+  static inline void store_bf16(uint16_t* p, vec v) { ::store_bf16(p, v); }
+};
+
+#include "tiled_attention.h"
 
 // Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
 // and head h attends to positions 0 .. start + i of kv head h / rep. q/out [len, H, D] contiguous
 // bf16; key/value element (g, s, d) sits at g * head_stride + s * D + d and positions up to
-// start + len - 1 are filled. fp32 scores, softmax and weighted sum, as in the decode kernel.
-// The cache row holds max_len positions per head (kv_len elements from k and from v). Returns
-// STATUS_OK, STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the decode kernel does.
+// start + len - 1 are filled. fp32 scores, softmax and weighted sum, in tiles
+// (tiled_attention.h). The cache row holds max_len positions per head (kv_len elements from k
+// and from v). Returns STATUS_OK, STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the
+// decode kernel does.
 extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
                                                 const uint16_t* v, int64_t kv_len, uint16_t* out,
                                                 int64_t out_len, int64_t start, int64_t len, int64_t H,
@@ -293,55 +285,8 @@ extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len
                                              head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
-  const int64_t rep = H / KVH, keys = start + len, blocks = (keys + 15) / 16;
-  const int64_t per_head = blocks * 16 * D / 2;  // packed 32-bit pairs per kv head
-  uint32_t* packed = (uint32_t*)malloc(sizeof(uint32_t) * per_head * KVH);
-  if (!packed) return STATUS_NO_MEMORY;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < KVH; ++g) {
-    if (D == 64) pack_keys<64>(k + g * head_stride, keys, packed + g * per_head);
-    else pack_keys<128>(k + g * head_stride, keys, packed + g * per_head);
-  }
-  // Rows are (token, head in group) pairs, token-major; a task is 8 consecutive rows of one kv
-  // head, which see at most 8 different lengths.
-  const int64_t rows = len * rep, groups = (rows + 7) / 8;
-  const int64_t ld = blocks * 16;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* scores = (float*)malloc(sizeof(float) * 8 * ld);
-    if (!scores) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < KVH * groups; ++task) {
-      if (!scores) continue;
-      // Later tokens see more keys: hand out the longest tasks first.
-      const int64_t g = task % KVH, first = (groups - 1 - task / KVH) * 8;
-      const uint16_t* qrow[8];
-      uint16_t* orow[8];
-      int64_t seen[8], most = 0;
-      for (int r = 0; r < 8; ++r) {  // a short last task repeats its last row
-        const int64_t row = first + r < rows ? first + r : rows - 1;
-        const int64_t token = row / rep, head = g * rep + row % rep;
-        qrow[r] = q + (token * H + head) * D;
-        orow[r] = out + (token * H + head) * D;
-        seen[r] = start + token + 1;
-        most = seen[r] > most ? seen[r] : most;
-      }
-      if (D == 64) score_rows<64>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
-      else score_rows<128>(qrow, packed + g * per_head, (most + 15) / 16, scale, scores, ld);
-      for (int r = 0; r < 8; ++r) softmax_row(scores + r * ld, seen[r], most);
-      const int64_t n = rows - first < 8 ? rows - first : 8;
-      const uint16_t* vg = v + g * head_stride;
-      if (D == 64) weighted_values<64>(scores, ld, n, vg, most, orow);
-      else weighted_values<128>(scores, ld, n, vg, most, orow);
-    }
-    free(scores);
-  }
-  free(packed);
-  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+  if (D == 64) return tiled::prefill<Avx512Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  return tiled::prefill<Avx512Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
 }
 
 // Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]

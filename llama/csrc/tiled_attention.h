@@ -1,0 +1,249 @@
+// Causal attention of a prompt chunk, in tiles: one algorithm for both kernel variants, which
+// include this header after defining `Ops`, their vector operations (W fp32 lanes):
+//
+//   Ops::vec, Ops::W               the vector type and its lanes (8 or 16)
+//   zero(), set1(x), load(p), store(p, v), fma(a, b, c) = a * b + c, add, mul, sub, max
+//   hmax(v), hsum(v)               the largest lane and the sum of the lanes, in a fixed order
+//   exp(v)                         e^v for v <= 0
+//   iota()                         0, 1, .., W - 1 as fp32
+//   below(index, bound, v, fill)   v in the lanes where index < bound, fill elsewhere
+//   load_bf16(p), store_bf16(p, v) W bf16 values to fp32 and back (rounding to nearest even)
+//
+// A task is one kv head and a tile of consecutive tokens: its rows are the (token, query head)
+// pairs of the tile, kTileRows or fewer (or the query heads of one kv head, if more). The keys are read in blocks of kKeyBlock, in position
+// order, each block widened to fp32 once for every row of the tile; the softmax is computed
+// online (a running maximum and sum per row, the row's weighted sum rescaled when the maximum
+// grows), so the memory read per tile is one pass over the visible keys and values and the
+// scratch space does not grow with the context.
+//
+// Each row's result depends only on its own position: blocks start at multiples of kKeyBlock,
+// every row takes the same steps over the blocks it sees (a block it does not see is skipped), and
+// all sums over a row run in the same order. So a token's output is the same whatever chunk, tile
+// or thread computes it.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace tiled {
+
+constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kTileRows = 64;
+constexpr int kRowBlock = 4;  // rows sharing each key or value load in the inner loops
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Per-thread scratch for tiles of at most `rows` rows (a multiple of kRowBlock).
+template <int D>
+struct Scratch {
+  float* q;       // [rows, D] queries, fp32, scaled
+  float* o;       // [rows, D] running weighted sums
+  float* p;       // [rows, kKeyBlock] scores, then probabilities
+  float* kt;      // [D, kKeyBlock] the block's keys, transposed
+  float* v;       // [kKeyBlock, D] the block's values
+  float* m;       // [rows] running maximum
+  float* l;       // [rows] running sum
+  int64_t* position;  // [rows] each row's position (its last visible key)
+  float* memory;
+
+  explicit Scratch(int64_t rows) {
+    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + 2 * D * kKeyBlock;
+    memory = (float*)malloc(sizeof(float) * floats + sizeof(int64_t) * rows);
+    if (!memory) {  // the caller checks `memory` before using any of them
+      q = o = p = kt = v = m = l = nullptr;
+      position = nullptr;
+      return;
+    }
+    q = memory;
+    o = q + rows * D;
+    p = o + rows * D;
+    kt = p + rows * kKeyBlock;
+    v = kt + D * kKeyBlock;
+    m = v + kKeyBlock * D;
+    l = m + rows;
+    position = (int64_t*)(l + rows);
+  }
+  ~Scratch() { free(memory); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// p[r, j] = q[r] . key j for the rows of the tile (`rows` a multiple of kRowBlock), all kKeyBlock
+// keys; one multiply-add per head dimension, in order.
+template <class Ops, int D>
+inline void scores(const Scratch<D>& s, int64_t rows) {
+  using V = typename Ops::vec;
+  constexpr int W = Ops::W;
+  for (int64_t r = 0; r < rows; r += kRowBlock)
+    for (int64_t j = 0; j < kKeyBlock; j += 2 * W) {
+      V acc[kRowBlock][2];
+      for (int i = 0; i < kRowBlock; ++i) acc[i][0] = acc[i][1] = Ops::zero();
+      for (int d = 0; d < D; ++d) {
+        const V k0 = Ops::load(s.kt + d * kKeyBlock + j), k1 = Ops::load(s.kt + d * kKeyBlock + j + W);
+        for (int i = 0; i < kRowBlock; ++i) {
+          const V qd = Ops::set1(s.q[(r + i) * D + d]);
+          acc[i][0] = Ops::fma(qd, k0, acc[i][0]);
+          acc[i][1] = Ops::fma(qd, k1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < kRowBlock; ++i) {
+        Ops::store(s.p + (r + i) * kKeyBlock + j, acc[i][0]);
+        Ops::store(s.p + (r + i) * kKeyBlock + j + W, acc[i][1]);
+      }
+    }
+}
+
+// Online softmax step of one row over the block's first `seen` keys (1 <= seen <= kKeyBlock): the
+// row's probabilities (0 past `seen`), its maximum and sum updated, its weighted sum rescaled.
+template <class Ops, int D>
+inline void softmax_step(const Scratch<D>& s, int64_t r, int64_t seen) {
+  using V = typename Ops::vec;
+  constexpr int W = Ops::W;
+  float* row = s.p + r * kKeyBlock;
+  const V bound = Ops::set1((float)seen), minus_inf = Ops::set1(-INFINITY);
+  V mx = minus_inf;
+  for (int64_t j = 0; j < kKeyBlock; j += W) {
+    const V index = Ops::add(Ops::iota(), Ops::set1((float)j));
+    mx = Ops::max(mx, Ops::below(index, bound, Ops::load(row + j), minus_inf));
+  }
+  const float previous = s.m[r], largest = fmaxf(previous, Ops::hmax(mx));
+  const V mv = Ops::set1(largest), zero = Ops::zero();
+  V sum = zero;
+  for (int64_t j = 0; j < kKeyBlock; j += W) {
+    const V index = Ops::add(Ops::iota(), Ops::set1((float)j));
+    const V e = Ops::below(index, bound, Ops::exp(Ops::sub(Ops::load(row + j), mv)), zero);
+    Ops::store(row + j, e);
+    sum = Ops::add(sum, e);
+  }
+  if (previous == -INFINITY) {  // the row's first block
+    s.l[r] = Ops::hsum(sum);
+  } else {
+    const float alpha = expf(previous - largest);
+    s.l[r] = s.l[r] * alpha + Ops::hsum(sum);
+    if (alpha != 1.0f) {
+      const V av = Ops::set1(alpha);
+      for (int d = 0; d < D; d += W) Ops::store(s.o + r * D + d, Ops::mul(Ops::load(s.o + r * D + d), av));
+    }
+  }
+  s.m[r] = largest;
+}
+
+// o[r] += sum_j p[r, j] v[j] over the block's `keys` keys, one multiply-add per key in order.
+template <class Ops, int D>
+inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
+  using V = typename Ops::vec;
+  constexpr int W = Ops::W;
+  for (int d = 0; d < D; d += 2 * W)
+    for (int64_t r = 0; r < rows; r += kRowBlock) {
+      V acc[kRowBlock][2];
+      for (int i = 0; i < kRowBlock; ++i) {
+        acc[i][0] = Ops::load(s.o + (r + i) * D + d);
+        acc[i][1] = Ops::load(s.o + (r + i) * D + d + W);
+      }
+      for (int64_t j = 0; j < keys; ++j) {
+        const V v0 = Ops::load(s.v + j * D + d), v1 = Ops::load(s.v + j * D + d + W);
+        for (int i = 0; i < kRowBlock; ++i) {
+          const V pj = Ops::set1(s.p[(r + i) * kKeyBlock + j]);
+          acc[i][0] = Ops::fma(pj, v0, acc[i][0]);
+          acc[i][1] = Ops::fma(pj, v1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < kRowBlock; ++i) {
+        Ops::store(s.o + (r + i) * D + d, acc[i][0]);
+        Ops::store(s.o + (r + i) * D + d + W, acc[i][1]);
+      }
+    }
+}
+
+// One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
+// start + t seeing keys 0 .. start + t. `padded` (rows rounded up to kRowBlock) rows are computed;
+// the extra ones repeat the last row and are not written.
+template <class Ops, int D>
+inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t start,
+                        int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, float scale,
+                        const Scratch<D>& s) {
+  using V = typename Ops::vec;
+  constexpr int W = Ops::W;
+  const int64_t padded = round_up(rows, kRowBlock);
+  int64_t* position = s.position;
+  const V sv = Ops::set1(scale);
+  for (int64_t r = 0; r < padded; ++r) {
+    const int64_t row = r < rows ? r : rows - 1;
+    const int64_t token = t0 + row / rep, head = g * rep + row % rep;
+    position[r] = start + token;
+    for (int d = 0; d < D; d += W)
+      Ops::store(s.q + r * D + d, Ops::mul(Ops::load_bf16(q + (token * H + head) * D + d), sv));
+    for (int d = 0; d < D; d += W) Ops::store(s.o + r * D + d, Ops::zero());
+    s.m[r] = -INFINITY;
+    s.l[r] = 0.0f;
+  }
+  const int64_t last = position[padded - 1];  // the tile's last (and largest) position
+  for (int64_t first = 0; first <= last; first += kKeyBlock) {
+    const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
+    for (int64_t j = 0; j < kKeyBlock; ++j) {
+      if (j < keys) {
+        const uint16_t* kj = k + (first + j) * D;
+        for (int d = 0; d < D; ++d) {
+          const uint32_t bits = (uint32_t)kj[d] << 16;
+          memcpy(s.kt + d * kKeyBlock + j, &bits, 4);
+        }
+        for (int d = 0; d < D; d += W) Ops::store(s.v + j * D + d, Ops::load_bf16(v + (first + j) * D + d));
+      } else {
+        for (int d = 0; d < D; ++d) s.kt[d * kKeyBlock + j] = 0.0f;
+        for (int d = 0; d < D; d += W) Ops::store(s.v + j * D + d, Ops::zero());
+      }
+    }
+    scores<Ops, D>(s, padded);
+    for (int64_t r = 0; r < padded; ++r) {
+      const int64_t seen = position[r] + 1 - first;
+      if (seen <= 0) {  // the row sees none of the block: it takes no step
+        for (int64_t j = 0; j < kKeyBlock; j += W) Ops::store(s.p + r * kKeyBlock + j, Ops::zero());
+        continue;
+      }
+      softmax_step<Ops, D>(s, r, seen < kKeyBlock ? seen : kKeyBlock);
+    }
+    weighted_values<Ops, D>(s, padded, keys);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = t0 + r / rep, head = g * rep + r % rep;
+    const V inv = Ops::set1(1.0f / s.l[r]);
+    for (int d = 0; d < D; d += W)
+      Ops::store_bf16(out + (token * H + head) * D + d, Ops::mul(Ops::load(s.o + r * D + d), inv));
+  }
+}
+
+// Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], the
+// cache row's kv head g at k/v + g * head_stride ([positions, D]). Returns STATUS_OK or
+// STATUS_NO_MEMORY.
+template <class Ops, int D>
+int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t start, int64_t len,
+            int64_t H, int64_t KVH, int64_t head_stride, float scale, int threads) {
+  const int64_t rep = H / KVH;
+  const int64_t tokens_per_tile = rep >= kTileRows ? 1 : kTileRows / rep;
+  const int64_t tiles = (len + tokens_per_tile - 1) / tokens_per_tile;
+  const int64_t most_rows = round_up(tokens_per_tile * rep, kRowBlock);
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<D> scratch(most_rows);
+    if (!scratch.memory) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < KVH * tiles; ++task) {
+      if (!scratch.memory) continue;
+      // Later tokens see more keys: hand out the longest tiles first.
+      const int64_t g = task % KVH, tile = tiles - 1 - task / KVH;
+      const int64_t t0 = tile * tokens_per_tile;
+      const int64_t count = len - t0 < tokens_per_tile ? len - t0 : tokens_per_tile;
+      attend_tile<Ops, D>(q, k + g * head_stride, v + g * head_stride, out, start, t0, count * rep, rep, g, H,
+                          scale, scratch);
+    }
+  }
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+}  // namespace tiled
