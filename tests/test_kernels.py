@@ -485,6 +485,23 @@ def test_prefill_attention_token_is_the_same_in_any_chunking(heads, kv_heads, he
         assert torch.equal(torch.cat(parts), whole), cuts
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 128), (6, 2, 128)])
+def test_decode_attention_equals_prefill_attention_for_the_same_token(heads, kv_heads, head_dim, variant):
+    """Both kernels attend in the same tiles: a token decoded after its prompt gets exactly the
+    attention output that prefilling it with the prompt gives."""
+    g = torch.Generator().manual_seed(heads * head_dim)
+    length = 200
+    q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
+    cache_k = torch.randn(3, kv_heads, length, head_dim, generator=g).to(torch.bfloat16)
+    cache_v = torch.randn(3, kv_heads, length, head_dim, generator=g).to(torch.bfloat16)
+    prefilled = kernels.prefill_attention(q, cache_k[2], cache_v[2], 0)
+    for positions in ([0, 63, 64, 199], [130, 5]):
+        decoded = kernels.decode_attention(
+            q[positions], cache_k, cache_v, torch.tensor(positions) + 1, torch.tensor([2] * len(positions))
+        )
+        assert torch.equal(decoded, prefilled[positions]), positions
+
+
 def test_prefill_attention_rescales_when_a_later_block_holds_the_largest_score(variant):
     """Keys grow with their position, so each key block of a long row holds larger scores than all
     before it: the running maximum, sum and weighted sum are rescaled at every block."""

@@ -162,7 +162,7 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention: softmax and weighted values shared by the decode and prefill kernels
+// Attention (decode and prefill): tiled_attention.h on 8 fp32 lanes
 // ---------------------------------------------------------------------------------------------
 
 // e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
@@ -183,141 +183,6 @@ static inline __m256 exp_ps(__m256 x) {
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
-
-// All-ones in the first min(left, 8) 32-bit lanes.
-static inline __m256i first_lanes8(int64_t left) {
-  const int n = left >= 8 ? 8 : (int)left;
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Softmax of row[0, n) in place (fp32, n >= 1); row[n, width) becomes 0.
-static void softmax_row(float* row, int64_t n, int64_t width) {
-  __m256 mx = _mm256_set1_ps(-INFINITY);
-  int64_t s = 0;
-  for (; s + 8 <= n; s += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + s));
-  float m = max8(mx);
-  for (; s < n; ++s) m = row[s] > m ? row[s] : m;
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 sum = _mm256_setzero_ps();
-  for (s = 0; s < n; s += 8) {
-    const __m256i mask = first_lanes8(n - s);
-    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(row + s, mask), mv));
-    _mm256_maskstore_ps(row + s, mask, e);
-    sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
-  }
-  const __m256 inv = _mm256_set1_ps(1.0f / sum8(sum));
-  for (s = 0; s < n; s += 8) {
-    const __m256i mask = first_lanes8(n - s);
-    _mm256_maskstore_ps(row + s, mask, _mm256_mul_ps(_mm256_maskload_ps(row + s, mask), inv));
-  }
-  for (s = n; s < width; ++s) row[s] = 0.0f;
-}
-
-// out[i] = sum_s p[i * ld + s] v[s] over s < len, for `rows` rows of probabilities (fp32), written
-// as bf16 rows of D: one fused multiply-add per position, in position order, for every element.
-// Two rows and 32 elements at a time keep the accumulators in the 16 registers.
-template <int D>
-static void weighted_values(const float* p, int64_t ld, int64_t rows, const uint16_t* v, int64_t len,
-                            uint16_t* const* out) {
-  constexpr int G = 2, J = 4;
-  for (int64_t r0 = 0; r0 < rows; r0 += G) {
-    const int g = rows - r0 < G ? (int)(rows - r0) : G;
-    for (int d0 = 0; d0 < D; d0 += 8 * J) {
-      __m256 acc[G][J];
-      for (int i = 0; i < G; ++i)
-        for (int j = 0; j < J; ++j) acc[i][j] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < len; ++s) {
-        __m256 vv[J];
-        for (int j = 0; j < J; ++j) vv[j] = bf16x8_to_ps(v + s * D + d0 + 8 * j);
-        for (int i = 0; i < G; ++i) {
-          if (i >= g) break;
-          const __m256 w = _mm256_broadcast_ss(p + (r0 + i) * ld + s);
-          for (int j = 0; j < J; ++j) acc[i][j] = _mm256_fmadd_ps(w, vv[j], acc[i][j]);
-        }
-      }
-      for (int i = 0; i < g; ++i)
-        for (int j = 0; j < J; ++j) store_bf16x8(out[r0 + i] + d0 + 8 * j, acc[i][j]);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Decode attention
-// ---------------------------------------------------------------------------------------------
-
-// One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D]. qs is
-// scratch for the queries in the split layout, scores for rep * len floats.
-template <int D>
-static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
-                        int64_t len, float scale, float* qs, float* scores) {
-  to_split_fp32(q, rep * D, qs);
-  for (int64_t s = 0; s < len; ++s) {
-    const uint16_t* ks = k + s * D;
-    for (int64_t r = 0; r < rep; ++r) {
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-      for (int j = 0; j < D; j += 16) {
-        __m256 ke, ko;
-        bf16x16_split(ks + j, &ke, &ko);
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + j), ke, even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + j + 8), ko, odd);
-      }
-      scores[r * len + s] = sum8(_mm256_add_ps(even, odd)) * scale;
-    }
-  }
-  uint16_t* rows[64];
-  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
-    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
-    for (int64_t r = 0; r < n; ++r) {
-      softmax_row(scores + (r0 + r) * len, len, len);
-      rows[r] = out + (r0 + r) * D;
-    }
-    weighted_values<D>(scores + r0 * len, len, n, v, len, rows);
-  }
-}
-
-// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
-// token per row; the layout, checks and status codes are those of the AVX512-BF16 variant.
-extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
-                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
-                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
-                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
-                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
-                                               int64_t row_stride, int64_t head_stride, float scale,
-                                               int threads) {
-  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
-                                            B, H, KVH, D, max_len, row_stride, head_stride);
-  if (status != STATUS_OK) return status;
-  const int64_t rep = H / KVH;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* scores = (float*)malloc(sizeof(float) * rep * (longest + D));
-    if (!scores) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * KVH; ++task) {
-      if (!scores) continue;
-      const int64_t b = task / KVH, g = task % KVH;
-      const int64_t row = rows ? rows[b] : b;
-      const uint16_t* kb = k + row * row_stride + g * head_stride;
-      const uint16_t* vb = v + row * row_stride + g * head_stride;
-      const int64_t first = (b * H + g * rep) * D;
-      float* qs = scores + rep * longest;
-      if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, qs, scores);
-      else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, qs, scores);
-    }
-    free(scores);
-  }
-  return failed ? STATUS_NO_MEMORY : STATUS_OK;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prefill attention
-// ---------------------------------------------------------------------------------------------
 
 // The vector operations of tiled_attention.h on 8 fp32 lanes.
 struct Avx2Ops {
@@ -344,6 +209,24 @@ struct Avx2Ops {
 };
 
 #include "tiled_attention.h"
+
+// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
+// token per row (tiled_attention.h); the layout, checks and status codes are those of the
+// AVX512-BF16 variant.
+extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
+                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
+                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                                               int64_t row_stride, int64_t head_stride, float scale,
+                                               int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
+                                            B, H, KVH, D, max_len, row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  if (D == 64)
+    return tiled::decode<Avx2Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+  return tiled::decode<Avx2Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+}
 
 // Causal attention of a prompt chunk of one cache row (tiled_attention.h); the layout, checks and
 // status codes are those of the AVX512-BF16 variant.

@@ -119,130 +119,6 @@ static inline __m256i ps_to_bf16x16(__m512 v) {
 }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, ps_to_bf16x16(v)); }
 
-// The first min(left, 16) lanes.
-static inline __mmask16 first_lanes16(int64_t left) {
-  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-}
-
-// Softmax of row[0, n) in place (fp32); row[n, width) becomes 0.
-static void softmax_row(float* row, int64_t n, int64_t width) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  int64_t s = 0;
-  for (; s + 16 <= n; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + s));
-  float m = _mm512_reduce_max_ps(mx);
-  for (; s < n; ++s) m = row[s] > m ? row[s] : m;
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  for (s = 0; s < n; s += 16) {
-    const __mmask16 mask = first_lanes16(n - s);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), mv));
-    _mm512_mask_storeu_ps(row + s, mask, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-  for (s = 0; s < n; s += 16) {
-    const __mmask16 mask = first_lanes16(n - s);
-    _mm512_mask_storeu_ps(row + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + s), inv));
-  }
-  for (s = n; s < width; ++s) row[s] = 0.0f;
-}
-
-// out[i] = sum_s p[i * ld + s] v[s] over s < len, for `rows` rows of probabilities (fp32), written
-// as bf16 rows of D. A few rows at a time, so the accumulators stay in registers.
-template <int D>
-static void weighted_values(const float* p, int64_t ld, int64_t rows, const uint16_t* v, int64_t len,
-                            uint16_t* const* out) {
-  constexpr int G = D >= 128 ? 2 : 4;
-  for (int64_t r0 = 0; r0 < rows; r0 += G) {
-    const int g = rows - r0 < G ? (int)(rows - r0) : G;
-    __m512 acc[G][D / 16];
-    for (int i = 0; i < G; ++i)
-      for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < len; ++s) {
-      __m512 vv[D / 16];
-      for (int j = 0; j < D / 16; ++j) vv[j] = bf16x16_to_ps(v + s * D + 16 * j);
-      for (int i = 0; i < G; ++i) {
-        if (i >= g) break;
-        const __m512 w = _mm512_set1_ps(p[(r0 + i) * ld + s]);
-        for (int j = 0; j < D / 16; ++j) acc[i][j] = _mm512_fmadd_ps(w, vv[j], acc[i][j]);
-      }
-    }
-    for (int i = 0; i < g; ++i)
-      for (int j = 0; j < D / 16; ++j) store_bf16(out[r0 + i] + 16 * j, acc[i][j]);
-  }
-}
-
-// One kv head of one row: `rep` query heads q[rep, D] attend to keys/values [len, D].
-template <int D>
-static void attend_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t rep,
-                        int64_t len, float scale, float* scores) {
-  // Scores (fp32 dot products of bf16 values), scaled.
-  for (int64_t s = 0; s < len; ++s) {
-    const uint16_t* ks = k + s * D;
-    __m512bh kv[D / 32];
-    for (int j = 0; j < D / 32; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(ks + 32 * j);
-    for (int64_t r = 0; r < rep; ++r) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int j = 0; j < D / 32; ++j)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + r * D + 32 * j), kv[j]);
-      scores[r * len + s] = _mm512_reduce_add_ps(acc) * scale;
-    }
-  }
-  uint16_t* rows[64];
-  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
-    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
-    for (int64_t r = 0; r < n; ++r) {
-      softmax_row(scores + (r0 + r) * len, len, len);
-      rows[r] = out + (r0 + r) * D;
-    }
-    weighted_values<D>(scores + r0 * len, len, n, v, len, rows);
-  }
-}
-
-// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
-// token per row. q/out [B, H, D] contiguous bf16; key/value element (b, g, s, d) sits at
-// b * row_stride + g * head_stride + s * D + d, s < max_len (both caches have this layout and
-// kv_len elements from k and from v). Returns STATUS_OK, STATUS_UNSUPPORTED for a head size or
-// grouping it is not built for, STATUS_BAD_SIZES when the sizes, strides or a length (1 ..
-// max_len) do not fit the buffers, or STATUS_NO_MEMORY when the scores' scratch space cannot be
-// allocated.
-extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
-                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
-                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
-                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
-                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
-                                               int64_t row_stride, int64_t head_stride, float scale,
-                                               int threads) {
-  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
-                                            B, H, KVH, D, max_len, row_stride, head_stride);
-  if (status != STATUS_OK) return status;
-  const int64_t rep = H / KVH;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* scores = (float*)malloc(sizeof(float) * rep * (longest + 16));
-    if (!scores) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * KVH; ++task) {
-      if (!scores) continue;
-      const int64_t b = task / KVH, g = task % KVH;
-      const int64_t row = rows ? rows[b] : b;
-      const uint16_t* kb = k + row * row_stride + g * head_stride;
-      const uint16_t* vb = v + row * row_stride + g * head_stride;
-      const int64_t first = (b * H + g * rep) * D;
-      if (D == 64) attend_head<64>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
-      else attend_head<128>(q + first, kb, vb, out + first, rep, lens[b], scale, scores);
-    }
-    free(scores);
-  }
-  return failed ? STATUS_NO_MEMORY : STATUS_OK;
-}
-
 // The vector operations of tiled_attention.h on 16 fp32 lanes.
 struct Avx512Ops {
   using vec = __m512;
@@ -268,6 +144,30 @@ struct Avx512Ops {
 };
 
 #include "tiled_attention.h"
+
+// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
+// token per row. q/out [B, H, D] contiguous bf16; key/value element (b, g, s, d) sits at
+// b * row_stride + g * head_stride + s * D + d, s < max_len (both caches have this layout and
+// kv_len elements from k and from v). Returns STATUS_OK, STATUS_UNSUPPORTED for a head size or
+// grouping it is not built for, STATUS_BAD_SIZES when the sizes, strides or a length (1 ..
+// max_len) do not fit the buffers, or STATUS_NO_MEMORY when the scratch space cannot be allocated.
+// fp32 scores, softmax and weighted sum, in tiles (tiled_attention.h).
+extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
+                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
+                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
+                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
+                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                                               int64_t row_stride, int64_t head_stride, float scale,
+                                               int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
+                                            B, H, KVH, D, max_len, row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  if (D == 64)
+    return tiled::decode<Avx512Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale,
+                                        threads);
+  return tiled::decode<Avx512Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale,
+                                       threads);
+}
 
 // Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
 // and head h attends to positions 0 .. start + i of kv head h / rep. q/out [len, H, D] contiguous

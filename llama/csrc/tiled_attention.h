@@ -33,9 +33,7 @@ constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kTileRows = 64;
 constexpr int kRowBlock = 4;  // rows sharing each key or value load in the inner loops
 
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// Per-thread scratch for tiles of at most `rows` rows (a multiple of kRowBlock).
+// Per-thread scratch for tiles of at most `rows` rows.
 template <int D>
 struct Scratch {
   float* q;       // [rows, D] queries, fp32, scaled
@@ -70,29 +68,35 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
-// p[r, j] = q[r] . key j for the rows of the tile (`rows` a multiple of kRowBlock), all kKeyBlock
-// keys; one multiply-add per head dimension, in order.
-template <class Ops, int D>
-inline void scores(const Scratch<D>& s, int64_t rows) {
+// p[r, j] = q[r] . key j for rows r0 .. r0 + RB - 1, all kKeyBlock keys; one multiply-add per head
+// dimension, in order (the same operations for a row whatever RB is).
+template <class Ops, int D, int RB>
+inline void score_rows(const Scratch<D>& s, int64_t r0) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
-  for (int64_t r = 0; r < rows; r += kRowBlock)
-    for (int64_t j = 0; j < kKeyBlock; j += 2 * W) {
-      V acc[kRowBlock][2];
-      for (int i = 0; i < kRowBlock; ++i) acc[i][0] = acc[i][1] = Ops::zero();
-      for (int d = 0; d < D; ++d) {
-        const V k0 = Ops::load(s.kt + d * kKeyBlock + j), k1 = Ops::load(s.kt + d * kKeyBlock + j + W);
-        for (int i = 0; i < kRowBlock; ++i) {
-          const V qd = Ops::set1(s.q[(r + i) * D + d]);
-          acc[i][0] = Ops::fma(qd, k0, acc[i][0]);
-          acc[i][1] = Ops::fma(qd, k1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < kRowBlock; ++i) {
-        Ops::store(s.p + (r + i) * kKeyBlock + j, acc[i][0]);
-        Ops::store(s.p + (r + i) * kKeyBlock + j + W, acc[i][1]);
+  for (int64_t j = 0; j < kKeyBlock; j += 2 * W) {
+    V acc[RB][2];
+    for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = Ops::zero();
+    for (int d = 0; d < D; ++d) {
+      const V k0 = Ops::load(s.kt + d * kKeyBlock + j), k1 = Ops::load(s.kt + d * kKeyBlock + j + W);
+      for (int i = 0; i < RB; ++i) {
+        const V qd = Ops::set1(s.q[(r0 + i) * D + d]);
+        acc[i][0] = Ops::fma(qd, k0, acc[i][0]);
+        acc[i][1] = Ops::fma(qd, k1, acc[i][1]);
       }
     }
+    for (int i = 0; i < RB; ++i) {
+      Ops::store(s.p + (r0 + i) * kKeyBlock + j, acc[i][0]);
+      Ops::store(s.p + (r0 + i) * kKeyBlock + j + W, acc[i][1]);
+    }
+  }
+}
+
+template <class Ops, int D>
+inline void scores(const Scratch<D>& s, int64_t rows) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) score_rows<Ops, D, kRowBlock>(s, r);
+  for (; r < rows; ++r) score_rows<Ops, D, 1>(s, r);
 }
 
 // Online softmax step of one row over the block's first `seen` keys (1 <= seen <= kKeyBlock): the
@@ -130,48 +134,52 @@ inline void softmax_step(const Scratch<D>& s, int64_t r, int64_t seen) {
   s.m[r] = largest;
 }
 
-// o[r] += sum_j p[r, j] v[j] over the block's `keys` keys, one multiply-add per key in order.
-template <class Ops, int D>
-inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
+// o[r] += sum_j p[r, j] v[j] for rows r0 .. r0 + RB - 1 over the block's `keys` keys, one
+// multiply-add per key in order (the same operations for a row whatever RB is).
+template <class Ops, int D, int RB>
+inline void weigh_rows(const Scratch<D>& s, int64_t r0, int64_t keys) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
-  for (int d = 0; d < D; d += 2 * W)
-    for (int64_t r = 0; r < rows; r += kRowBlock) {
-      V acc[kRowBlock][2];
-      for (int i = 0; i < kRowBlock; ++i) {
-        acc[i][0] = Ops::load(s.o + (r + i) * D + d);
-        acc[i][1] = Ops::load(s.o + (r + i) * D + d + W);
-      }
-      for (int64_t j = 0; j < keys; ++j) {
-        const V v0 = Ops::load(s.v + j * D + d), v1 = Ops::load(s.v + j * D + d + W);
-        for (int i = 0; i < kRowBlock; ++i) {
-          const V pj = Ops::set1(s.p[(r + i) * kKeyBlock + j]);
-          acc[i][0] = Ops::fma(pj, v0, acc[i][0]);
-          acc[i][1] = Ops::fma(pj, v1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < kRowBlock; ++i) {
-        Ops::store(s.o + (r + i) * D + d, acc[i][0]);
-        Ops::store(s.o + (r + i) * D + d + W, acc[i][1]);
+  for (int d = 0; d < D; d += 2 * W) {
+    V acc[RB][2];
+    for (int i = 0; i < RB; ++i) {
+      acc[i][0] = Ops::load(s.o + (r0 + i) * D + d);
+      acc[i][1] = Ops::load(s.o + (r0 + i) * D + d + W);
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      const V v0 = Ops::load(s.v + j * D + d), v1 = Ops::load(s.v + j * D + d + W);
+      for (int i = 0; i < RB; ++i) {
+        const V pj = Ops::set1(s.p[(r0 + i) * kKeyBlock + j]);
+        acc[i][0] = Ops::fma(pj, v0, acc[i][0]);
+        acc[i][1] = Ops::fma(pj, v1, acc[i][1]);
       }
     }
+    for (int i = 0; i < RB; ++i) {
+      Ops::store(s.o + (r0 + i) * D + d, acc[i][0]);
+      Ops::store(s.o + (r0 + i) * D + d + W, acc[i][1]);
+    }
+  }
+}
+
+template <class Ops, int D>
+inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) weigh_rows<Ops, D, kRowBlock>(s, r, keys);
+  for (; r < rows; ++r) weigh_rows<Ops, D, 1>(s, r, keys);
 }
 
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
-// start + t seeing keys 0 .. start + t. `padded` (rows rounded up to kRowBlock) rows are computed;
-// the extra ones repeat the last row and are not written.
+// start + t seeing keys 0 .. start + t.
 template <class Ops, int D>
 inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t start,
                         int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, float scale,
                         const Scratch<D>& s) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
-  const int64_t padded = round_up(rows, kRowBlock);
   int64_t* position = s.position;
   const V sv = Ops::set1(scale);
-  for (int64_t r = 0; r < padded; ++r) {
-    const int64_t row = r < rows ? r : rows - 1;
-    const int64_t token = t0 + row / rep, head = g * rep + row % rep;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = t0 + r / rep, head = g * rep + r % rep;
     position[r] = start + token;
     for (int d = 0; d < D; d += W)
       Ops::store(s.q + r * D + d, Ops::mul(Ops::load_bf16(q + (token * H + head) * D + d), sv));
@@ -179,7 +187,7 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     s.m[r] = -INFINITY;
     s.l[r] = 0.0f;
   }
-  const int64_t last = position[padded - 1];  // the tile's last (and largest) position
+  const int64_t last = position[rows - 1];  // the tile's last (and largest) position
   for (int64_t first = 0; first <= last; first += kKeyBlock) {
     const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
     for (int64_t j = 0; j < kKeyBlock; ++j) {
@@ -195,8 +203,8 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         for (int d = 0; d < D; d += W) Ops::store(s.v + j * D + d, Ops::zero());
       }
     }
-    scores<Ops, D>(s, padded);
-    for (int64_t r = 0; r < padded; ++r) {
+    scores<Ops, D>(s, rows);
+    for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
       if (seen <= 0) {  // the row sees none of the block: it takes no step
         for (int64_t j = 0; j < kKeyBlock; j += W) Ops::store(s.p + r * kKeyBlock + j, Ops::zero());
@@ -204,7 +212,7 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
       }
       softmax_step<Ops, D>(s, r, seen < kKeyBlock ? seen : kKeyBlock);
     }
-    weighted_values<Ops, D>(s, padded, keys);
+    weighted_values<Ops, D>(s, rows, keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
@@ -223,7 +231,7 @@ int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o
   const int64_t rep = H / KVH;
   const int64_t tokens_per_tile = rep >= kTileRows ? 1 : kTileRows / rep;
   const int64_t tiles = (len + tokens_per_tile - 1) / tokens_per_tile;
-  const int64_t most_rows = round_up(tokens_per_tile * rep, kRowBlock);
+  const int64_t most_rows = tokens_per_tile * rep;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
@@ -241,6 +249,37 @@ int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o
       const int64_t count = len - t0 < tokens_per_tile ? len - t0 : tokens_per_tile;
       attend_tile<Ops, D>(q, k + g * head_stride, v + g * head_stride, out, start, t0, count * rep, rep, g, H,
                           scale, scratch);
+    }
+  }
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// Attention of one new token per batch row b over positions 0 .. lens[b] - 1 of cache row
+// rows[b] (b when rows is null): q and out [B, H, D], kv head g of cache row r at
+// k/v + r * row_stride + g * head_stride. Each (row, kv head) is one tile of the query heads
+// sharing that kv head, so a token's output equals what `prefill` computes for it. Returns
+// STATUS_OK or STATUS_NO_MEMORY.
+template <class Ops, int D>
+int decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, const int64_t* lens,
+           const int64_t* rows, int64_t B, int64_t H, int64_t KVH, int64_t row_stride, int64_t head_stride,
+           float scale, int threads) {
+  const int64_t rep = H / KVH;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<D> scratch(rep);
+    if (!scratch.memory) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+      if (!scratch.memory) continue;
+      const int64_t b = task / KVH, g = task % KVH;
+      const int64_t cache_row = rows ? rows[b] : b;
+      const int64_t offset = cache_row * row_stride + g * head_stride;
+      attend_tile<Ops, D>(q + b * H * D, k + offset, v + offset, out + b * H * D, lens[b] - 1, 0, rep, rep, g,
+                          H, scale, scratch);
     }
   }
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
