@@ -22,6 +22,7 @@
 // or thread computes it.
 #pragma once
 
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -107,17 +108,18 @@ inline void softmax_step(const Scratch<D>& s, int64_t r, int64_t seen) {
   constexpr int W = Ops::W;
   float* row = s.p + r * kKeyBlock;
   const V bound = Ops::set1((float)seen), minus_inf = Ops::set1(-INFINITY);
+  const bool whole = seen == kKeyBlock;  // most blocks: no key to mask
   V mx = minus_inf;
   for (int64_t j = 0; j < kKeyBlock; j += W) {
-    const V index = Ops::add(Ops::iota(), Ops::set1((float)j));
-    mx = Ops::max(mx, Ops::below(index, bound, Ops::load(row + j), minus_inf));
+    const V x = Ops::load(row + j);
+    mx = Ops::max(mx, whole ? x : Ops::below(Ops::add(Ops::iota(), Ops::set1((float)j)), bound, x, minus_inf));
   }
   const float previous = s.m[r], largest = fmaxf(previous, Ops::hmax(mx));
   const V mv = Ops::set1(largest), zero = Ops::zero();
   V sum = zero;
   for (int64_t j = 0; j < kKeyBlock; j += W) {
-    const V index = Ops::add(Ops::iota(), Ops::set1((float)j));
-    const V e = Ops::below(index, bound, Ops::exp(Ops::sub(Ops::load(row + j), mv)), zero);
+    V e = Ops::exp(Ops::sub(Ops::load(row + j), mv));
+    if (!whole) e = Ops::below(Ops::add(Ops::iota(), Ops::set1((float)j)), bound, e, zero);
     Ops::store(row + j, e);
     sum = Ops::add(sum, e);
   }
@@ -168,6 +170,43 @@ inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
   for (; r < rows; ++r) weigh_rows<Ops, D, 1>(s, r, keys);
 }
 
+// 8 bf16 values widened to fp32 (exact), with the AVX2 instructions both variants have.
+inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// kt[d * kKeyBlock + j] = key j's element d (fp32) for the block's first `keys` keys [keys, D]
+// (bf16, rows of D); 0 for the others. Groups of 8 keys by 8 elements are transposed in registers.
+template <int D>
+inline void transpose_keys(const uint16_t* k, int64_t keys, float* kt) {
+  int64_t j = 0;
+  for (; j + 8 <= keys; j += 8)
+    for (int d = 0; d < D; d += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = widen8(k + (j + i) * D + d);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+      const __m256 columns[8] = {
+          _mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+          _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+          _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+          _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31),
+      };
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d + i) * kKeyBlock + j, columns[i]);
+    }
+  for (; j < kKeyBlock; ++j)
+    for (int d = 0; d < D; ++d) {
+      const uint32_t bits = j < keys ? (uint32_t)k[j * D + d] << 16 : 0u;
+      memcpy(kt + d * kKeyBlock + j, &bits, 4);
+    }
+}
+
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
 // start + t seeing keys 0 .. start + t.
 template <class Ops, int D>
@@ -190,19 +229,10 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
   const int64_t last = position[rows - 1];  // the tile's last (and largest) position
   for (int64_t first = 0; first <= last; first += kKeyBlock) {
     const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
-    for (int64_t j = 0; j < kKeyBlock; ++j) {
-      if (j < keys) {
-        const uint16_t* kj = k + (first + j) * D;
-        for (int d = 0; d < D; ++d) {
-          const uint32_t bits = (uint32_t)kj[d] << 16;
-          memcpy(s.kt + d * kKeyBlock + j, &bits, 4);
-        }
-        for (int d = 0; d < D; d += W) Ops::store(s.v + j * D + d, Ops::load_bf16(v + (first + j) * D + d));
-      } else {
-        for (int d = 0; d < D; ++d) s.kt[d * kKeyBlock + j] = 0.0f;
-        for (int d = 0; d < D; d += W) Ops::store(s.v + j * D + d, Ops::zero());
-      }
-    }
+    transpose_keys<D>(k + first * D, keys, s.kt);
+    for (int64_t j = 0; j < kKeyBlock; ++j)
+      for (int d = 0; d < D; d += W)
+        Ops::store(s.v + j * D + d, j < keys ? Ops::load_bf16(v + (first + j) * D + d) : Ops::zero());
     scores<Ops, D>(s, rows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
