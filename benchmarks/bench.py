@@ -255,10 +255,13 @@ def meta_to_hf_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[
 
 
 class TransformersEngine(Engine):
-    name = "transformers"
+    """Hugging Face transformers' Llama on the same weights, in bf16 (`transformers`) or fp32
+    (`transformers-fp32`: what it runs fastest in on a CPU without bf16 instructions)."""
 
-    def __init__(self, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN):
+    def __init__(self, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN, dtype: torch.dtype = torch.bfloat16):
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.name = "transformers" if dtype == torch.bfloat16 else "transformers-fp32"
 
         params = json.loads((ckpt / "params.json").read_text())
         args = ModelArgs(**params)
@@ -277,7 +280,7 @@ class TransformersEngine(Engine):
             eos_token_id=EOS_ID,
             pad_token_id=0,
             attn_implementation="sdpa",
-            dtype=torch.bfloat16,
+            dtype=dtype,
         )
         sd = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
         with torch.device("meta"):
@@ -286,7 +289,7 @@ class TransformersEngine(Engine):
         # Buffers (rotary inverse frequencies) are not in the state dict: recompute them on the CPU.
         with torch.device("cpu"):
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-        self.model = model.to(torch.bfloat16).eval()
+        self.model = model.to(dtype).eval()
         self.model.generation_config.pad_token_id = 0
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> List[List[int]]:
@@ -363,12 +366,13 @@ ENGINES = (
     "codellama-int8",
     "codellama-int4",
     "transformers",
+    "transformers-fp32",
     LLAMA_CPP,
     f"{LLAMA_CPP}-q8_0",
     f"{LLAMA_CPP}-q4_0",
 )
 # Engines the report compares the first codellama engine with, one ratio column each.
-PEERS = ("transformers", LLAMA_CPP)
+PEERS = ("transformers", "transformers-fp32", LLAMA_CPP)
 
 
 def llama_cpp_kind(name: str) -> Optional[str]:
@@ -383,8 +387,10 @@ def make_engine(name: str, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN, max_batch
     `max_batch` sequences of `max_seq_len` tokens. Raises ValueError for an unknown name."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
-    if name == "transformers":
-        return TransformersEngine(ckpt, max_seq_len)
+    if name in ("transformers", "transformers-fp32"):
+        return TransformersEngine(
+            ckpt, max_seq_len, torch.bfloat16 if name == "transformers" else torch.float32
+        )
     kind = llama_cpp_kind(name)
     if kind is not None:
         return LlamaCppEngine(ckpt, kind, max_seq_len, max_batch)
@@ -617,7 +623,7 @@ def load_child(engine: str, ckpt: Path, threads: int) -> None:
 
     import llama  # noqa: F401  (imported libraries are not part of the load)
 
-    if engine == "transformers":
+    if engine.startswith("transformers"):
         import transformers  # noqa: F401
     if llama_cpp_kind(engine) is not None:
         import llama_cpp  # noqa: F401
