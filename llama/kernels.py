@@ -229,11 +229,12 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _usable_on(*tensors: torch.Tensor) -> bool:
-    """The kernels are on, built for this CPU, and these are bf16 CPU tensors without autograd."""
+def _usable_on(*tensors: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The kernels are on, built for this CPU, and these are CPU tensors of `dtype` without
+    autograd."""
     return (
         _enabled
-        and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and (_available if _available is not None else _first_use_outside_tracing())
     )
@@ -482,13 +483,19 @@ def int4_dequantize(
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
+# The attention kernels' entry point suffix per dtype of the queries, cache and output.
+_ATTENTION_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
 def _attention_layout_ok(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """A head size the attention kernels are built for, each cached position's head contiguous."""
+    """A head size the attention kernels are built for, each cached position's head contiguous,
+    queries and cache both bf16 or both fp32 CPU tensors the kernels may read."""
     return (
         q.shape[-1] in ATTENTION_HEAD_DIMS
         and cache.stride(-1) == 1
         and cache.stride(-2) == q.shape[-1]
-        and _usable_on(q, cache)
+        and q.dtype in _ATTENTION_DTYPES
+        and _usable_on(q, cache, dtype=q.dtype)
     )
 
 
@@ -521,7 +528,7 @@ def _decode_attention(
         rows_ptr, rows_len = rows.data_ptr(), rows.numel()
     out = torch.empty_like(q)
     _run(
-        "codellama_decode_attention_bf16",
+        f"codellama_decode_attention_{_ATTENTION_DTYPES[q.dtype]}",
         q.data_ptr(),
         _elements(q),
         cache_k.data_ptr(),
@@ -547,7 +554,7 @@ def _decode_attention(
     return out
 
 
-@torch.library.custom_op("codellama::decode_attention_bf16", mutates_args=())
+@torch.library.custom_op("codellama::decode_attention", mutates_args=())
 def _decode_attention_op(
     q: torch.Tensor,
     cache_k: torch.Tensor,
@@ -579,15 +586,15 @@ def decode_attention(
     """Attention of one new token per row over that row's cached keys and values, read in place.
 
     Args:
-        q: queries [B, heads, head_dim], bf16.
-        cache_k, cache_v: caches [R, kv_heads, max_seq_len, head_dim], bf16 (the query heads
+        q: queries [B, heads, head_dim], bf16 or fp32.
+        cache_k, cache_v: caches [R, kv_heads, max_seq_len, head_dim], q's dtype (the query heads
             sharing a kv head are consecutive: head h reads kv head h // (heads / kv_heads)).
         lengths: [B] number of cached positions each row attends to (its new token included).
         rows: [B] the cache row (0 .. R-1) each batch row reads; None reads rows 0 .. B-1.
             The rows are read where they are: nothing is gathered or copied.
 
     Returns:
-        [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over the first
+        [B, heads, head_dim] in q's dtype: softmax(q k^T / sqrt(head_dim)) v over the first
         `lengths[b]` positions of cache row `rows[b]`, computed in fp32.
 
     Raises:
@@ -601,7 +608,8 @@ def decode_attention(
 
 def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `prefill_attention(q, cache, ...)` would take the hand-written kernel: q [L, heads,
-    D] and one cache row [kv_heads, max_seq_len, D], bf16, D in `ATTENTION_HEAD_DIMS`, eager only."""
+    D] and one cache row [kv_heads, max_seq_len, D], both bf16 or both fp32, D in
+    `ATTENTION_HEAD_DIMS`, eager only."""
     return (
         q.dim() == 3
         and cache.dim() == 3
@@ -616,13 +624,14 @@ def prefill_attention(
     """Causal attention of a chunk of one sequence over its cache row.
 
     Args:
-        q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16.
-        cache_k, cache_v: the sequence's cache row [kv_heads, max_seq_len, head_dim], bf16, filled
+        q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16 or
+            fp32.
+        cache_k, cache_v: the sequence's cache row [kv_heads, max_seq_len, head_dim], q's dtype, filled
             up to position start + L - 1 (head h reads kv head h // (heads / kv_heads)).
         start: position of the first query.
 
     Returns:
-        [L, heads, head_dim] bf16: for the token at position p, softmax(q k^T / sqrt(head_dim)) v
+        [L, heads, head_dim] in q's dtype: for the token at position p, softmax(q k^T / sqrt(head_dim)) v
         over positions 0 .. p, computed in fp32.
 
     Raises:
@@ -637,7 +646,7 @@ def prefill_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     _run(
-        "codellama_prefill_attention_bf16",
+        f"codellama_prefill_attention_{_ATTENTION_DTYPES[q.dtype]}",
         q.data_ptr(),
         _elements(q),
         cache_k.data_ptr(),

@@ -197,20 +197,22 @@ def fp64_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
         (16, 2, 128, [1000]),
     ],
 )
-def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths, variant):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths, dtype, variant):
     g = torch.Generator().manual_seed(len(lengths) * heads + head_dim)
     batch, max_len = len(lengths), max(lengths) + 7
-    q = torch.randn(batch, heads, head_dim, generator=g).to(torch.bfloat16)
+    q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
     # Cache rows of a larger cache (rows 1..batch): the kernel follows the strides.
-    cache_k = (torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g) * 2).to(torch.bfloat16)[1:]
-    cache_v = torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g).to(torch.bfloat16)[1:]
+    cache_k = (torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g) * 2).to(dtype)[1:]
+    cache_v = torch.randn(batch + 1, kv_heads, max_len, head_dim, generator=g).to(dtype)[1:]
     assert kernels.attention_applies(q, cache_k)
     lengths_t = torch.tensor(lengths)
     out = kernels.decode_attention(q, cache_k, cache_v, lengths_t)
     expected = fp64_attention(q, cache_k, cache_v, lengths)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    # fp32 arithmetic, then one rounding to bf16 (2**-8 relative).
-    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    assert out.dtype == dtype and out.shape == q.shape
+    # fp32 arithmetic, then (bf16) one rounding to bf16, 2**-8 relative.
+    rtol, atol = (2**-8, 1e-4) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    assert ((out.double() - expected).abs() <= expected.abs() * rtol + atol).all()
     # Positions past a row's own length do not matter.
     for row, length in enumerate(lengths):
         cache_k[row, :, length:] = 1e4
@@ -218,13 +220,15 @@ def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths, varia
     torch.testing.assert_close(kernels.decode_attention(q, cache_k, cache_v, lengths_t), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["float32", "head_dim_32", "disabled"])
+@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_32", "disabled"])
 def test_decode_attention_not_used_outside_its_domain(case):
     head_dim = 32 if case == "head_dim_32" else 64
     q = torch.zeros(1, 2, head_dim, dtype=torch.bfloat16)
     cache = torch.zeros(1, 1, 8, head_dim, dtype=torch.bfloat16)
-    if case == "float32":
-        q, cache = q.float(), cache.float()
+    if case == "float16":
+        q, cache = q.half(), cache.half()
+    if case == "mixed_dtypes":
+        q = q.float()
     if case == "disabled":
         kernels.set_enabled(False)
     assert not kernels.attention_applies(q, cache)
@@ -250,32 +254,36 @@ def fp64_causal_attention(
         (40, 16, 2, 128, 300),
     ],
 )
-def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start, variant):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start, dtype, variant):
     g = torch.Generator().manual_seed(length + start)
-    q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
+    q = torch.randn(length, heads, head_dim, generator=g).to(dtype)
     size = start + length + 9
     # Row 1 of a two-row cache: the kernel follows the strides.
-    cache_k = (torch.randn(2, kv_heads, size, head_dim, generator=g) * 2).to(torch.bfloat16)[1]
-    cache_v = torch.randn(2, kv_heads, size, head_dim, generator=g).to(torch.bfloat16)[1]
+    cache_k = (torch.randn(2, kv_heads, size, head_dim, generator=g) * 2).to(dtype)[1]
+    cache_v = torch.randn(2, kv_heads, size, head_dim, generator=g).to(dtype)[1]
     assert kernels.prefill_attention_applies(q, cache_k)
     out = kernels.prefill_attention(q, cache_k, cache_v, start)
     expected = fp64_causal_attention(q, cache_k, cache_v, start)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    # fp32 arithmetic, then one rounding to bf16 (2**-8 relative).
-    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    assert out.dtype == dtype and out.shape == q.shape
+    # fp32 arithmetic, then (bf16) one rounding to bf16, 2**-8 relative.
+    rtol, atol = (2**-8, 1e-4) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    assert ((out.double() - expected).abs() <= expected.abs() * rtol + atol).all()
     # Positions after the chunk (future tokens) do not matter.
     cache_k[:, start + length :] = 1e4
     cache_v[:, start + length :] = -1e4
     torch.testing.assert_close(kernels.prefill_attention(q, cache_k, cache_v, start), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["float32", "head_dim_32", "disabled"])
+@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_32", "disabled"])
 def test_prefill_attention_not_used_outside_its_domain(case):
     head_dim = 32 if case == "head_dim_32" else 64
     q = torch.zeros(3, 2, head_dim, dtype=torch.bfloat16)
     cache = torch.zeros(1, 8, head_dim, dtype=torch.bfloat16)
-    if case == "float32":
-        q, cache = q.float(), cache.float()
+    if case == "float16":
+        q, cache = q.half(), cache.half()
+    if case == "mixed_dtypes":
+        q = q.float()
     if case == "disabled":
         kernels.set_enabled(False)
     assert not kernels.prefill_attention_applies(q, cache)
@@ -479,9 +487,7 @@ def test_prefill_attention_token_is_the_same_in_any_chunking(heads, kv_heads, he
     assert ((whole.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
     for cuts in ([64, 128, 192, 256], [1, 63, 65, 200, 299], [100, 137]):
         bounds = [0, *cuts, length]
-        parts = [
-            kernels.prefill_attention(q[a:b], cache_k, cache_v, a) for a, b in zip(bounds, bounds[1:])
-        ]
+        parts = [kernels.prefill_attention(q[a:b], cache_k, cache_v, a) for a, b in zip(bounds, bounds[1:])]
         assert torch.equal(torch.cat(parts), whole), cuts
 
 

@@ -152,21 +152,12 @@ struct Avx512Ops {
 // grouping it is not built for, STATUS_BAD_SIZES when the sizes, strides or a length (1 ..
 // max_len) do not fit the buffers, or STATUS_NO_MEMORY when the scratch space cannot be allocated.
 // fp32 scores, softmax and weighted sum, in tiles (tiled_attention.h).
-extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
-                                               const uint16_t* v, int64_t kv_len, uint16_t* out,
-                                               int64_t out_len, const int64_t* lens, int64_t lens_len,
-                                               const int64_t* rows, int64_t rows_len, int64_t cache_rows,
-                                               int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
-                                               int64_t row_stride, int64_t head_stride, float scale,
-                                               int threads) {
-  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
-                                            B, H, KVH, D, max_len, row_stride, head_stride);
-  if (status != STATUS_OK) return status;
-  if (D == 64)
-    return tiled::decode<Avx512Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale,
-                                        threads);
-  return tiled::decode<Avx512Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale,
-                                       threads);
+extern "C" int codellama_decode_attention_bf16(DECODE_ATTENTION_ARGS(uint16_t)) {
+  return tiled::decode_entry<Avx512Ops, uint16_t>(DECODE_ATTENTION_CALL);
+}
+// The same on fp32 queries, cache and output.
+extern "C" int codellama_decode_attention_f32(DECODE_ATTENTION_ARGS(float)) {
+  return tiled::decode_entry<Avx512Ops, float>(DECODE_ATTENTION_CALL);
 }
 
 // Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
@@ -176,17 +167,12 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len,
 // (tiled_attention.h). The cache row holds max_len positions per head (kv_len elements from k
 // and from v). Returns STATUS_OK, STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the
 // decode kernel does.
-extern "C" int codellama_prefill_attention_bf16(const uint16_t* q, int64_t q_len, const uint16_t* k,
-                                                const uint16_t* v, int64_t kv_len, uint16_t* out,
-                                                int64_t out_len, int64_t start, int64_t len, int64_t H,
-                                                int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
-                                                float scale, int threads) {
-  const int status = check_prefill_attention(q_len, kv_len, out_len, start, len, H, KVH, D, max_len,
-                                             head_stride);
-  if (status != STATUS_OK) return status;
-  if (len == 0) return STATUS_OK;
-  if (D == 64) return tiled::prefill<Avx512Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
-  return tiled::prefill<Avx512Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+extern "C" int codellama_prefill_attention_bf16(PREFILL_ATTENTION_ARGS(uint16_t)) {
+  return tiled::prefill_entry<Avx512Ops, uint16_t>(PREFILL_ATTENTION_CALL);
+}
+// The same on fp32 queries, cache and output.
+extern "C" int codellama_prefill_attention_f32(PREFILL_ATTENTION_ARGS(float)) {
+  return tiled::prefill_entry<Avx512Ops, float>(PREFILL_ATTENTION_CALL);
 }
 
 // Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]

@@ -9,6 +9,9 @@
 //   below(index, bound, v, fill)   v in the lanes where index < bound, fill elsewhere
 //   load_bf16(p), store_bf16(p, v) W bf16 values to fp32 and back (rounding to nearest even)
 //
+// Queries, cache and output are all bf16 (uint16_t) or all fp32 (float): `T`; the arithmetic is
+// fp32 either way.
+//
 // A task is one kv head and a tile of consecutive tokens: its rows are the (token, query head)
 // pairs of the tile, kTileRows or fewer (or the query heads of one kv head, if more). The keys are read in blocks of kKeyBlock, in position
 // order, each block widened to fp32 once for every row of the tile; the softmax is computed
@@ -170,15 +173,33 @@ inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
   for (; r < rows; ++r) weigh_rows<Ops, D, 1>(s, r, keys);
 }
 
-// 8 bf16 values widened to fp32 (exact), with the AVX2 instructions both variants have.
+// 8 values as fp32 (bf16 widened exactly), with the AVX2 instructions both variants have.
 inline __m256 widen8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline float widen(uint16_t x) {
+  const uint32_t bits = (uint32_t)x << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+inline float widen(float x) { return x; }
+
+// W values of a row of T as fp32, and back (bf16: rounded to nearest even).
+template <class Ops>
+inline typename Ops::vec load_row(const uint16_t* p) { return Ops::load_bf16(p); }
+template <class Ops>
+inline typename Ops::vec load_row(const float* p) { return Ops::load(p); }
+template <class Ops>
+inline void store_row(uint16_t* p, typename Ops::vec v) { Ops::store_bf16(p, v); }
+template <class Ops>
+inline void store_row(float* p, typename Ops::vec v) { Ops::store(p, v); }
 
 // kt[d * kKeyBlock + j] = key j's element d (fp32) for the block's first `keys` keys [keys, D]
 // (bf16, rows of D); 0 for the others. Groups of 8 keys by 8 elements are transposed in registers.
-template <int D>
-inline void transpose_keys(const uint16_t* k, int64_t keys, float* kt) {
+template <int D, class T>
+inline void transpose_keys(const T* k, int64_t keys, float* kt) {
   int64_t j = 0;
   for (; j + 8 <= keys; j += 8)
     for (int d = 0; d < D; d += 8) {
@@ -201,16 +222,13 @@ inline void transpose_keys(const uint16_t* k, int64_t keys, float* kt) {
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d + i) * kKeyBlock + j, columns[i]);
     }
   for (; j < kKeyBlock; ++j)
-    for (int d = 0; d < D; ++d) {
-      const uint32_t bits = j < keys ? (uint32_t)k[j * D + d] << 16 : 0u;
-      memcpy(kt + d * kKeyBlock + j, &bits, 4);
-    }
+    for (int d = 0; d < D; ++d) kt[d * kKeyBlock + j] = j < keys ? widen(k[j * D + d]) : 0.0f;
 }
 
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
 // start + t seeing keys 0 .. start + t.
-template <class Ops, int D>
-inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t start,
+template <class Ops, int D, class T>
+inline void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t start,
                         int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, float scale,
                         const Scratch<D>& s) {
   using V = typename Ops::vec;
@@ -221,7 +239,7 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
     position[r] = start + token;
     for (int d = 0; d < D; d += W)
-      Ops::store(s.q + r * D + d, Ops::mul(Ops::load_bf16(q + (token * H + head) * D + d), sv));
+      Ops::store(s.q + r * D + d, Ops::mul(load_row<Ops>(q + (token * H + head) * D + d), sv));
     for (int d = 0; d < D; d += W) Ops::store(s.o + r * D + d, Ops::zero());
     s.m[r] = -INFINITY;
     s.l[r] = 0.0f;
@@ -232,7 +250,7 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     transpose_keys<D>(k + first * D, keys, s.kt);
     for (int64_t j = 0; j < kKeyBlock; ++j)
       for (int d = 0; d < D; d += W)
-        Ops::store(s.v + j * D + d, j < keys ? Ops::load_bf16(v + (first + j) * D + d) : Ops::zero());
+        Ops::store(s.v + j * D + d, j < keys ? load_row<Ops>(v + (first + j) * D + d) : Ops::zero());
     scores<Ops, D>(s, rows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
@@ -248,15 +266,15 @@ inline void attend_tile(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
     const V inv = Ops::set1(1.0f / s.l[r]);
     for (int d = 0; d < D; d += W)
-      Ops::store_bf16(out + (token * H + head) * D + d, Ops::mul(Ops::load(s.o + r * D + d), inv));
+      store_row<Ops>(out + (token * H + head) * D + d, Ops::mul(Ops::load(s.o + r * D + d), inv));
   }
 }
 
 // Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], the
 // cache row's kv head g at k/v + g * head_stride ([positions, D]). Returns STATUS_OK or
 // STATUS_NO_MEMORY.
-template <class Ops, int D>
-int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t start, int64_t len,
+template <class Ops, int D, class T>
+int prefill(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len,
             int64_t H, int64_t KVH, int64_t head_stride, float scale, int threads) {
   const int64_t rep = H / KVH;
   const int64_t tokens_per_tile = rep >= kTileRows ? 1 : kTileRows / rep;
@@ -277,7 +295,7 @@ int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o
       const int64_t g = task % KVH, tile = tiles - 1 - task / KVH;
       const int64_t t0 = tile * tokens_per_tile;
       const int64_t count = len - t0 < tokens_per_tile ? len - t0 : tokens_per_tile;
-      attend_tile<Ops, D>(q, k + g * head_stride, v + g * head_stride, out, start, t0, count * rep, rep, g, H,
+      attend_tile<Ops, D, T>(q, k + g * head_stride, v + g * head_stride, out, start, t0, count * rep, rep, g, H,
                           scale, scratch);
     }
   }
@@ -289,8 +307,8 @@ int prefill(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o
 // k/v + r * row_stride + g * head_stride. Each (row, kv head) is one tile of the query heads
 // sharing that kv head, so a token's output equals what `prefill` computes for it. Returns
 // STATUS_OK or STATUS_NO_MEMORY.
-template <class Ops, int D>
-int decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, const int64_t* lens,
+template <class Ops, int D, class T>
+int decode(const T* q, const T* k, const T* v, T* out, const int64_t* lens,
            const int64_t* rows, int64_t B, int64_t H, int64_t KVH, int64_t row_stride, int64_t head_stride,
            float scale, int threads) {
   const int64_t rep = H / KVH;
@@ -308,11 +326,55 @@ int decode(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* ou
       const int64_t b = task / KVH, g = task % KVH;
       const int64_t cache_row = rows ? rows[b] : b;
       const int64_t offset = cache_row * row_stride + g * head_stride;
-      attend_tile<Ops, D>(q + b * H * D, k + offset, v + offset, out + b * H * D, lens[b] - 1, 0, rep, rep, g,
+      attend_tile<Ops, D, T>(q + b * H * D, k + offset, v + offset, out + b * H * D, lens[b] - 1, 0, rep, rep, g,
                           H, scale, scratch);
     }
   }
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
+// The entry points' bodies (see kernels_avx512bf16.cpp for the layouts and status codes): the
+// checks of common.h, then the head size's instance.
+template <class Ops, class T>
+int decode_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_len, T* out, int64_t out_len,
+                 const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len, int64_t cache_rows,
+                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
+                 int64_t head_stride, float scale, int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
+                                            B, H, KVH, D, max_len, row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  if (D == 64) return decode<Ops, 64, T>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+  return decode<Ops, 128, T>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+}
+
+template <class Ops, class T>
+int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_len, T* out, int64_t out_len,
+                  int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
+                  float scale, int threads) {
+  const int status = check_prefill_attention(q_len, kv_len, out_len, start, len, H, KVH, D, max_len,
+                                             head_stride);
+  if (status != STATUS_OK) return status;
+  if (len == 0) return STATUS_OK;
+  if (D == 64) return prefill<Ops, 64, T>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  return prefill<Ops, 128, T>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+}
+
 }  // namespace tiled
+
+// The parameters of the attention entry points, and the call forwarding them, for T = uint16_t
+// (bf16) and T = float: each variant defines the four entry points with these.
+#define DECODE_ATTENTION_ARGS(T)                                                                        \
+  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len,                \
+      const int64_t *lens, int64_t lens_len, const int64_t *rows, int64_t rows_len, int64_t cache_rows,      \
+      int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride, int64_t head_stride, \
+      float scale, int threads
+#define DECODE_ATTENTION_CALL \
+  q, q_len, k, v, kv_len, out, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H, KVH, D, max_len, \
+      row_stride, head_stride, scale, threads
+#define PREFILL_ATTENTION_ARGS(T)                                                                      \
+  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len, int64_t start, \
+      int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, float scale,      \
+      int threads
+#define PREFILL_ATTENTION_CALL \
+  q, q_len, k, v, kv_len, out, out_len, start, len, H, KVH, D, max_len, head_stride, scale, threads
+
