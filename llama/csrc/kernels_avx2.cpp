@@ -316,6 +316,121 @@ extern "C" int codellama_decode_attention_bf16(const uint16_t* q, int64_t q_len,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode attention over an int8 cache
+// ---------------------------------------------------------------------------------------------
+
+// 8 int8 codes widened to fp32 (exact), in order.
+static inline __m256 int8x8_to_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// out[i] = sum_s p[i * ld + s] vscale[s] vcode[s] over s < len, for `rows` rows of probabilities,
+// written as bf16 rows of D: each probability is multiplied by its position's scale once, then
+// one fused multiply-add per position, in position order, for every element (as weighted_values).
+template <int D>
+static void weighted_values_int8(const float* p, int64_t ld, int64_t rows, const int8_t* v, const float* vscale,
+                                 int64_t len, uint16_t* const* out) {
+  constexpr int G = 2, J = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += G) {
+    const int g = rows - r0 < G ? (int)(rows - r0) : G;
+    for (int d0 = 0; d0 < D; d0 += 8 * J) {
+      __m256 acc[G][J];
+      for (int i = 0; i < G; ++i)
+        for (int j = 0; j < J; ++j) acc[i][j] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < len; ++s) {
+        __m256 vv[J];
+        for (int j = 0; j < J; ++j) vv[j] = int8x8_to_ps(v + s * D + d0 + 8 * j);
+        for (int i = 0; i < G; ++i) {
+          if (i >= g) break;
+          const __m256 w = _mm256_set1_ps(p[(r0 + i) * ld + s] * vscale[s]);
+          for (int j = 0; j < J; ++j) acc[i][j] = _mm256_fmadd_ps(w, vv[j], acc[i][j]);
+        }
+      }
+      for (int i = 0; i < g; ++i)
+        for (int j = 0; j < J; ++j) store_bf16x8(out[r0 + i] + d0 + 8 * j, acc[i][j]);
+    }
+  }
+}
+
+// One kv head of one row over the int8 cache: `rep` query heads q[rep, D] (bf16) attend to the
+// keys/values codes [len, D] with their scales [len]. The score of position s is
+// (q . kcode[s]) * kscale[s] * scale: the dequantized key's dot product, its scale applied once.
+// qf is scratch for rep * D floats, scores for rep * len.
+template <int D>
+static void attend_head_int8(const uint16_t* q, const int8_t* k, const float* kscale, const int8_t* v,
+                             const float* vscale, uint16_t* out, int64_t rep, int64_t len, float scale, float* qf,
+                             float* scores) {
+  for (int64_t i = 0; i < rep * D; i += 8) _mm256_storeu_ps(qf + i, bf16x8_to_ps(q + i));
+  for (int64_t s = 0; s < len; ++s) {
+    const int8_t* ks = k + s * D;
+    __m256 kv[D / 8];
+    for (int j = 0; j < D / 8; ++j) kv[j] = int8x8_to_ps(ks + 8 * j);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      for (int j = 0; j < D / 8; j += 2) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + 8 * j), kv[j], even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + 8 * j + 8), kv[j + 1], odd);
+      }
+      scores[r * len + s] = sum8(_mm256_add_ps(even, odd)) * kscale[s] * scale;
+    }
+  }
+  uint16_t* rows[64];
+  for (int64_t r0 = 0; r0 < rep; r0 += 64) {
+    const int64_t n = rep - r0 < 64 ? rep - r0 : 64;
+    for (int64_t r = 0; r < n; ++r) {
+      softmax_row(scores + (r0 + r) * len, len, len);
+      rows[r] = out + (r0 + r) * D;
+    }
+    weighted_values_int8<D>(scores + r0 * len, len, n, v, vscale, len, rows);
+  }
+}
+
+// codellama_decode_attention_bf16 over an int8 cache, read in place; the layout, checks and status
+// codes are those of the AVX512-BF16 variant.
+extern "C" int codellama_decode_attention_int8(const uint16_t* q, int64_t q_len, const int8_t* k, const int8_t* v,
+                                               int64_t kv_len, const float* k_scales, const float* v_scales,
+                                               int64_t scales_len, uint16_t* out, int64_t out_len,
+                                               const int64_t* lens, int64_t lens_len, const int64_t* rows,
+                                               int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,
+                                               int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
+                                               int64_t head_stride, int64_t scale_row_stride,
+                                               int64_t scale_head_stride, float scale, int threads) {
+  const int status = check_decode_attention_int8(q_len, kv_len, scales_len, out_len, lens, lens_len, rows, rows_len,
+                                                 cache_rows, B, H, KVH, D, max_len, row_stride, head_stride,
+                                                 scale_row_stride, scale_head_stride);
+  if (status != STATUS_OK) return status;
+  const int64_t rep = H / KVH;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = lens[b] > longest ? lens[b] : longest;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = (float*)malloc(sizeof(float) * rep * (longest + D));
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+      if (!scores) continue;
+      const int64_t b = task / KVH, g = task % KVH;
+      const int64_t row = rows ? rows[b] : b;
+      const int8_t* kb = k + row * row_stride + g * head_stride;
+      const int8_t* vb = v + row * row_stride + g * head_stride;
+      const float* ksb = k_scales + row * scale_row_stride + g * scale_head_stride;
+      const float* vsb = v_scales + row * scale_row_stride + g * scale_head_stride;
+      const int64_t first = (b * H + g * rep) * D;
+      float* qf = scores + rep * longest;
+      if (D == 32) attend_head_int8<32>(q + first, kb, ksb, vb, vsb, out + first, rep, lens[b], scale, qf, scores);
+      else if (D == 64) attend_head_int8<64>(q + first, kb, ksb, vb, vsb, out + first, rep, lens[b], scale, qf, scores);
+      else attend_head_int8<128>(q + first, kb, ksb, vb, vsb, out + first, rep, lens[b], scale, qf, scores);
+    }
+    free(scores);
+  }
+  return failed ? STATUS_NO_MEMORY : STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Prefill attention
 // ---------------------------------------------------------------------------------------------
 
