@@ -228,14 +228,15 @@ class Attention(nn.Module):
         self.kv_cache = kv_cache.allocate(kv_cache_dtype, shape, dtype, device)
 
     @property
-    def cache_k(self) -> torch.Tensor:
-        """The stored keys [rows, kv_heads, max_seq_len, head_dim] (int8 codes in an int8 cache)."""
-        return self.kv_cache.keys
+    def cache_k(self) -> Optional[torch.Tensor]:
+        """The stored keys [rows, kv_heads, max_seq_len, head_dim] (int8 codes in an int8 cache);
+        None before `allocate_cache`."""
+        return None if self.kv_cache is None else self.kv_cache.keys
 
     @property
-    def cache_v(self) -> torch.Tensor:
-        """The stored values, laid out as `cache_k`."""
-        return self.kv_cache.values
+    def cache_v(self) -> Optional[torch.Tensor]:
+        """The stored values, laid out as `cache_k`; None before `allocate_cache`."""
+        return None if self.kv_cache is None else self.kv_cache.values
 
     # Query tokens per attention call over several tokens of a sequence: each block of queries
     # reads only the keys up to its last position (causal), and the mask stays small.
