@@ -7,7 +7,9 @@ over the OpenMP threads torch uses. The decode-attention kernel reads each row's
 values once, in fp32 arithmetic, up to that row's own length (no mask), where torch's fused
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
-no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
+no mask), in fp32 like the decode kernel. The int8 decode-attention kernel
+(`decode_attention_int8`) does the same over an int8 KV cache (`llama.kv_cache.Int8KVCache`), reading
+its codes and per-position scales in place. The rotary kernel rotates every head of a chunk in one
 pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
 int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
 that stream each weight row once at its quantized size.
@@ -21,8 +23,9 @@ whatever the number of rows in the call, so a row's result never depends on its 
 `linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
 of at most `MAX_ROWS` rows when a variant is available, and falls back to `F.linear` on GPUs,
 other CPUs, other dtypes, with autograd, or when the kernels cannot be built;
-`attention_applies`, `prefill_attention_applies` and `rotary_applies` say when
-`decode_attention`, `prefill_attention` and `rotary` may replace the torch operations. The
+`attention_applies`, `int8_attention_applies`, `prefill_attention_applies` and `rotary_applies` say
+when `decode_attention`, `decode_attention_int8`, `prefill_attention` and `rotary` may replace the
+torch operations. The
 kernels are compiled with the system C++ compiler on first use and cached
 (`CODELLAMA_KERNEL_CACHE`, default `~/.cache/codellama`); `CODELLAMA_KERNELS=0` or
 `set_enabled(False)` turns them off. A build failure is a warning and torch's operations are
