@@ -19,10 +19,9 @@ Two storages:
   (row, kv head, position), symmetric: scale = absmax / 127 over the head_dim values of that
   token and head, code = round(value / scale). Written values are quantized; the decode kernel
   reads the codes and scales in place, every other read dequantizes the positions it asks for.
-  fp32 scales (not bf16) keep a dequantized value within scale / 2 of the written one: a bf16
-  scale would add a relative error of up to 2^-9 to every value of the token, larger than the
-  rounding of the codes for the biggest values. They cost 4 bytes per head_dim values (3% at
-  head_dim 128).
+  fp32 scales (not bf16) keep every dequantized value within scale / 2 of the written one: a bf16
+  scale can be off by 2^-9 of itself, which moves a value with code 127 by a further 0.25 scale
+  (half the codes' own rounding). They cost 4 bytes per head_dim values (3% at head_dim 128).
 
 Both keep the row/position addressing out of the attention code, so a block-table (paged)
 storage can be added here as a third class that maps (row, position) through its table.
