@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Tuple, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kernels, memory_plan, quantized_checkpoint
+from llama import checkpoint, distributed, kernels, kv_cache, memory_plan, quantized_checkpoint
 from llama.engine import Engine
 from llama.model import ModelArgs, Transformer
 from llama.prompts import (
@@ -65,6 +65,7 @@ class Llama:
         quantize: Optional[str] = None,
         quantize_group_size: Optional[int] = None,
         draft_ckpt_dir: Optional[str] = None,
+        kv_cache_dtype: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
 
@@ -95,6 +96,10 @@ class Llama:
                 34B or 70B), loaded beside the main one with its own KV cache, split over the
                 same ranks, for requests that ask for `Speculation("draft")`. It is loaded
                 unquantized, in `dtype`.
+            kv_cache_dtype: how the KV cache stores keys and values: None (default) in `dtype`,
+                or "int8": int8 codes with one fp32 scale per token and kv head (`llama.kv_cache`),
+                about half the memory of a 16-bit cache, read in place by the decode-attention
+                kernel. The draft model's cache is stored the same way.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -102,6 +107,7 @@ class Llama:
                 that does not fit in memory; the message names the file or number to fix.
         """
         started = time.perf_counter()
+        kv_cache.check_kv_cache_dtype(kv_cache_dtype)
         if not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -117,7 +123,7 @@ class Llama:
         tokenizer = Tokenizer(tokenizer_path)
         model = _load_model(
             ckpt_dir, params, tokenizer, max_seq_len, max_batch_size, (mp_rank, mp_size), model_dtype,
-            device, quantize, quantize_group_size,
+            device, quantize, quantize_group_size, kv_cache_dtype,
         )  # fmt: skip
         n_params = quantized_checkpoint.parameter_count(model) * mp_size
         size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
@@ -126,13 +132,14 @@ class Llama:
             draft_params = checkpoint.read_params(draft_ckpt_dir)
             draft = _load_model(
                 draft_ckpt_dir, draft_params, tokenizer, max_seq_len, max_batch_size, (mp_rank, mp_size),
-                model_dtype, device, None, None,
+                model_dtype, device, None, None, kv_cache_dtype,
             )  # fmt: skip
             draft_size = quantized_checkpoint.parameter_count(draft) * mp_size / 1e6
             size += f" (draft {draft_size:.2f}M from {draft_ckpt_dir})"
         print(
             f"Loaded {size}-parameter model from {ckpt_dir} (MP={mp_size}, "
-            f"{str(model_dtype).removeprefix('torch.')}, {device}) in "
+            f"{str(model_dtype).removeprefix('torch.')}, {device}"
+            f"{', int8 KV cache' if kv_cache_dtype == 'int8' else ''}) in "
             f"{time.perf_counter() - started:.2f} s"
         )
         return Llama(model, tokenizer, compile=compile, draft_model=draft)
@@ -442,12 +449,13 @@ def _load_model(
     device: torch.device,
     quantize: Optional[str],
     quantize_group_size: Optional[int],
+    kv_cache_dtype: Optional[str] = None,
 ) -> Transformer:
     """This rank's slice of a checkpoint, with its KV cache allocated, after the memory check."""
     mp_rank, mp_size = mp
     args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
     group_size = quantize_group_size or memory_plan.DEFAULT_GROUP_SIZE
-    memory_plan.check_fits(args, mp_size, dtype, device, quantize, group_size)
+    memory_plan.check_fits(args, mp_size, dtype, device, quantize, group_size, kv_cache_dtype)
     if (
         quantize is None
         and quantize_group_size is None
@@ -463,7 +471,7 @@ def _load_model(
         model = quantized_checkpoint.load_model(
             source, params, args, mp_rank, mp_size, dtype, device, torch_ops=kernels.enabled()
         )
-    model.allocate_cache(dtype, device)
+    model.allocate_cache(dtype, device, kv_cache_dtype)
     model.eval()
     return model
 
@@ -496,9 +504,17 @@ def _model_args(
     return args
 
 
-def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one rank's KV cache (keys and values of every layer)."""
+def kv_cache_bytes(
+    args: ModelArgs, mp_size: int, dtype: torch.dtype, kv_cache_dtype: Optional[str] = None
+) -> int:
+    """Bytes of one rank's KV cache (keys and values of every layer, int8 codes and scales with
+    `kv_cache_dtype="int8"`)."""
     settings = memory_plan.Settings(
-        args, mp_size=mp_size, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size
+        args,
+        mp_size=mp_size,
+        dtype=dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.max_batch_size,
+        kv_cache_dtype=kv_cache_dtype,
     )
     return memory_plan.kv_cache_bytes(settings)

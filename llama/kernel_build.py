@@ -58,6 +58,10 @@ ENTRY_POINTS = {
     "codellama_decode_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
     + [_I64] * 8
     + [_FLOAT, _INT],
+    "codellama_decode_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
+    + [_PTR, _I64, _PTR, _I64]
+    + [_I64] * 10
+    + [_FLOAT, _INT],
     "codellama_prefill_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
     + [_I64] * 7
     + [_FLOAT, _INT],

@@ -7,7 +7,9 @@ over the OpenMP threads torch uses. The decode-attention kernel reads each row's
 values once, in fp32 arithmetic, up to that row's own length (no mask), where torch's fused
 attention is built for long query blocks. The prefill-attention kernel scores several keys per
 instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
-no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
+no mask), in fp32 like the decode kernel. The int8 decode-attention kernel
+(`decode_attention_int8`) does the same over an int8 KV cache (`llama.kv_cache.Int8KVCache`), reading
+its codes and per-position scales in place. The rotary kernel rotates every head of a chunk in one
 pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
 int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
 that stream each weight row once at its quantized size.
@@ -21,8 +23,9 @@ whatever the number of rows in the call, so a row's result never depends on its 
 `linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
 of at most `MAX_ROWS` rows when a variant is available, and falls back to `F.linear` on GPUs,
 other CPUs, other dtypes, with autograd, or when the kernels cannot be built;
-`attention_applies`, `prefill_attention_applies` and `rotary_applies` say when
-`decode_attention`, `prefill_attention` and `rotary` may replace the torch operations. The
+`attention_applies`, `int8_attention_applies`, `prefill_attention_applies` and `rotary_applies` say
+when `decode_attention`, `decode_attention_int8`, `prefill_attention` and `rotary` may replace the
+torch operations. The
 kernels are compiled with the system C++ compiler on first use and cached
 (`CODELLAMA_KERNEL_CACHE`, default `~/.cache/codellama`); `CODELLAMA_KERNELS=0` or
 `set_enabled(False)` turns them off. A build failure is a warning and torch's operations are
@@ -604,6 +607,141 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return _decode_attention_op(q, cache_k, cache_v, lengths, rows)
     return _decode_attention(q, cache_k, cache_v, lengths, rows)
+
+
+# Head sizes the int8-cache decode-attention kernel is built for (the demo model's 32 too).
+INT8_ATTENTION_HEAD_DIMS = (32, 64, 128)
+
+
+def int8_attention_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `decode_attention_int8(q, codes, ...)` would take the hand-written kernel: bf16
+    queries on the CPU, an int8 cache whose positions' heads are contiguous, a head size in
+    `INT8_ATTENTION_HEAD_DIMS`, the kernels on and built here."""
+    return (
+        q.shape[-1] in INT8_ATTENTION_HEAD_DIMS
+        and codes.dtype == torch.int8
+        and codes.device.type == "cpu"
+        and codes.stride(-1) == 1
+        and codes.stride(-2) == q.shape[-1]
+        and _usable_on(q)
+    )
+
+
+def _decode_attention_int8(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    scales_k: torch.Tensor,
+    scales_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    q = q.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    _check_same_layout(codes_k, codes_v)
+    _check_same_layout(scales_k, scales_v)
+    if scales_k.dtype != torch.float32 or scales_k.shape != codes_k.shape[:-1] or scales_k.stride(-1) != 1:
+        raise ValueError(
+            f"the int8 cache needs fp32 scales {tuple(codes_k.shape[:-1])} with contiguous positions, "
+            f"got {scales_k.dtype} {tuple(scales_k.shape)}"
+        )
+    if rows is None:
+        rows_ptr, rows_len = None, 0
+    else:
+        rows = rows.to(torch.int64).contiguous()
+        rows_ptr, rows_len = rows.data_ptr(), rows.numel()
+    out = torch.empty_like(q)
+    _run(
+        "codellama_decode_attention_int8",
+        q.data_ptr(),
+        _elements(q),
+        codes_k.data_ptr(),
+        codes_v.data_ptr(),
+        min(_elements(codes_k), _elements(codes_v)),
+        scales_k.data_ptr(),
+        scales_v.data_ptr(),
+        min(_elements(scales_k), _elements(scales_v)),
+        out.data_ptr(),
+        _elements(out),
+        lengths.data_ptr(),
+        lengths.numel(),
+        rows_ptr,
+        rows_len,
+        codes_k.shape[0],
+        batch,
+        heads,
+        codes_k.shape[1],
+        head_dim,
+        codes_k.shape[2],
+        codes_k.stride(0),
+        codes_k.stride(1),
+        scales_k.stride(0),
+        scales_k.stride(1),
+        head_dim**-0.5,
+        unsupported=f"{heads} heads of size {head_dim}",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::decode_attention_int8", mutates_args=())
+def _decode_attention_int8_op(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    scales_k: torch.Tensor,
+    scales_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
+
+
+@_decode_attention_int8_op.register_fake
+def _(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    scales_k: torch.Tensor,
+    scales_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def decode_attention_int8(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    scales_k: torch.Tensor,
+    scales_v: torch.Tensor,
+    lengths: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`decode_attention` over an int8 cache (`llama.kv_cache.Int8KVCache`), read in place.
+
+    Args:
+        q: queries [B, heads, head_dim], bf16.
+        codes_k, codes_v: int8 codes [R, kv_heads, max_seq_len, head_dim].
+        scales_k, scales_v: fp32 scales [R, kv_heads, max_seq_len]: key (value) element d of
+            position s is codes[..., s, d] * scales[..., s].
+        lengths, rows: as for `decode_attention`.
+
+    Returns:
+        [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over the dequantized keys and
+        values of the first `lengths[b]` positions of cache row `rows[b]`, computed in fp32 (each
+        score is q . codes times the key's scale; each probability is multiplied by the value's
+        scale before it weighs the codes).
+
+    Raises:
+        RuntimeError: if the kernel does not apply (check `int8_attention_applies` first).
+        ValueError: if a length is outside 1 .. max_seq_len, a row outside the cache, or the
+            scales do not fit the codes.
+    """
+    if torch.compiler.is_compiling():
+        return _decode_attention_int8_op(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
+    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
 
 
 def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:

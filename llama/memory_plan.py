@@ -11,7 +11,8 @@ One arithmetic for `codellama plan` and for the refusal in `Llama.build` before 
   take 2 bytes (bf16). Embeddings
   and norms stay in the model dtype.
 - **KV cache**: keys and values of every layer for `max_batch_size` rows of `max_seq_len` positions
-  (the rank's share of the kv heads).
+  (the rank's share of the kv heads), in the model dtype, or with `kv_cache_dtype="int8"` as int8
+  codes plus one fp32 scale per position and kv head (`llama.kv_cache.bytes_per_position`).
 - **activations**: the largest buffers alive during one prefill step, whose tokens number at most
   the engine's `prefill_chunk` (and `max_seq_len`): the residual stream and layer output
   (2 x tokens x dim) plus the larger of the feed-forward intermediates (w1 x, w3 x and their product:
@@ -26,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama import int4_pack
+from llama import int4_pack, kv_cache
 from llama.model import Attention, ModelArgs
 
 # The published Code Llama shapes (SPEC: model family table).
@@ -76,6 +77,7 @@ class Settings:
     max_seq_len: int = 2048
     max_batch_size: int = 1
     prefill_chunk: int = PREFILL_CHUNK
+    kv_cache_dtype: Optional[str] = None  # None: the model dtype; "int8"
 
     def describe(self) -> str:
         """The settings as the command-line flags that select them."""
@@ -84,6 +86,8 @@ class Settings:
             flags.append(f"--quantize {self.quantization}")
             if self.quantization == "int4":
                 flags.append(f"--group_size {self.group_size}")
+        if self.kv_cache_dtype is not None:
+            flags.append(f"--kv_cache_dtype {self.kv_cache_dtype}")
         flags += [f"--max_seq_len {self.max_seq_len}", f"--max_batch_size {self.max_batch_size}"]
         return " ".join(flags)
 
@@ -182,10 +186,24 @@ def weight_bytes(settings: Settings) -> int:
 
 
 def kv_cache_bytes(settings: Settings) -> int:
-    """Bytes of one rank's KV cache (keys and values of every layer)."""
+    """Bytes of one rank's KV cache (keys and values of every layer; int8 codes and their scales
+    with `kv_cache_dtype="int8"`).
+
+    Raises:
+        ValueError: for an unknown `kv_cache_dtype`.
+    """
+    return kv_cache_bytes_per_token(settings) * settings.max_batch_size * settings.max_seq_len
+
+
+def kv_cache_bytes_per_token(settings: Settings) -> int:
+    """Bytes of one rank's KV cache for one token of one sequence (every layer, keys and values).
+
+    Raises:
+        ValueError: for an unknown `kv_cache_dtype`.
+    """
     args = settings.args
-    per_token = 2 * args.n_layers * (args.kv_heads // settings.mp_size) * args.head_dim
-    return per_token * settings.max_batch_size * settings.max_seq_len * itemsize(settings.dtype)
+    per_head = kv_cache.bytes_per_position(settings.kv_cache_dtype, settings.dtype, args.head_dim)
+    return 2 * args.n_layers * (args.kv_heads // settings.mp_size) * per_head
 
 
 def activation_bytes(settings: Settings) -> int:
@@ -325,6 +343,7 @@ def check_fits(
     device: torch.device,
     quantization: Optional[str] = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    kv_cache_dtype: Optional[str] = None,
 ) -> None:
     """Refuse, before loading, settings whose weights, KV cache and buffers do not fit `device`.
 
@@ -347,6 +366,7 @@ def check_fits(
         group_size=group_size,
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
+        kv_cache_dtype=kv_cache_dtype,
     )
     need = rank_bytes(settings, check=False)  # loading names a tensor that cannot be split
     ranks_here = distributed.local_world_size() if device.type == "cpu" else 1
@@ -357,6 +377,7 @@ def check_fits(
             f"KV cache {need.kv_cache / GIB:.1f} GiB for max_batch_size={args.max_batch_size} x "
             f"max_seq_len={args.max_seq_len}, activations {need.activations / GIB:.1f}, logits "
             f"{need.logits / GIB:.1f}) but only {available / GIB:.1f} GiB is free{sharing}: lower "
-            "max_seq_len or max_batch_size, quantize, or use more model-parallel ranks "
+            "max_seq_len or max_batch_size, quantize, store the KV cache in int8 (kv_cache_dtype), or "
+            "use more model-parallel ranks "
             "(`codellama plan` shows what fits)"
         )

@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import distributed, kernels
+from llama import distributed, kernels, kv_cache
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -207,16 +207,36 @@ class Attention(nn.Module):
         self.wo = RowLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init
         )
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        self.kv_cache: Optional[kv_cache.KVCache] = None
 
     def allocate_cache(
-        self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_cache_dtype: Optional[str] = None,
     ) -> None:
+        """(Re)allocate this layer's KV cache (`llama.kv_cache`), zeroed: reads in `dtype`, stored
+        as `kv_cache_dtype` (None: in `dtype`; "int8").
+
+        Raises:
+            ValueError: for an unknown `kv_cache_dtype`.
+        """
         # Layout [batch, kv_heads, seq, head_dim]: what scaled_dot_product_attention reads.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_cache = kv_cache.allocate(kv_cache_dtype, shape, dtype, device)
+
+    @property
+    def cache_k(self) -> Optional[torch.Tensor]:
+        """The stored keys [rows, kv_heads, max_seq_len, head_dim] (int8 codes in an int8 cache);
+        None before `allocate_cache`."""
+        return None if self.kv_cache is None else self.kv_cache.keys
+
+    @property
+    def cache_v(self) -> Optional[torch.Tensor]:
+        """The stored values, laid out as `cache_k`; None before `allocate_cache`."""
+        return None if self.kv_cache is None else self.kv_cache.values
 
     # Query tokens per attention call over several tokens of a sequence: each block of queries
     # reads only the keys up to its last position (causal), and the mask stays small.
@@ -240,20 +260,12 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
     ) -> torch.Tensor:
         """Decode step: q/k/v [B, 1, heads, D], one cache row per batch row; returns [B, 1, H*D]."""
-        bsz = q.shape[0]
-        cache_k, cache_v = self.cache_k[inputs.rows], self.cache_v[inputs.rows]
-        if isinstance(inputs.write_pos, int):  # a slice, not an index: compiles once for all positions
-            position = slice(inputs.write_pos, inputs.write_pos + 1)
-            cache_k[:, :, position] = k.transpose(1, 2)
-            cache_v[:, :, position] = v.transpose(1, 2)
-        else:  # one position per row
-            batch = torch.arange(bsz, device=q.device)
-            cache_k[batch, :, inputs.write_pos] = k[:, 0]
-            cache_v[batch, :, inputs.write_pos] = v[:, 0]
-        if kernels.attention_applies(q, cache_k):
+        bsz, cache = q.shape[0], self.kv_cache
+        cache.write_rows(inputs.rows, inputs.write_pos, k[:, 0], v[:, 0])
+        if cache.decode_kernel_applies(q):
             heads = q.view(bsz, self.n_local_heads, self.head_dim)
-            return kernels.decode_attention(heads, cache_k, cache_v, inputs.lengths).view(bsz, 1, -1)
-        keys, values = cache_k[:, :, : inputs.kv_len], cache_v[:, :, : inputs.kv_len]
+            return cache.decode_attention(heads, inputs.lengths, inputs.rows).view(bsz, 1, -1)
+        keys, values = cache.read(inputs.rows, inputs.kv_len)
         # Grouped-query attention without repeating K/V: the n_rep query heads that share a kv
         # head are stacked along the query axis, so every kv head is read once.
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
@@ -267,28 +279,22 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
     ) -> torch.Tensor:
         """One new token for each of any cache rows: q/k/v [B, 1, heads, D]; returns [B, 1, H*D]."""
-        bsz = q.shape[0]
-        rows, positions = inputs.row_index, inputs.write_pos
-        self.cache_k[rows, :, positions] = k[:, 0]
-        self.cache_v[rows, :, positions] = v[:, 0]
-        if kernels.attention_applies(q, self.cache_k):  # each row over its own positions, in place
+        bsz, cache, rows = q.shape[0], self.kv_cache, inputs.row_index
+        cache.write_rows(rows, inputs.write_pos, k[:, 0], v[:, 0])
+        if cache.decode_kernel_applies(q):  # each row over its own positions, in place
             heads = q.view(bsz, self.n_local_heads, self.head_dim)
-            attended = kernels.decode_attention(heads, self.cache_k, self.cache_v, inputs.lengths, rows)
-            return attended.view(bsz, 1, -1)
+            return cache.decode_attention(heads, inputs.lengths, rows).view(bsz, 1, -1)
         if inputs.host_lengths is not None:  # each row over exactly its own positions
             out = torch.empty_like(q)
             for b, (row, length) in enumerate(zip(inputs.host_rows, inputs.host_lengths)):
                 query = q[b].view(1, self.n_local_kv_heads, self.n_rep, self.head_dim)
-                keys, values = (
-                    self.cache_k[row : row + 1, :, :length],
-                    self.cache_v[row : row + 1, :, :length],
-                )
+                keys, values = cache.read(slice(row, row + 1), length)
                 attended = F.scaled_dot_product_attention(query, keys, values)
                 out[b] = attended.view(1, self.n_local_heads, self.head_dim)
             return out.view(bsz, 1, -1)
-        cache_k, cache_v = self.cache_k[rows, :, : inputs.kv_len], self.cache_v[rows, :, : inputs.kv_len]
+        keys, values = cache.read(rows, inputs.kv_len)
         q = q.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        return F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=inputs.mask).reshape(bsz, 1, -1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask).reshape(bsz, 1, -1)
 
     def _attend_segments(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: List[Segment]
@@ -298,9 +304,8 @@ class Attention(nn.Module):
         for seg in segments:
             end = seg.start + seg.length
             tokens = slice(seg.offset, seg.offset + seg.length)
-            cache_k, cache_v = self.cache_k[seg.row], self.cache_v[seg.row]  # [kv_heads, S, D]
-            cache_k[:, seg.start : end] = k[tokens].transpose(0, 1)
-            cache_v[:, seg.start : end] = v[tokens].transpose(0, 1)
+            self.kv_cache.write_tokens(seg.row, seg.start, k[tokens], v[tokens])
+            cache_k, cache_v = self.kv_cache.visible(seg.row, end)  # [kv_heads, >= end, D]
             if kernels.prefill_attention_applies(q, cache_k):
                 out[tokens] = kernels.prefill_attention(q[tokens], cache_k, cache_v, seg.start)
                 continue
@@ -365,11 +370,23 @@ class Transformer(nn.Module):
         if torch.empty(0).device.type != "meta":
             self.allocate_cache(torch.get_default_dtype(), torch.empty(0).device)
 
-    def allocate_cache(self, dtype: torch.dtype, device: Union[str, torch.device]) -> None:
-        """(Re)allocate every layer's KV cache, zeroed, in `dtype` on `device`."""
+    def allocate_cache(
+        self, dtype: torch.dtype, device: Union[str, torch.device], kv_cache_dtype: Optional[str] = None
+    ) -> None:
+        """(Re)allocate every layer's KV cache, zeroed, on `device`: read in `dtype`, stored in
+        `dtype` (kv_cache_dtype None) or as int8 codes and scales ("int8", `llama.kv_cache`).
+
+        Raises:
+            ValueError: for an unknown `kv_cache_dtype`.
+        """
+        kv_cache.check_kv_cache_dtype(kv_cache_dtype)
         for layer in self.layers:
             layer.attention.allocate_cache(
-                self.params.max_batch_size, self.params.max_seq_len, dtype, torch.device(device)
+                self.params.max_batch_size,
+                self.params.max_seq_len,
+                dtype,
+                torch.device(device),
+                kv_cache_dtype,
             )
 
     def _check_fits(self, rows: range, first_pos: int, end_pos: int) -> None:

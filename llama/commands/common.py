@@ -72,6 +72,7 @@ def load_model(args: argparse.Namespace) -> Llama:
             seed=args.seed,
             dtype=args.dtype,
             draft_ckpt_dir=draft,
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
         )
 
 

@@ -54,6 +54,12 @@ def _devices(args: argparse.Namespace) -> Optional[memory_plan.Devices]:
     return memory_plan.Devices(each, count=args.num_gpus, label=f"{args.num_gpus} GPU(s) of {gib}")
 
 
+def _kv_cache_kind(settings: memory_plan.Settings) -> str:
+    if settings.kv_cache_dtype == "int8":
+        return "int8 codes and fp32 scales"
+    return memory_plan.dtype_name(settings.dtype)
+
+
 def _gib(n: int) -> str:
     return f"{n / memory_plan.GIB:9.2f} GiB"
 
@@ -73,6 +79,7 @@ def run_plan(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     need = memory_plan.rank_bytes(settings)
     devices = _devices(args)
@@ -99,6 +106,8 @@ def run_plan(args: argparse.Namespace) -> int:
         f"FFN {a.ffn_hidden_dim}, vocab {a.vocab_size}"
     )
     print(f"settings: {settings.describe()}")
+    per_token = memory_plan.kv_cache_bytes_per_token(settings)
+    print(f"KV cache per token: {per_token / 2**10:.1f} KiB per rank ({_kv_cache_kind(settings)})")
     print(f"per rank ({mp_size} rank{'s' if mp_size > 1 else ''}):")
     for label, value in (
         ("weights", need.weights),

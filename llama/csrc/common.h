@@ -56,11 +56,12 @@ static inline int64_t cache_extent(int64_t rows, int64_t kv_heads, int64_t max_l
 // only reads and writes inside its buffers.
 // `rows` (may be NULL: batch row b reads cache row b) gives the cache row each batch row reads, in
 // place, out of `cache_rows` rows.
-static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
-                                         int64_t lens_len, const int64_t* rows, int64_t rows_len,
-                                         int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                                         int64_t max_len, int64_t row_stride, int64_t head_stride) {
-  if ((D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+static inline int check_decode_attention_layout(int64_t q_len, int64_t kv_len, int64_t out_len,
+                                                const int64_t* lens, int64_t lens_len, const int64_t* rows,
+                                                int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,
+                                                int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
+                                                int64_t head_stride) {
+  if (KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
   if (B < 0 || lens_len < B || max_len < 1 || row_stride < 0 || head_stride < 0) return STATUS_BAD_SIZES;
   if (rows ? rows_len < B : cache_rows < B) return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(B, H), D);
@@ -71,6 +72,34 @@ static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t 
     if (lens[b] < 1 || lens[b] > max_len) return STATUS_BAD_SIZES;
     if (rows && (rows[b] < 0 || rows[b] >= cache_rows)) return STATUS_BAD_SIZES;
   }
+  return STATUS_OK;
+}
+
+static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
+                                         int64_t lens_len, const int64_t* rows, int64_t rows_len,
+                                         int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                                         int64_t max_len, int64_t row_stride, int64_t head_stride) {
+  if (D != 64 && D != 128) return STATUS_UNSUPPORTED;
+  return check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H,
+                                       KVH, D, max_len, row_stride, head_stride);
+}
+
+// The int8 cache: codes laid out as the bf16 cache (kv_len elements from each of k and v) and
+// one fp32 scale per (row, kv head, position) at row * scale_row_stride + head * scale_head_stride
+// + position (scales_len elements from each of the key and value scales).
+static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
+                                              const int64_t* lens, int64_t lens_len, const int64_t* rows,
+                                              int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,
+                                              int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
+                                              int64_t head_stride, int64_t scale_row_stride,
+                                              int64_t scale_head_stride) {
+  if (D != 32 && D != 64 && D != 128) return STATUS_UNSUPPORTED;
+  const int status = check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len,
+                                                   cache_rows, B, H, KVH, D, max_len, row_stride, head_stride);
+  if (status != STATUS_OK) return status;
+  if (scale_row_stride < 0 || scale_head_stride < 0) return STATUS_BAD_SIZES;
+  const int64_t extent = cache_extent(cache_rows, KVH, max_len, 1, scale_row_stride, scale_head_stride);
+  if (extent < 0 || !fits(extent, scales_len)) return STATUS_BAD_SIZES;
   return STATUS_OK;
 }
 

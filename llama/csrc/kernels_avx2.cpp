@@ -205,6 +205,9 @@ struct Avx2Ops {
     return _mm256_blendv_ps(fill, v, _mm256_cmp_ps(index, bound, _CMP_LT_OQ));
   }
   static inline vec load_bf16(const uint16_t* p) { return bf16x8_to_ps(p); }
+  static inline vec load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
   static inline void store_bf16(uint16_t* p, vec v) { store_bf16x8(p, v); }
 };
 
@@ -219,6 +222,13 @@ extern "C" int codellama_decode_attention_bf16(DECODE_ATTENTION_ARGS(uint16_t)) 
 // The same on fp32 queries, cache and output.
 extern "C" int codellama_decode_attention_f32(DECODE_ATTENTION_ARGS(float)) {
   return tiled::decode_entry<Avx2Ops, float>(DECODE_ATTENTION_CALL);
+}
+
+// codellama_decode_attention_bf16 over an int8 cache read in place: codes [R, KVH, max_len, D] at
+// row_stride/head_stride, fp32 scales [R, KVH, max_len] at scale_row_stride/scale_head_stride (one
+// per position and kv head, value = code * scale), bf16 queries and output; head sizes 32, 64, 128.
+extern "C" int codellama_decode_attention_int8(DECODE_ATTENTION_INT8_ARGS) {
+  return tiled::decode_int8_entry<Avx2Ops>(DECODE_ATTENTION_INT8_CALL);
 }
 
 // Causal attention of a prompt chunk of one cache row (tiled_attention.h); the layout, checks and

@@ -140,6 +140,9 @@ struct Avx512Ops {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(index, bound, _CMP_LT_OQ), fill, v);
   }
   static inline vec load_bf16(const uint16_t* p) { return bf16x16_to_ps(p); }
+  static inline vec load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  }
   static inline void store_bf16(uint16_t* p, vec v) { ::store_bf16(p, v); }
 };
 
@@ -158,6 +161,13 @@ extern "C" int codellama_decode_attention_bf16(DECODE_ATTENTION_ARGS(uint16_t)) 
 // The same on fp32 queries, cache and output.
 extern "C" int codellama_decode_attention_f32(DECODE_ATTENTION_ARGS(float)) {
   return tiled::decode_entry<Avx512Ops, float>(DECODE_ATTENTION_CALL);
+}
+
+// codellama_decode_attention_bf16 over an int8 cache read in place: codes [R, KVH, max_len, D] at
+// row_stride/head_stride, fp32 scales [R, KVH, max_len] at scale_row_stride/scale_head_stride (one
+// per position and kv head, value = code * scale), bf16 queries and output; head sizes 32, 64, 128.
+extern "C" int codellama_decode_attention_int8(DECODE_ATTENTION_INT8_ARGS) {
+  return tiled::decode_int8_entry<Avx512Ops>(DECODE_ATTENTION_INT8_CALL);
 }
 
 // Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)

@@ -8,6 +8,7 @@
 //   iota()                         0, 1, .., W - 1 as fp32
 //   below(index, bound, v, fill)   v in the lanes where index < bound, fill elsewhere
 //   load_bf16(p), store_bf16(p, v) W bf16 values to fp32 and back (rounding to nearest even)
+//   load_i8(p)                     W int8 values as fp32
 //
 // Queries, cache and output are all bf16 (uint16_t) or all fp32 (float): `T`; the arithmetic is
 // fp32 either way.
@@ -196,15 +197,45 @@ inline void store_row(uint16_t* p, typename Ops::vec v) { Ops::store_bf16(p, v);
 template <class Ops>
 inline void store_row(float* p, typename Ops::vec v) { Ops::store(p, v); }
 
-// kt[d * kKeyBlock + j] = key j's element d (fp32) for the block's first `keys` keys [keys, D]
-// (bf16, rows of D); 0 for the others. Groups of 8 keys by 8 elements are transposed in registers.
-template <int D, class T>
-inline void transpose_keys(const T* k, int64_t keys, float* kt) {
+// Where a (cache row, kv head)'s keys and values are, for the tiles: `keys8(s, d)` (key s, elements
+// d .. d + 7, fp32, with the AVX2 instructions both variants have), `key(s, d)` (one element) and
+// `values<Ops>(s, d)` (W elements of value s), all dequantized to fp32.
+template <class T, int D>
+struct PlainRows {  // bf16 or fp32 keys and values [positions, D]
+  const T* k;
+  const T* v;
+  __m256 keys8(int64_t s, int d) const { return widen8(k + s * D + d); }
+  float key(int64_t s, int d) const { return widen(k[s * D + d]); }
+  template <class Ops>
+  typename Ops::vec values(int64_t s, int d) const { return load_row<Ops>(v + s * D + d); }
+};
+
+template <int D>
+struct Int8Rows {  // int8 codes [positions, D] with one fp32 scale per position: value = code * scale
+  const int8_t* k;
+  const int8_t* v;
+  const float* k_scale;
+  const float* v_scale;
+  __m256 keys8(int64_t s, int d) const {
+    const __m256i codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(k + s * D + d)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(codes), _mm256_set1_ps(k_scale[s]));
+  }
+  float key(int64_t s, int d) const { return (float)k[s * D + d] * k_scale[s]; }
+  template <class Ops>
+  typename Ops::vec values(int64_t s, int d) const {
+    return Ops::mul(Ops::load_i8(v + s * D + d), Ops::set1(v_scale[s]));
+  }
+};
+
+// kt[d * kKeyBlock + j] = element d of key first + j (fp32) for the block's first `keys` keys; 0 for
+// the others. Groups of 8 keys by 8 elements are transposed in registers.
+template <int D, class Rows>
+inline void transpose_keys(const Rows& cache, int64_t first, int64_t keys, float* kt) {
   int64_t j = 0;
   for (; j + 8 <= keys; j += 8)
     for (int d = 0; d < D; d += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = widen8(k + (j + i) * D + d);
+      for (int i = 0; i < 8; ++i) r[i] = cache.keys8(first + j + i, d);
       const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
       const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
       const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -222,13 +253,13 @@ inline void transpose_keys(const T* k, int64_t keys, float* kt) {
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d + i) * kKeyBlock + j, columns[i]);
     }
   for (; j < kKeyBlock; ++j)
-    for (int d = 0; d < D; ++d) kt[d * kKeyBlock + j] = j < keys ? widen(k[j * D + d]) : 0.0f;
+    for (int d = 0; d < D; ++d) kt[d * kKeyBlock + j] = j < keys ? cache.key(first + j, d) : 0.0f;
 }
 
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
 // start + t seeing keys 0 .. start + t.
-template <class Ops, int D, class T>
-inline void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t start,
+template <class Ops, int D, class T, class Rows>
+inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
                         int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, float scale,
                         const Scratch<D>& s) {
   using V = typename Ops::vec;
@@ -247,10 +278,10 @@ inline void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t star
   const int64_t last = position[rows - 1];  // the tile's last (and largest) position
   for (int64_t first = 0; first <= last; first += kKeyBlock) {
     const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
-    transpose_keys<D>(k + first * D, keys, s.kt);
+    transpose_keys<D>(cache, first, keys, s.kt);
     for (int64_t j = 0; j < kKeyBlock; ++j)
       for (int d = 0; d < D; d += W)
-        Ops::store(s.v + j * D + d, j < keys ? load_row<Ops>(v + (first + j) * D + d) : Ops::zero());
+        Ops::store(s.v + j * D + d, j < keys ? cache.template values<Ops>(first + j, d) : Ops::zero());
     scores<Ops, D>(s, rows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
@@ -270,20 +301,19 @@ inline void attend_tile(const T* q, const T* k, const T* v, T* out, int64_t star
   }
 }
 
-// Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], the
-// cache row's kv head g at k/v + g * head_stride ([positions, D]). Returns STATUS_OK or
+// Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], kv
+// head g's keys and values `rows_of(g)` (a PlainRows or Int8Rows). Returns STATUS_OK or
 // STATUS_NO_MEMORY.
-template <class Ops, int D, class T>
-int prefill(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len,
-            int64_t H, int64_t KVH, int64_t head_stride, float scale, int threads) {
+template <class Ops, int D, class T, class RowsOf>
+int prefill(const T* q, T* out, int64_t start, int64_t len, int64_t H, int64_t KVH, float scale, int threads,
+            RowsOf rows_of) {
   const int64_t rep = H / KVH;
   const int64_t tokens_per_tile = rep >= kTileRows ? 1 : kTileRows / rep;
   const int64_t tiles = (len + tokens_per_tile - 1) / tokens_per_tile;
-  const int64_t most_rows = tokens_per_tile * rep;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-    Scratch<D> scratch(most_rows);
+    Scratch<D> scratch(tokens_per_tile * rep);
     if (!scratch.memory) {
 #pragma omp atomic write
       failed = 1;
@@ -295,22 +325,19 @@ int prefill(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t l
       const int64_t g = task % KVH, tile = tiles - 1 - task / KVH;
       const int64_t t0 = tile * tokens_per_tile;
       const int64_t count = len - t0 < tokens_per_tile ? len - t0 : tokens_per_tile;
-      attend_tile<Ops, D, T>(q, k + g * head_stride, v + g * head_stride, out, start, t0, count * rep, rep, g, H,
-                          scale, scratch);
+      attend_tile<Ops, D>(q, rows_of(g), out, start, t0, count * rep, rep, g, H, scale, scratch);
     }
   }
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
 // Attention of one new token per batch row b over positions 0 .. lens[b] - 1 of cache row
-// rows[b] (b when rows is null): q and out [B, H, D], kv head g of cache row r at
-// k/v + r * row_stride + g * head_stride. Each (row, kv head) is one tile of the query heads
-// sharing that kv head, so a token's output equals what `prefill` computes for it. Returns
-// STATUS_OK or STATUS_NO_MEMORY.
-template <class Ops, int D, class T>
-int decode(const T* q, const T* k, const T* v, T* out, const int64_t* lens,
-           const int64_t* rows, int64_t B, int64_t H, int64_t KVH, int64_t row_stride, int64_t head_stride,
-           float scale, int threads) {
+// rows[b] (b when rows is null), kv head g's keys and values `rows_of(cache row, g)`: q and out
+// [B, H, D]. Each (row, kv head) is one tile of the query heads sharing that kv head, so a
+// token's output equals what `prefill` computes for it. Returns STATUS_OK or STATUS_NO_MEMORY.
+template <class Ops, int D, class T, class RowsOf>
+int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t B, int64_t H, int64_t KVH,
+           float scale, int threads, RowsOf rows_of) {
   const int64_t rep = H / KVH;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -325,9 +352,8 @@ int decode(const T* q, const T* k, const T* v, T* out, const int64_t* lens,
       if (!scratch.memory) continue;
       const int64_t b = task / KVH, g = task % KVH;
       const int64_t cache_row = rows ? rows[b] : b;
-      const int64_t offset = cache_row * row_stride + g * head_stride;
-      attend_tile<Ops, D, T>(q + b * H * D, k + offset, v + offset, out + b * H * D, lens[b] - 1, 0, rep, rep, g,
-                          H, scale, scratch);
+      attend_tile<Ops, D>(q + b * H * D, rows_of(cache_row, g), out + b * H * D, lens[b] - 1, 0, rep, rep, g, H,
+                          scale, scratch);
     }
   }
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
@@ -335,6 +361,15 @@ int decode(const T* q, const T* k, const T* v, T* out, const int64_t* lens,
 
 // The entry points' bodies (see kernels_avx512bf16.cpp for the layouts and status codes): the
 // checks of common.h, then the head size's instance.
+template <class Ops, int D, class T>
+int decode_plain(const T* q, const T* k, const T* v, T* out, const int64_t* lens, const int64_t* rows, int64_t B,
+                 int64_t H, int64_t KVH, int64_t row_stride, int64_t head_stride, float scale, int threads) {
+  return decode<Ops, D>(q, out, lens, rows, B, H, KVH, scale, threads, [=](int64_t row, int64_t g) {
+    const int64_t offset = row * row_stride + g * head_stride;
+    return PlainRows<T, D>{k + offset, v + offset};
+  });
+}
+
 template <class Ops, class T>
 int decode_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_len, T* out, int64_t out_len,
                  const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len, int64_t cache_rows,
@@ -343,8 +378,50 @@ int decode_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_l
   const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
                                             B, H, KVH, D, max_len, row_stride, head_stride);
   if (status != STATUS_OK) return status;
-  if (D == 64) return decode<Ops, 64, T>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
-  return decode<Ops, 128, T>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+  if (D == 64)
+    return decode_plain<Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+  return decode_plain<Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+}
+
+template <class Ops, int D>
+int decode_int8(const uint16_t* q, const int8_t* k, const int8_t* v, const float* k_scales, const float* v_scales,
+                uint16_t* out, const int64_t* lens, const int64_t* rows, int64_t B, int64_t H, int64_t KVH,
+                int64_t row_stride, int64_t head_stride, int64_t scale_row_stride, int64_t scale_head_stride,
+                float scale, int threads) {
+  return decode<Ops, D>(q, out, lens, rows, B, H, KVH, scale, threads, [=](int64_t row, int64_t g) {
+    const int64_t offset = row * row_stride + g * head_stride;
+    const int64_t scales = row * scale_row_stride + g * scale_head_stride;
+    return Int8Rows<D>{k + offset, v + offset, k_scales + scales, v_scales + scales};
+  });
+}
+
+template <class Ops>
+int decode_int8_entry(const uint16_t* q, int64_t q_len, const int8_t* k, const int8_t* v, int64_t kv_len,
+                      const float* k_scales, const float* v_scales, int64_t scales_len, uint16_t* out,
+                      int64_t out_len, const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len,
+                      int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                      int64_t row_stride, int64_t head_stride, int64_t scale_row_stride, int64_t scale_head_stride,
+                      float scale, int threads) {
+  const int status = check_decode_attention_int8(q_len, kv_len, scales_len, out_len, lens, lens_len, rows, rows_len,
+                                                 cache_rows, B, H, KVH, D, max_len, row_stride, head_stride,
+                                                 scale_row_stride, scale_head_stride);
+  if (status != STATUS_OK) return status;
+  if (D == 32)
+    return decode_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
+                                scale_row_stride, scale_head_stride, scale, threads);
+  if (D == 64)
+    return decode_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
+                                scale_row_stride, scale_head_stride, scale, threads);
+  return decode_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
+                               scale_row_stride, scale_head_stride, scale, threads);
+}
+
+template <class Ops, int D, class T>
+int prefill_plain(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len, int64_t H, int64_t KVH,
+                  int64_t head_stride, float scale, int threads) {
+  return prefill<Ops, D>(q, out, start, len, H, KVH, scale, threads, [=](int64_t g) {
+    return PlainRows<T, D>{k + g * head_stride, v + g * head_stride};
+  });
 }
 
 template <class Ops, class T>
@@ -355,8 +432,8 @@ int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_
                                              head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
-  if (D == 64) return prefill<Ops, 64, T>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
-  return prefill<Ops, 128, T>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  if (D == 64) return prefill_plain<Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  return prefill_plain<Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
 }
 
 }  // namespace tiled
@@ -377,4 +454,14 @@ int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_
       int threads
 #define PREFILL_ATTENTION_CALL \
   q, q_len, k, v, kv_len, out, out_len, start, len, H, KVH, D, max_len, head_stride, scale, threads
+#define DECODE_ATTENTION_INT8_ARGS                                                                          \
+  const uint16_t *q, int64_t q_len, const int8_t *k, const int8_t *v, int64_t kv_len, const float *k_scales,   \
+      const float *v_scales, int64_t scales_len, uint16_t *out, int64_t out_len, const int64_t *lens,          \
+      int64_t lens_len, const int64_t *rows, int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,       \
+      int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride, int64_t head_stride,                        \
+      int64_t scale_row_stride, int64_t scale_head_stride, float scale, int threads
+#define DECODE_ATTENTION_INT8_CALL                                                                      \
+  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, lens, lens_len, rows, rows_len,    \
+      cache_rows, B, H, KVH, D, max_len, row_stride, head_stride, scale_row_stride, scale_head_stride, scale, \
+      threads
 

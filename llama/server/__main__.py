@@ -18,6 +18,7 @@ import uvicorn
 
 from llama import limits
 from llama.cli import model_paths
+from llama.kv_cache import KV_CACHE_DTYPES
 from llama.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from llama.server.state import ServerState
 from llama.speculation import Speculation
@@ -46,6 +47,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--compile", action="store_true", help="run decode steps through torch.compile")
+    parser.add_argument(
+        "--kv_cache_dtype",
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=None,
+        help="store the KV cache as int8 codes with one scale per token and head: about half the "
+        "memory of a 16-bit cache (default: the --dtype)",
+    )
     parser.add_argument(
         "--api_key",
         default=os.environ.get("CODELLAMA_API_KEY"),
@@ -119,6 +128,7 @@ def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
         dtype=args.dtype,
         compile=args.compile,
         draft_ckpt_dir=args.draft,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     # `generate` sets up the compiled decode step on first use; the server drives the engine
     # directly, so it sets it up here (a no-op without --compile).
