@@ -68,6 +68,9 @@ ENTRY_POINTS = {
     "codellama_prefill_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
     + [_I64] * 7
     + [_FLOAT, _INT],
+    "codellama_prefill_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
+    + [_I64] * 8
+    + [_FLOAT, _INT],
     "codellama_rotary_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_gemv_int8": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_gemv_int4": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _INT],

@@ -805,6 +805,82 @@ def prefill_attention(
     return out
 
 
+def prefill_attention_int8_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `prefill_attention_int8(q, codes, ...)` would take the hand-written kernel: q [L,
+    heads, D] bf16 and one int8 cache row [kv_heads, max_seq_len, D] on the CPU, D in
+    `INT8_ATTENTION_HEAD_DIMS`, eager only."""
+    return (
+        q.dim() == 3
+        and codes.dim() == 3
+        and not torch.compiler.is_compiling()
+        and int8_attention_applies(q, codes)
+    )
+
+
+def prefill_attention_int8(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    scales_k: torch.Tensor,
+    scales_v: torch.Tensor,
+    start: int,
+) -> torch.Tensor:
+    """`prefill_attention` over one row of an int8 cache, read in place (keys and values are
+    code x scale, dequantized to fp32 one block at a time inside the kernel).
+
+    Args:
+        q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16.
+        codes_k, codes_v: the row's codes [kv_heads, max_seq_len, head_dim], int8, filled up to
+            position start + L - 1.
+        scales_k, scales_v: their scales [kv_heads, max_seq_len], fp32, positions contiguous.
+        start: position of the first query.
+
+    Returns:
+        [L, heads, head_dim] bf16, as `prefill_attention` on the dequantized cache.
+
+    Raises:
+        ValueError: if the scales do not match the codes, or the positions do not fit the cache.
+        RuntimeError: if the kernel does not apply (check `prefill_attention_int8_applies`).
+        MemoryError: if its scratch space cannot be allocated.
+    """
+    length, heads, head_dim = q.shape
+    _check_same_layout(codes_k, codes_v)
+    _check_same_layout(scales_k, scales_v)
+    if scales_k.dtype != torch.float32 or scales_k.shape != codes_k.shape[:-1] or scales_k.stride(-1) != 1:
+        raise ValueError(
+            f"the int8 cache needs fp32 scales {tuple(codes_k.shape[:-1])} with contiguous positions, "
+            f"got {scales_k.dtype} {tuple(scales_k.shape)}"
+        )
+    if start + length > codes_k.shape[1]:
+        raise ValueError(f"positions up to {start + length} do not fit a cache of {codes_k.shape[1]}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _run(
+        "codellama_prefill_attention_int8",
+        q.data_ptr(),
+        _elements(q),
+        codes_k.data_ptr(),
+        codes_v.data_ptr(),
+        min(_elements(codes_k), _elements(codes_v)),
+        scales_k.data_ptr(),
+        scales_v.data_ptr(),
+        min(_elements(scales_k), _elements(scales_v)),
+        out.data_ptr(),
+        _elements(out),
+        start,
+        length,
+        heads,
+        codes_k.shape[0],
+        head_dim,
+        codes_k.shape[1],
+        codes_k.stride(0),
+        scales_k.stride(0),
+        head_dim**-0.5,
+        unsupported=f"{heads} heads of size {head_dim}",
+    )
+    return out
+
+
 def rotary_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `rotary(x, cos, sin)` would take the hand-written kernel: bf16 `x` [B, L, H, D]
     with one fp32 angle row per token (`cos` [B, L, 1, D/2]), eager only."""

@@ -140,6 +140,16 @@ class DenseKVCache:
         """Whether `decode_attention(q, ...)` runs the hand-written kernel for queries `q`."""
         return kernels.attention_applies(q, self.keys)
 
+    def prefill_kernel_applies(self, q: torch.Tensor) -> bool:
+        """Whether `prefill_attention(q, ...)` runs the hand-written kernel for queries `q` [L, heads, D]."""
+        return kernels.prefill_attention_applies(q, self.keys[0])
+
+    def prefill_attention(self, q: torch.Tensor, row: int, start: int) -> torch.Tensor:
+        """The prefill-attention kernel (`kernels.prefill_attention`) over `row` in place: the
+        tokens of `q` [L, heads, D] at positions start .. start + L - 1 (already written), each
+        over the positions up to its own. Check `prefill_kernel_applies`."""
+        return kernels.prefill_attention(q, self.keys[row], self.values[row], start)
+
     def decode_attention(
         self, q: torch.Tensor, lengths: torch.Tensor, rows: Union[slice, torch.Tensor]
     ) -> torch.Tensor:
@@ -200,12 +210,23 @@ class Int8KVCache:
 
     def visible(self, row: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 .. end - 1 of `row` [kv_heads, end, D], dequantized into a temporary in the
-        activation dtype (the prefill chunk's keys and values)."""
+        activation dtype (the prefill chunk's keys and values, where the kernel does not apply)."""
         return self.read(row, end)
 
     def decode_kernel_applies(self, q: torch.Tensor) -> bool:
         """Whether `decode_attention(q, ...)` runs the hand-written int8 kernel for queries `q`."""
         return kernels.int8_attention_applies(q, self.keys)
+
+    def prefill_kernel_applies(self, q: torch.Tensor) -> bool:
+        """Whether `prefill_attention(q, ...)` runs the hand-written int8 kernel for `q` [L, heads, D]."""
+        return kernels.prefill_attention_int8_applies(q, self.keys[0])
+
+    def prefill_attention(self, q: torch.Tensor, row: int, start: int) -> torch.Tensor:
+        """The int8 prefill-attention kernel (`kernels.prefill_attention_int8`) over the codes and
+        scales of `row` in place (see `DenseKVCache.prefill_attention`)."""
+        return kernels.prefill_attention_int8(
+            q, self.keys[row], self.values[row], self.key_scales[row], self.value_scales[row], start
+        )
 
     def decode_attention(
         self, q: torch.Tensor, lengths: torch.Tensor, rows: Union[slice, torch.Tensor]

@@ -305,10 +305,10 @@ class Attention(nn.Module):
             end = seg.start + seg.length
             tokens = slice(seg.offset, seg.offset + seg.length)
             self.kv_cache.write_tokens(seg.row, seg.start, k[tokens], v[tokens])
-            cache_k, cache_v = self.kv_cache.visible(seg.row, end)  # [kv_heads, >= end, D]
-            if kernels.prefill_attention_applies(q, cache_k):
-                out[tokens] = kernels.prefill_attention(q[tokens], cache_k, cache_v, seg.start)
+            if self.kv_cache.prefill_kernel_applies(q):  # in place, whatever the storage
+                out[tokens] = self.kv_cache.prefill_attention(q[tokens], seg.row, seg.start)
                 continue
+            cache_k, cache_v = self.kv_cache.visible(seg.row, end)  # [kv_heads, >= end, D]
             for first in range(0, seg.length, self.query_block):
                 last = min(seg.length, first + self.query_block)
                 n, kv_len = last - first, seg.start + last

@@ -157,6 +157,28 @@ def test_int8_decode_attention_matches_fp64(heads, kv_heads, head_dim, rows, len
             assert torch.equal(fresh[b], out[b])
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 32), (8, 2, 64), (4, 4, 128)])
+def test_int8_prefill_attention_matches_fp64_and_the_decode_kernel(
+    heads, kv_heads, head_dim, variant
+):  # noqa: F811
+    """The int8 prefill kernel reads one cache row in place: each token against fp64 over the
+    dequantized cache, the same bits in any chunking, and the same bits as decoding that token."""
+    length = 150
+    cache = random_int8_cache(2, kv_heads, length, head_dim, seed=heads * head_dim)
+    g = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(length, heads, head_dim, generator=g).to(torch.bfloat16)
+    assert cache.prefill_kernel_applies(q)
+    out = cache.prefill_attention(q, 1, 0)
+    expected = torch.cat([fp64_int8_attention(q[i : i + 1], cache, [1], [i + 1]) for i in range(length)])
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-4).all()
+    chunks = [cache.prefill_attention(q[a:b], 1, a) for a, b in ((0, 70), (70, 71), (71, length))]
+    assert torch.equal(torch.cat(chunks), out)
+    positions = [0, 64, 149]
+    decoded = cache.decode_attention(q[positions], torch.tensor(positions) + 1, torch.tensor([1, 1, 1]))
+    assert torch.equal(decoded, out[positions])
+
+
 def test_int8_decode_attention_of_a_range_of_rows_reads_them_in_place(variant):  # noqa: F811
     cache = random_int8_cache(4, 2, 24, 64, seed=3)
     q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)

@@ -115,6 +115,23 @@ static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t
   return STATUS_OK;
 }
 
+// check_prefill_attention for an int8 cache: codes [KVH, max_len, D] at head_stride and fp32
+// scales [KVH, max_len] at scale_head_stride; head sizes 32, 64 and 128.
+static inline int check_prefill_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
+                                               int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D,
+                                               int64_t max_len, int64_t head_stride, int64_t scale_head_stride) {
+  if ((D != 32 && D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+  if (start < 0 || len < 0 || head_stride < 0 || scale_head_stride < 0 || checked_add(start, len) > max_len)
+    return STATUS_BAD_SIZES;
+  const int64_t qn = checked_mul(checked_mul(len, H), D);
+  if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
+  const int64_t extent = cache_extent(1, KVH, max_len, D, 0, head_stride);
+  if (extent < 0 || !fits(extent, kv_len)) return STATUS_BAD_SIZES;
+  const int64_t scale_extent = cache_extent(1, KVH, max_len, 1, 0, scale_head_stride);
+  if (scale_extent < 0 || !fits(scale_extent, scales_len)) return STATUS_BAD_SIZES;
+  return STATUS_OK;
+}
+
 static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len, int64_t tokens,
                                int64_t heads, int64_t D) {
   if (D % 32 != 0 || D <= 0 || D > 256) return STATUS_UNSUPPORTED;

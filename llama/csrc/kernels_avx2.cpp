@@ -241,6 +241,12 @@ extern "C" int codellama_prefill_attention_f32(PREFILL_ATTENTION_ARGS(float)) {
   return tiled::prefill_entry<Avx2Ops, float>(PREFILL_ATTENTION_CALL);
 }
 
+// codellama_prefill_attention_bf16 over an int8 cache row read in place: codes [KVH, max_len, D] at
+// head_stride, fp32 scales [KVH, max_len] at scale_head_stride; head sizes 32, 64, 128.
+extern "C" int codellama_prefill_attention_int8(PREFILL_ATTENTION_INT8_ARGS) {
+  return tiled::prefill_int8_entry<Avx2Ops>(PREFILL_ATTENTION_INT8_CALL);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding
 // ---------------------------------------------------------------------------------------------

@@ -185,6 +185,12 @@ extern "C" int codellama_prefill_attention_f32(PREFILL_ATTENTION_ARGS(float)) {
   return tiled::prefill_entry<Avx512Ops, float>(PREFILL_ATTENTION_CALL);
 }
 
+// codellama_prefill_attention_bf16 over an int8 cache row read in place: codes [KVH, max_len, D] at
+// head_stride, fp32 scales [KVH, max_len] at scale_head_stride; head sizes 32, 64, 128.
+extern "C" int codellama_prefill_attention_int8(PREFILL_ATTENTION_INT8_ARGS) {
+  return tiled::prefill_int8_entry<Avx512Ops>(PREFILL_ATTENTION_INT8_CALL);
+}
+
 // Rotary embedding of adjacent pairs: for token t and every head, (a, b) = x[t, h, 2i .. 2i+1]
 // becomes (a cos - b sin, a sin + b cos) with cos/sin[t, i] fp32, each product and sum rounded
 // to fp32 as torch does (no fused multiply-add), then to bf16. x/out [T, H, D] contiguous,

@@ -436,6 +436,35 @@ int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_
   return prefill_plain<Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
 }
 
+template <class Ops, int D>
+int prefill_int8(const uint16_t* q, const int8_t* k, const int8_t* v, const float* k_scales, const float* v_scales,
+                 uint16_t* out, int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t head_stride,
+                 int64_t scale_head_stride, float scale, int threads) {
+  return prefill<Ops, D>(q, out, start, len, H, KVH, scale, threads, [=](int64_t g) {
+    return Int8Rows<D>{k + g * head_stride, v + g * head_stride, k_scales + g * scale_head_stride,
+                       v_scales + g * scale_head_stride};
+  });
+}
+
+template <class Ops>
+int prefill_int8_entry(const uint16_t* q, int64_t q_len, const int8_t* k, const int8_t* v, int64_t kv_len,
+                       const float* k_scales, const float* v_scales, int64_t scales_len, uint16_t* out,
+                       int64_t out_len, int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D,
+                       int64_t max_len, int64_t head_stride, int64_t scale_head_stride, float scale, int threads) {
+  const int status = check_prefill_attention_int8(q_len, kv_len, scales_len, out_len, start, len, H, KVH, D,
+                                                  max_len, head_stride, scale_head_stride);
+  if (status != STATUS_OK) return status;
+  if (len == 0) return STATUS_OK;
+  if (D == 32)
+    return prefill_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
+                                 scale_head_stride, scale, threads);
+  if (D == 64)
+    return prefill_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
+                                 scale_head_stride, scale, threads);
+  return prefill_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
+                                scale_head_stride, scale, threads);
+}
+
 }  // namespace tiled
 
 // The parameters of the attention entry points, and the call forwarding them, for T = uint16_t
@@ -464,4 +493,11 @@ int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_
   q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, lens, lens_len, rows, rows_len,    \
       cache_rows, B, H, KVH, D, max_len, row_stride, head_stride, scale_row_stride, scale_head_stride, scale, \
       threads
-
+#define PREFILL_ATTENTION_INT8_ARGS                                                                         \
+  const uint16_t *q, int64_t q_len, const int8_t *k, const int8_t *v, int64_t kv_len, const float *k_scales,   \
+      const float *v_scales, int64_t scales_len, uint16_t *out, int64_t out_len, int64_t start, int64_t len,   \
+      int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, int64_t scale_head_stride,      \
+      float scale, int threads
+#define PREFILL_ATTENTION_INT8_CALL                                                                          \
+  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, start, len, H, KVH, D, max_len,         \
+      head_stride, scale_head_stride, scale, threads
