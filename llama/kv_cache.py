@@ -23,11 +23,21 @@ Two storages:
   scale can be off by 2^-9 of itself, which moves a value with code 127 by a further 0.25 scale
   (half the codes' own rounding). They cost 4 bytes per head_dim values (3% at head_dim 128).
 
+Memory on demand (CPU): both storages live in anonymous memory mappings (`zeroed`), whose pages the
+operating system hands out, zero-filled, when they are first written. A cache of 8 rows of 100,000
+positions takes memory only for the positions sequences have reached, so right after loading the
+process holds about the weights. When a prompt chunk is written into a row, the pages of the row's
+positions after it (left by the row's previous sequence, never read again) are returned
+(`madvise(MADV_DONTNEED)`), so memory follows the sequences in the rows: live ones, and the finished
+ones kept for prefix reuse. On other devices the cache is allocated (and zeroed) in full.
+
 Both keep the row/position addressing out of the attention code, so a block-table (paged)
 storage can be added here as a third class that maps (row, position) through its table.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+import math
+import mmap
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -92,6 +102,35 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return (codes.float() * scales[..., None]).to(dtype)
 
 
+def zeroed(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tuple[torch.Tensor, Optional[mmap.mmap]]:
+    """A zero tensor of `shape`, and on the CPU the anonymous memory mapping that holds it (None
+    elsewhere): its pages take memory only once written (see the module docstring)."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device), None
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    # The tensor keeps the mapping alive (it holds the buffer); pages are zero until written.
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(*shape), mapping
+
+
+def release_positions(tensor: torch.Tensor, mapping: Optional[mmap.mmap], row: int, start: int) -> None:
+    """Return to the operating system the whole pages that hold positions `start` and later of
+    cache row `row` of `tensor` [rows, kv_heads, max_seq_len, ...] (which lives in `mapping`, as
+    `zeroed` makes it); they read as zeros afterwards. Nothing happens without a mapping."""
+    if mapping is None or start >= tensor.shape[2]:
+        return
+    size, page = tensor.element_size(), mmap.PAGESIZE
+    for head in range(tensor.shape[1]):
+        base = row * tensor.stride(0) + head * tensor.stride(1)
+        first = (base + start * tensor.stride(2)) * size
+        last = (base + tensor.shape[2] * tensor.stride(2)) * size
+        first, last = -(-first // page) * page, last // page * page
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 class DenseKVCache:
     """Keys and values in the activation dtype, [rows, kv_heads, max_seq_len, head_dim] each
     (what scaled_dot_product_attention and the bf16 kernels read in place)."""
@@ -109,14 +148,18 @@ class DenseKVCache:
     ):
         shape = (rows, kv_heads, max_seq_len, head_dim)
         self.dtype = dtype
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, key_mapping = zeroed(shape, dtype, device)
+        self.values, value_mapping = zeroed(shape, dtype, device)
+        self._mappings: Dict[str, Optional[mmap.mmap]] = {"keys": key_mapping, "values": value_mapping}
 
     def write_tokens(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys/values `k`, `v` [n, kv_heads, D] at positions start .. start + n - 1 of `row`."""
+        """Store keys/values `k`, `v` [n, kv_heads, D] at positions start .. start + n - 1 of `row`;
+        the row's later positions (a previous sequence's) give their memory back."""
         end = start + k.shape[0]
         self.keys[row, :, start:end] = k.transpose(0, 1)
         self.values[row, :, start:end] = v.transpose(0, 1)
+        for name, mapping in self._mappings.items():
+            release_positions(getattr(self, name), mapping, row, end)
 
     def write_rows(self, rows: Rows, positions: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token's keys/values `k`, `v` [B, kv_heads, D] for each of B rows: batch row b
@@ -178,10 +221,11 @@ class Int8KVCache:
     ):
         shape = (rows, kv_heads, max_seq_len, head_dim)
         self.dtype = dtype  # of what reads return
-        self.keys = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.values = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.key_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
-        self.value_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+        self._mappings: Dict[str, Optional[mmap.mmap]] = {}
+        self.keys, self._mappings["keys"] = zeroed(shape, torch.int8, device)
+        self.values, self._mappings["values"] = zeroed(shape, torch.int8, device)
+        self.key_scales, self._mappings["key_scales"] = zeroed(shape[:-1], torch.float32, device)
+        self.value_scales, self._mappings["value_scales"] = zeroed(shape[:-1], torch.float32, device)
 
     def _store(self, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         # The index never selects along head_dim, so it addresses the scales as it does the codes.
@@ -189,9 +233,12 @@ class Int8KVCache:
         self.values[index], self.value_scales[index] = quantize_int8(v)
 
     def write_tokens(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize and store `k`, `v` [n, kv_heads, D] at positions start .. start + n - 1 of `row`."""
+        """Quantize and store `k`, `v` [n, kv_heads, D] at positions start .. start + n - 1 of `row`;
+        the row's later positions give their memory back (see `DenseKVCache.write_tokens`)."""
         index = (row, slice(None), slice(start, start + k.shape[0]))
         self._store(index, k.transpose(0, 1), v.transpose(0, 1))
+        for name, mapping in self._mappings.items():
+            release_positions(getattr(self, name), mapping, row, start + k.shape[0])
 
     def write_rows(self, rows: Rows, positions: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize and store one token's `k`, `v` [B, kv_heads, D] for each of B rows (see

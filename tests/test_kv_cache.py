@@ -4,12 +4,14 @@ model's perplexity against the 16-bit cache, the engine's batch invariance and p
 the option through Llama.build, the plan, the commands and the server."""
 
 import math
+import os
 import sysconfig
 from pathlib import Path
 from typing import List
 
 import pytest
 import torch
+from sentencepiece import SentencePieceProcessor
 
 from llama import Llama, distributed, kernels, kv_cache, memory_plan
 from llama.commands.entry import main as codellama_main
@@ -159,8 +161,8 @@ def test_int8_decode_attention_matches_fp64(heads, kv_heads, head_dim, rows, len
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 32), (8, 2, 64), (4, 4, 128)])
 def test_int8_prefill_attention_matches_fp64_and_the_decode_kernel(
-    heads, kv_heads, head_dim, variant
-):  # noqa: F811
+    heads, kv_heads, head_dim, variant  # noqa: F811
+):
     """The int8 prefill kernel reads one cache row in place: each token against fp64 over the
     dequantized cache, the same bits in any chunking, and the same bits as decoding that token."""
     length = 150
@@ -448,3 +450,64 @@ def test_server_flag_is_accepted_and_a_bad_value_refused(capsys):
     with pytest.raises(SystemExit):
         server_args(["--kv_cache_dtype", "fp16"])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory on demand
+# ---------------------------------------------------------------------------------------------
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+linux_only = pytest.mark.skipif(
+    not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm (Linux)"
+)
+
+
+@linux_only
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_cache_memory_follows_the_positions_written(kv_cache_dtype):
+    """8 rows of 100,000 positions take memory only for what is written; a new, shorter sequence
+    in a row gives back what the row's previous one held, and what it does not overwrite reads 0."""
+    shape = (8, 2, 100_000, 64)
+    before = resident_bytes()
+    cache = kv_cache.allocate(kv_cache_dtype, shape, torch.bfloat16, CPU)
+    per_position = 2 * shape[1] * kv_cache.bytes_per_position(kv_cache_dtype, torch.bfloat16, shape[3])
+    full = shape[0] * shape[2] * per_position
+    assert resident_bytes() - before < full / 50  # 0.2 GB (bf16) allocated, almost none of it resident
+    g = torch.Generator().manual_seed(0)
+    long = torch.randn(40_000, shape[1], shape[3], generator=g).to(torch.bfloat16)
+    cache.write_tokens(3, 0, long, long)
+    written = resident_bytes()
+    assert written - before > 0.9 * 40_000 * per_position
+    keys_before, _ = cache.read(3, 100)
+    short = long[:100]
+    cache.write_tokens(3, 0, short, short)  # the row's next sequence
+    assert written - resident_bytes() > 0.9 * 39_900 * per_position
+    keys, values = cache.read(3, 40_000)
+    assert torch.equal(keys[:, :100], keys_before) and not keys[:, :100].eq(0).all()
+    assert keys[:, 200:].eq(0).all() and values[:, 200:].eq(0).all()
+
+
+@linux_only
+def test_build_with_a_100k_context_holds_about_the_weights(tmp_path, tokenizer_path):
+    """Llama.build with room for 8 sequences of 100,000 tokens: right after loading, the process
+    holds the weights, not the 0.8 GB cache; generating takes memory for the tokens used."""
+    vocab = SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
+    ckpt = make_checkpoint(tmp_path / "ckpt", vocab, dim=256, n_heads=4, n_kv_heads=2)  # head_dim 64
+    before = resident_bytes()
+    llama = Llama.build(
+        str(ckpt), str(tokenizer_path), max_seq_len=100_000, max_batch_size=8, dtype="bfloat16"
+    )
+    cache_bytes = sum(
+        layer.attention.kv_cache.keys.numel() * 2 * 2 for layer in llama.model.layers
+    )  # keys and values, bf16
+    assert cache_bytes > 0.8e9
+    assert resident_bytes() - before < 0.05 * cache_bytes
+    out = llama.text_completion(["def f(x):"], max_gen_len=8, temperature=0.0)
+    assert out[0]["generation"]  # it runs, and still holds far less than the cache
+    assert resident_bytes() - before < 0.05 * cache_bytes
