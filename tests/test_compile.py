@@ -69,7 +69,8 @@ def test_compiled_bf16_generation_with_the_attention_kernel(tmp_path, tokenizer_
 
 
 @torch.inference_mode()
-def test_compiled_bf16_decode_step_allocates_nothing_sized_by_max_seq_len(tmp_path, tokenizer_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compiled_decode_step_allocates_nothing_sized_by_max_seq_len(tmp_path, tokenizer_path, dtype):
     """The compiled decode step attends the cache rows in place: none of the buffers the generated
     code allocates has the cache's length as a dimension (a gathered copy of the running rows'
     keys and values would: [rows, kv_heads, max_seq_len, head_dim] per layer and step)."""
@@ -79,11 +80,11 @@ def test_compiled_bf16_decode_step_allocates_nothing_sized_by_max_seq_len(tmp_pa
     from tests.tiny import make_checkpoint
 
     if kernels.variant() is None:
-        pytest.skip("no kernel variant runs on this CPU: bf16 decode attention is torch's SDPA here")
+        pytest.skip("no kernel variant runs on this CPU: decode attention is torch's SDPA here")
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size()
     ckpt = make_checkpoint(tmp_path, vocab_size=vocab, dim=128, n_heads=2, n_kv_heads=1, n_layers=1, seed=4)
     max_seq_len = 3001  # a length no other dimension of this model has
-    llama = Llama.build(str(ckpt), str(tokenizer_path), max_seq_len, 3, dtype="bfloat16", compile=True)
+    llama = Llama.build(str(ckpt), str(tokenizer_path), max_seq_len, 3, dtype=dtype, compile=True)
     llama.model.forward_packed([torch.tensor([1, 5, 9]), torch.tensor([1, 7])], row_offset=1)
     llama.set_up_compile()
     rows, tokens, positions = torch.tensor([1, 2]), torch.tensor([11, 12]), torch.tensor([3, 2])
