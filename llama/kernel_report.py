@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from llama import int4_pack, kernel_build, kernels, quantization, quantized_backends
+from llama import int4_pack, kernel_build, kernels, kv_cache, quantization, quantized_backends
 
 # Instruction sets worth knowing for these kernels and torch's, as /proc/cpuinfo names them.
 INSTRUCTION_SETS = (
@@ -125,6 +125,18 @@ def _attention_path(dtype: torch.dtype, prefill: bool) -> str:
     )
 
 
+def _int8_cache_attention_path(dtype: torch.dtype, prefill: bool) -> str:
+    cache = kv_cache.Int8KVCache(1, 1, 8, 128, dtype, torch.device("cpu"))
+    if prefill:
+        used = cache.prefill_kernel_applies(torch.zeros(4, 2, 128, dtype=dtype))
+    else:
+        used = cache.decode_kernel_applies(torch.zeros(1, 2, 128, dtype=dtype))
+    name = "prefill" if prefill else "decode"
+    if used:
+        return f"codellama int8-cache {name}-attention kernel ({kernels.variant()}), in place"
+    return "dequantize the visible positions, then torch scaled_dot_product_attention"
+
+
 def _rotary_path(dtype: torch.dtype) -> str:
     x = torch.zeros(1, 4, 2, 64, dtype=dtype)
     used = kernels.rotary_applies(x, torch.zeros(1, 4, 1, 32))
@@ -153,6 +165,8 @@ def operation_paths() -> List[Tuple[str, str, str]]:
         paths.append(("decode attention", label, _attention_path(dtype, prefill=False)))
         paths.append(("prefill attention", label, _attention_path(dtype, prefill=True)))
         paths.append(("rotary", label, _rotary_path(dtype)))
+        paths.append(("int8 KV cache: decode attention", label, _int8_cache_attention_path(dtype, False)))
+        paths.append(("int8 KV cache: prefill attention", label, _int8_cache_attention_path(dtype, True)))
     for mode in ("int8", "int4"):
         for act, act_label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             for rows in (1, 64, 512):

@@ -60,6 +60,14 @@ def test_report_names_instruction_sets_proofs_variant_and_paths():
         takes_int8_op = mode == "int8" and "avx512bf16" not in runnable
         many_rows = "aten._weight_int8pack_mm" if takes_int8_op else "dequantize the whole weight"
         assert f"{mode} linear, 512 rows             {mode} x bf16  {many_rows}" in out
+    if runnable:  # attention reads every cache in place: fp32, bf16, int8 codes
+        for kind in ("decode", "prefill"):
+            for dtype in ("fp32", "bf16"):
+                assert (
+                    f"{kind} attention".ljust(34) + f"{dtype}         codellama {kind}-attention kernel"
+                    in out
+                )
+            assert f"int8 KV cache: {kind} attention".ljust(34) + "bf16         codellama int8-cache" in out
     if not runnable:
         assert "aten._weight_int4pack_mm_for_cpu (bf16 activations)" in out  # torch's int4 fast path
     assert "FALLBACK" not in out
