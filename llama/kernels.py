@@ -33,7 +33,7 @@ import ctypes
 import os
 import threading
 import warnings
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -305,6 +305,91 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several weights multiplied by the same activations in one kernel call
+# ---------------------------------------------------------------------------------------------
+
+# Weights one fused call takes (MAX_FUSED in llama/csrc/common.h).
+MAX_FUSED = 4
+_FUSED_FIELDS = 5  # int64 per weight in a call's table (FUSED_FIELDS in common.h)
+
+
+def _fused_table(weights: List[torch.Tensor], rows: List[int], scales: Optional[List[torch.Tensor]] = None):
+    """The table the fused entry points read (llama/csrc/common.h): per weight its address, the
+    elements its storage holds from there, its output rows, and its scales' address and elements."""
+    values: List[int] = []
+    for i, weight in enumerate(weights):
+        scale = scales[i] if scales is not None else None
+        values += [weight.data_ptr(), _elements(weight), rows[i]]
+        values += [scale.data_ptr(), _elements(scale)] if scale is not None else [0, 0]
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _split(out: torch.Tensor, x: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
+    """The [M, sum(sizes)] output of a fused call as one [..., size] view per weight, x's leading shape."""
+    return list(out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1))
+
+
+def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    """The kernel on x [M, K] and each weight [N_i, K] (contiguous): returns [M, sum N_i] bf16."""
+    rows, n_in = x.shape
+    sizes = [w.shape[0] for w in weights]
+    out = torch.empty(rows, sum(sizes), dtype=torch.bfloat16)
+    _run(
+        "codellama_gemv_bf16_fused",
+        x.data_ptr(),
+        _elements(x),
+        _fused_table(weights, sizes),
+        len(weights),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        unsupported=f"{rows} rows and {len(weights)} weights",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_bf16_fused", mutates_args=())
+def _fused_gemv_op(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    return _fused_gemv(x, weights)
+
+
+@_fused_gemv_op.register_fake
+def _(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+def fused_linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether `fused_linear(x, weights)` takes one kernel call: 2 to `MAX_FUSED` plain weights,
+    each of which `linear(x, weight)` would multiply with the kernel (`kernel_applies`), and
+    at least one row."""
+    return (
+        2 <= len(weights) <= MAX_FUSED
+        and all(isinstance(w, torch.Tensor) for w in weights)
+        and x.numel() > 0
+        and all(kernel_applies(x, w) for w in weights)
+    )
+
+
+def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """`[linear(x, w) for w in weights]` in one kernel call (one parallel region, the activations
+    prepared once): each output bit for bit what `linear` gives, a view of one shared buffer.
+    Check `fused_linear_applies` first.
+
+    Raises:
+        ValueError: if the shapes do not fit each other (nothing was read).
+        RuntimeError: if the kernel does not apply.
+    """
+    weights = list(weights)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if torch.compiler.is_compiling():
+        out = _fused_gemv_op(rows, weights)
+    else:
+        out = _fused_gemv(rows, weights)
+    return _split(out, x, [w.shape[0] for w in weights])
+
+
+# ---------------------------------------------------------------------------------------------
 # Weight-only quantized matrix-vector products (`llama.quantization` decides when they are used)
 # ---------------------------------------------------------------------------------------------
 
@@ -440,6 +525,128 @@ def int4_gemv(
     else:
         out = _gemv_int4(rows, packed, out_features, group_size)
     return out.view(*x.shape[:-1], out_features)
+
+
+def _gemv_int8_fused(x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]) -> torch.Tensor:
+    rows, n_in = x.shape
+    sizes = [c.shape[0] for c in codes]
+    out = torch.empty(rows, sum(sizes), dtype=x.dtype)
+    _run(
+        "codellama_gemv_int8_fused",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        _fused_table(codes, sizes, scales),
+        len(codes),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        unsupported=f"{rows} rows and {len(codes)} weights",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int8_fused", mutates_args=())
+def _gemv_int8_fused_op(
+    x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]
+) -> torch.Tensor:
+    return _gemv_int8_fused(x, codes, scales)
+
+
+@_gemv_int8_fused_op.register_fake
+def _(x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(c.shape[0] for c in codes))
+
+
+def _gemv_int4_fused(
+    x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int
+) -> torch.Tensor:
+    rows, n_in = x.shape
+    out = torch.empty(rows, sum(out_features), dtype=x.dtype)
+    _run(
+        "codellama_gemv_int4_fused",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        _fused_table(packed, out_features),
+        len(packed),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        group_size,
+        unsupported=f"{rows} rows and {len(packed)} weights in groups of {group_size}",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int4_fused", mutates_args=())
+def _gemv_int4_fused_op(
+    x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int
+) -> torch.Tensor:
+    return _gemv_int4_fused(x, packed, out_features, group_size)
+
+
+@_gemv_int4_fused_op.register_fake
+def _(x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(out_features))
+
+
+def _check_fused_count(count: int) -> None:
+    if not 1 <= count <= MAX_FUSED:
+        raise ValueError(f"a fused call takes 1 to {MAX_FUSED} weights, not {count}")
+
+
+def int8_gemv_fused(
+    x: torch.Tensor, weights: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+) -> List[torch.Tensor]:
+    """`[int8_gemv(x, codes, scales) for codes, scales in weights]` in one kernel call, each output
+    bit for bit the same (views of one shared buffer). Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: for more than `MAX_FUSED` weights, or shapes or dtypes that do not fit (nothing
+            was read).
+        RuntimeError: for more than `MAX_ROWS` rows.
+    """
+    _check_fused_count(len(weights))
+    n_in = weights[0][0].shape[1]
+    for codes, scales in weights:
+        if codes.shape[1] != n_in:
+            raise ValueError(f"fused int8 weights must share their inputs: {codes.shape[1]} and {n_in}")
+        rows = _quantized_rows(x, n_in, codes=(codes, torch.int8), scales=(scales, torch.bfloat16))
+    codes, scales = [c for c, _ in weights], [s for _, s in weights]
+    if torch.compiler.is_compiling():
+        out = _gemv_int8_fused_op(rows, codes, scales)
+    else:
+        out = _gemv_int8_fused(rows, codes, scales)
+    return _split(out, x, [c.shape[0] for c in codes])
+
+
+def int4_gemv_fused(
+    x: torch.Tensor,
+    weights: Sequence[Tuple[torch.Tensor, int]],
+    in_features: int,
+    group_size: int,
+) -> List[torch.Tensor]:
+    """`[int4_gemv(x, packed, out_features, in_features, group_size) for packed, out_features in
+    weights]` in one kernel call, each output bit for bit the same (views of one shared buffer).
+    Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: for more than `MAX_FUSED` weights, or shapes or dtypes that do not fit (nothing
+            was read).
+        RuntimeError: for more than `MAX_ROWS` rows, or a group size other than 32, 64 or 128.
+    """
+    _check_fused_count(len(weights))
+    for packed, _ in weights:
+        rows = _quantized_rows(x, in_features, packed=(packed, torch.uint8))
+    packed, sizes = [p for p, _ in weights], [int(n) for _, n in weights]
+    if torch.compiler.is_compiling():
+        out = _gemv_int4_fused_op(rows, packed, sizes, group_size)
+    else:
+        out = _gemv_int4_fused(rows, packed, sizes, group_size)
+    return _split(out, x, sizes)
 
 
 def int4_dequantize(

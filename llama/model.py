@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import distributed, kernels
+from llama import distributed, kernels, quantization
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -169,6 +169,19 @@ class ColumnLinear(ColumnParallelLinear):
         return out
 
 
+def project(x: torch.Tensor, layers: Sequence[ColumnLinear]) -> List[torch.Tensor]:
+    """Each of `layers` applied to `x` (column-parallel layers that keep this rank's share of the
+    outputs): in one kernel call when their weights allow it (`kernels.fused_linear`, or
+    `quantization.fused_linear` for quantized weights: the same results), else one call each."""
+    if not any(layer.gather_output for layer in layers):
+        weights = [layer.weight for layer in layers]
+        if kernels.fused_linear_applies(x, weights):
+            return kernels.fused_linear(x, weights)
+        if quantization.fused_linear_applies(x, weights):
+            return quantization.fused_linear(x, weights)
+    return [layer(x) for layer in layers]
+
+
 class Embedding(ParallelEmbedding):
     """fairscale's parallel embedding (each rank holds a slice of every token's vector), its
     slices gathered with a collective that `torch.compile` can trace."""
@@ -224,9 +237,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.wq, self.wk, self.wv))
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if inputs.row_index is not None:
             out = self._attend_rows(q, k, v, inputs)
@@ -328,7 +342,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

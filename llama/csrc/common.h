@@ -114,19 +114,85 @@ static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len
 
 static inline int64_t int4_row_bytes(int64_t K, int64_t G) { return K / 2 + 4 * (K / G); }
 
-// x [M, K], weight rows of `row_bytes` elements each [N, ...], y [M, N]: the sizes fit the buffers.
-static inline int check_quantized_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N,
-                                       int64_t K, int64_t row_bytes) {
-  if (M < 1 || M > MAX_GEMV_ROWS) return STATUS_UNSUPPORTED;
-  if (N < 0 || K < 1) return STATUS_BAD_SIZES;
-  const int64_t xn = checked_mul(M, K), wn = checked_mul(N, row_bytes), yn = checked_mul(M, N);
-  if (xn < 0 || wn < 0 || yn < 0 || !fits(xn, x_len) || !fits(wn, w_len) || !fits(yn, y_len))
-    return STATUS_BAD_SIZES;
+// ---------------------------------------------------------------------------------------------
+// Several weights multiplied by the same activations in one call (one parallel region)
+// ---------------------------------------------------------------------------------------------
+//
+// A matrix-vector entry point takes up to MAX_FUSED weights sharing the activations x [M, K]
+// (e.g. the query, key and value projections of a layer) as a table of FUSED_FIELDS int64 per
+// weight: its address, the elements its buffer holds, its output rows N, and (int8) the address
+// of its N scales and the elements that buffer holds. The outputs lie side by side in y
+// [M, N0 + N1 + ...]: weight i writes columns offset[i] .. offset[i] + N[i]. Every output is
+// computed by the same function as with the weight alone, so fusing never changes a result.
+#define MAX_FUSED 4
+#define FUSED_FIELDS 5
+
+struct FusedWeights {
+  int64_t count, total;  // weights, and output columns of all of them
+  const void* w[MAX_FUSED];
+  const uint16_t* scales[MAX_FUSED];
+  int64_t N[MAX_FUSED], offset[MAX_FUSED];
+};
+
+// Reads the `count` weights of `table` into `fw` after checking that x [M, K] fits x_len, each
+// weight's N rows of `row_bytes` elements (and N scales when `with_scales`) fit its buffers, and y
+// [M, total] fits y_len. STATUS_UNSUPPORTED for M outside 1..8 or count outside 1..MAX_FUSED.
+static inline int read_fused(const int64_t* table, int64_t count, int with_scales, int64_t x_len, int64_t y_len,
+                             int64_t M, int64_t K, int64_t row_bytes, FusedWeights* fw) {
+  if (M < 1 || M > MAX_GEMV_ROWS || count < 1 || count > MAX_FUSED) return STATUS_UNSUPPORTED;
+  if (K < 1 || row_bytes < 1) return STATUS_BAD_SIZES;
+  fw->count = count;
+  fw->total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t* entry = table + i * FUSED_FIELDS;
+    const int64_t N = entry[2], wn = checked_mul(N, row_bytes);
+    if (N < 0 || wn < 0 || !fits(wn, entry[1]) || (N > 0 && entry[0] == 0)) return STATUS_BAD_SIZES;
+    if (with_scales && (!fits(N, entry[4]) || (N > 0 && entry[3] == 0))) return STATUS_BAD_SIZES;
+    fw->w[i] = (const void*)(intptr_t)entry[0];
+    fw->scales[i] = with_scales ? (const uint16_t*)(intptr_t)entry[3] : NULL;
+    fw->N[i] = N;
+    fw->offset[i] = fw->total;
+    fw->total = checked_add(fw->total, N);
+    if (fw->total < 0) return STATUS_BAD_SIZES;
+  }
+  const int64_t xn = checked_mul(M, K), yn = checked_mul(M, fw->total);
+  if (xn < 0 || yn < 0 || !fits(xn, x_len) || !fits(yn, y_len)) return STATUS_BAD_SIZES;
   return STATUS_OK;
 }
 
-static inline int check_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N, int64_t K) {
-  return check_quantized_gemv(x_len, w_len, y_len, M, N, K, K);
+// The table of one weight (no scales: `scales` NULL), for the single-weight entry points.
+static inline void one_weight(int64_t* table, const void* w, int64_t w_len, int64_t N, const void* scales,
+                              int64_t scales_len) {
+  table[0] = (int64_t)(intptr_t)w;
+  table[1] = w_len;
+  table[2] = N;
+  table[3] = (int64_t)(intptr_t)scales;
+  table[4] = scales_len;
+}
+
+// Every output row of every weight of `fw`, split over the threads in one parallel region:
+// block(i, n) computes rows n .. n + R of weight i, single(i, n) row n alone (the N % R last
+// rows of a weight). The units of all weights are handed out together (static schedule), so the
+// threads share the work evenly whatever the weights' sizes.
+template <int R, typename Block, typename Single>
+static inline void for_each_block(const FusedWeights& fw, int threads, Block block, Single single) {
+  int64_t first[MAX_FUSED + 1];  // the first unit of each weight
+  first[0] = 0;
+  for (int64_t i = 0; i < fw.count; ++i) first[i + 1] = first[i] + fw.N[i] / R + fw.N[i] % R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < first[fw.count]; ++u) {
+    int i = 0;
+    while (u >= first[i + 1]) ++i;
+    const int64_t local = u - first[i], full = fw.N[i] / R;
+    if (local < full) block(i, local * R);
+    else single(i, full * R + (local - full));
+  }
+}
+
+// Every output row of every weight of `fw`, one at a time: row(i, n).
+template <typename Row>
+static inline void for_each_row(const FusedWeights& fw, int threads, Row row) {
+  for_each_block<1>(fw, threads, row, row);
 }
 
 // The rows m0 .. m0 + left (left < R) in one call of rows(integral_constant<left>, m0).
