@@ -33,6 +33,7 @@ import ctypes
 import os
 import threading
 import warnings
+from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -899,6 +900,72 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         heads,
         head_dim,
         unsupported=f"heads of {head_dim}",
+    )
+    return out
+
+
+# Lanes of torch's fp32 vectors for each of its CPU capabilities (the order of its sums).
+_TORCH_FP32_LANES = {"DEFAULT": 8, "AVX2": 8, "AVX512": 16}
+# torch splits the sum of one row of this many elements or more over its threads (its parallel
+# grain size), in another order: the RMSNorm kernel takes shorter rows only.
+RMS_NORM_MAX_DIM = 32768 - 1
+
+
+@lru_cache(maxsize=None)
+def torch_fp32_lanes() -> Optional[int]:
+    """Lanes of the fp32 vectors of the kernels torch runs on this CPU (8 or 16), None when not
+    known here (another architecture)."""
+    return _TORCH_FP32_LANES.get(torch.backends.cpu.get_cpu_capability())
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm(x, weight, eps)` may run: bf16 `x` [..., n] and `weight` [n] on the CPU,
+    n up to `RMS_NORM_MAX_DIM`, eager, torch's vector width known."""
+    return (
+        weight.dim() == 1
+        and x.shape[-1] <= RMS_NORM_MAX_DIM
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[0]
+        and weight.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and torch_fp32_lanes() is not None
+        and _usable_on(x, weight)
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, normed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """RMSNorm of the bf16 rows of `x` [..., n] with `weight` [n] (bf16), in one pass per row:
+    `bf16(xf * rsqrt(mean(xf^2) + eps)) * weight` with xf = x in fp32, bit for bit the torch
+    operations (`llama.model.RMSNorm`), the sum of squares in the order of torch's own sum on this
+    CPU (`torch_fp32_lanes`). `normed` (a contiguous fp32 tensor of x's size), when given,
+    receives the fp32 values before their rounding to bf16. Check `rms_norm_applies` first.
+
+    Raises:
+        ValueError: if `normed` does not fit (nothing was read).
+    """
+    rows, lanes = x.contiguous(), torch_fp32_lanes()
+    out = torch.empty_like(rows)
+    if normed is not None and (
+        normed.dtype != torch.float32 or normed.numel() != rows.numel() or not normed.is_contiguous()
+    ):
+        raise ValueError(f"normed must be a contiguous fp32 tensor of {rows.numel()} elements")
+    _run(
+        "codellama_rms_norm_bf16",
+        rows.data_ptr(),
+        _elements(rows),
+        weight.data_ptr(),
+        _elements(weight),
+        out.data_ptr(),
+        _elements(out),
+        None if normed is None else normed.data_ptr(),
+        0 if normed is None else _elements(normed),
+        rows.numel() // max(x.shape[-1], 1),
+        x.shape[-1],
+        eps,
+        lanes,
+        unsupported=f"torch vectors of {lanes} lanes",
     )
     return out
 

@@ -2,6 +2,7 @@
 // and the status codes the Python side turns into exceptions.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,6 +296,100 @@ static inline int dequantize_int4(const uint8_t* packed, int64_t packed_len, voi
         }
       }
       block += (G / 8) * 4 * L + 4 * L;
+    }
+  }
+  return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm of bf16 rows, bit for bit the torch formula of llama/model.py
+// ---------------------------------------------------------------------------------------------
+//
+// out = bf16(x * rsqrt(mean(x^2) + eps)) * weight, with x widened to fp32: squares, the mean's
+// division, the sum with eps, 1 / sqrt and the products rounded to fp32 one by one, as torch's
+// elementwise operations do, and the sum of squares added in the order of torch's CPU sum of a
+// contiguous fp32 row (aten/src/ATen/native/cpu/SumKernel.cpp: vectorized_inner_sum, row_sum,
+// multi_row_sum), whose order depends on the lanes of torch's fp32 vectors (8 for its AVX2 and
+// default builds, 16 for AVX512).
+
+static inline int64_t torch_ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t bits = 0;
+  for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) ++bits;
+  return bits;
+}
+
+// torch's sum of the squares of the bf16 row x[0, n) in fp32, with vectors of W lanes.
+template <int W>
+static inline float torch_sum_of_squares(const uint16_t* x, int64_t n) {
+  const int64_t vectors = n / W, size = vectors / 4;  // multi_row_sum: rows of 4 vectors
+  const int64_t level_power = torch_ceil_log2(size) / 4 > 4 ? torch_ceil_log2(size) / 4 : 4;
+  const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
+  float acc[4][4][W];  // [level][vector of the row][lane]
+  for (int j = 0; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[j][k][l] = 0.0f;
+  auto add_row = [&](int64_t i) {
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) {
+        const float v = bf16_to_float(x[(i * 4 + k) * W + l]);
+        acc[0][k][l] += v * v;
+      }
+  };
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int j = 1; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) add_row(i);
+  for (int j = 1; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = size * 4; v < vectors; ++v)  // row_sum: the vectors past the rows of 4
+    for (int l = 0; l < W; ++l) {
+      const float f = bf16_to_float(x[v * W + l]);
+      acc[0][0][l] += f * f;
+    }
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.0f;  // vectorized_inner_sum: the elements past the last vector, then the lanes
+  for (int64_t t = vectors * W; t < n; ++t) {
+    const float f = bf16_to_float(x[t]);
+    total += f * f;
+  }
+  for (int l = 0; l < W; ++l) total += acc[0][0][l];
+  return total;
+}
+
+// out[M, n] = RMSNorm of the bf16 rows x[M, n] with the bf16 weight[n] (see above); `normed`
+// (NULL, or normed_len floats) receives x * rsqrt(mean(x^2) + eps) before its rounding to bf16.
+// `lanes` is the width of torch's fp32 vectors (8 or 16). Returns STATUS_OK, STATUS_UNSUPPORTED
+// for other lanes, STATUS_BAD_SIZES when the sizes do not fit the buffers.
+static inline int rms_norm_bf16(const uint16_t* x, int64_t x_len, const uint16_t* weight, int64_t weight_len,
+                                uint16_t* out, int64_t out_len, float* normed, int64_t normed_len, int64_t M,
+                                int64_t n, float eps, int lanes, int threads) {
+  if (lanes != 8 && lanes != 16) return STATUS_UNSUPPORTED;
+  const int64_t total = checked_mul(M, n);
+  if (M < 0 || n < 1 || total < 0 || !fits(total, x_len) || !fits(total, out_len) || !fits(n, weight_len) ||
+      (normed && !fits(total, normed_len)))
+    return STATUS_BAD_SIZES;
+#pragma omp parallel for num_threads(M >= 32 ? threads : 1) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * n;
+    const float sum = lanes == 8 ? torch_sum_of_squares<8>(row, n) : torch_sum_of_squares<16>(row, n);
+    const float mean = sum / (float)n;
+    const float factor = 1.0f / sqrtf(mean + eps);
+    for (int64_t k = 0; k < n; ++k) {
+      const float value = bf16_to_float(row[k]) * factor;
+      if (normed) normed[m * n + k] = value;
+      out[m * n + k] = to_bf16(bf16_to_float(to_bf16(value)) * bf16_to_float(weight[k]));
     }
   }
   return STATUS_OK;

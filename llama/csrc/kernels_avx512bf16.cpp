@@ -707,3 +707,10 @@ extern "C" int codellama_dequantize_int4(const uint8_t* packed, int64_t packed_l
                                          int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
   return dequantize_int4(packed, packed_len, out, out_len, out_bf16, N, K, G, threads);
 }
+
+// RMSNorm of bf16 rows, bit for bit the torch formula: see rms_norm_bf16 in common.h.
+extern "C" int codellama_rms_norm_bf16(const uint16_t* x, int64_t x_len, const uint16_t* weight, int64_t weight_len,
+                                       uint16_t* out, int64_t out_len, float* normed, int64_t normed_len, int64_t M,
+                                       int64_t n, float eps, int lanes, int threads) {
+  return rms_norm_bf16(x, x_len, weight, weight_len, out, out_len, normed, normed_len, M, n, eps, lanes, threads);
+}
