@@ -36,7 +36,7 @@ from llama.model import Transformer  # noqa: E402
 
 # The kernel entry points of `llama.kernels` timed apart from the rest of a step, by group.
 TIMED = {
-    "gemv": ("_gemv", "_gemv_int8", "_gemv_int4", "_fused_gemv", "_fused_gemv_int8", "_fused_gemv_int4"),
+    "gemv": ("_gemv", "_gemv_int8", "_gemv_int4", "_fused_gemv", "_gemv_int8_fused", "_gemv_int4_fused"),
     "attention+rotary": ("_decode_attention", "rotary"),
 }
 
