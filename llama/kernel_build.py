@@ -66,7 +66,7 @@ ENTRY_POINTS = {
     "codellama_gemv_bf16_fused": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "codellama_gemv_int8_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "codellama_gemv_int4_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
-    "codellama_rms_norm_bf16": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _FLOAT, _INT, _INT],
+    "codellama_rms_norm_bf16": [_PTR, _I64] * 4 + [_I64, _I64, _FLOAT, _INT, _INT],
 }
 
 

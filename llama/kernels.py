@@ -10,7 +10,10 @@ instruction from a regrouped copy of the keys and visits only the keys each toke
 no mask), in fp32 like the decode kernel. The rotary kernel rotates every head of a chunk in one
 pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
 int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
-that stream each weight row once at its quantized size.
+that stream each weight row once at its quantized size. `fused_linear`, `int8_gemv_fused` and
+`int4_gemv_fused` multiply several weights sharing the activations (a layer's q/k/v, or gate/up
+projections) in one call, each output bit for bit its own call's. `rms_norm` normalizes bf16 rows
+in one pass, bit-identical to the torch operations of `llama.model.RMSNorm`.
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
