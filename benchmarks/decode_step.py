@@ -9,6 +9,9 @@ fused or not), the decode-attention and rotary kernels, and the rest (norms, ele
 Python and torch dispatch). Medians over the steps of `--repeats` rounds, the weight kinds
 alternating round by round (the machine may be shared: a drift hits every kind alike).
 `--profile` adds torch.profiler's table of the operators outside the kernels for one step.
+`--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
+off (one call per weight, torch's norm operations), alternating with the default in the same
+process: the before/after of those two changes, free of the drift between processes.
 
     python benchmarks/decode_step.py [--layers 22] [--weights bf16,int8,int4] [--threads 2]
 
@@ -16,6 +19,7 @@ To compare two checkouts, run this script from each in turn (same arguments) sev
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -88,6 +92,19 @@ class KernelClock:
         return call
 
 
+@contextlib.contextmanager
+def separate_calls(enabled: bool):
+    """With `enabled`, the projections one call per weight and RMSNorm by torch's operations."""
+    saved = kernels.fused_linear_applies, quantization.fused_linear_applies, kernels.rms_norm_applies
+    if enabled:
+        kernels.fused_linear_applies = quantization.fused_linear_applies = lambda *args: False
+        kernels.rms_norm_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        kernels.fused_linear_applies, quantization.fused_linear_applies, kernels.rms_norm_applies = saved
+
+
 def decode_steps(model: Transformer, prompt: int, steps: int, clock: KernelClock) -> List[Dict[str, float]]:
     """Prefill `prompt` tokens into cache row 0, then `steps` decode steps: per step, its
     seconds in total and in each kernel group."""
@@ -130,6 +147,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
+    parser.add_argument("--separate", action="store_true", help="also time without fusing (see above)")
     opts = parser.parse_args(argv)
     kinds = opts.weights.split(",")
     if not set(kinds) <= {"bf16", "int8", "int4"}:
@@ -144,25 +162,30 @@ def main(argv: List[str] = None) -> None:
         model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
         models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
     clock = KernelClock()
-    samples: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds}
+    runs = [(kind, False) for kind in kinds] + ([(kind, True) for kind in kinds] if opts.separate else [])
+    samples: Dict[tuple, List[Dict[str, float]]] = {run: [] for run in runs}
     with torch.inference_mode():
-        for kind in kinds:  # warm-up
-            decode_steps(models[kind], opts.prompt, 2, clock)
+        for kind, separate in runs:  # warm-up
+            with separate_calls(separate):
+                decode_steps(models[kind], opts.prompt, 2, clock)
         clock.install()
         try:
             for _ in range(opts.repeats):
-                for kind in kinds:
-                    samples[kind] += decode_steps(models[kind], opts.prompt, opts.steps, clock)
+                for kind, separate in runs:
+                    with separate_calls(separate):
+                        samples[kind, separate] += decode_steps(models[kind], opts.prompt, opts.steps, clock)
         finally:
             clock.uninstall()
         print("| weights | step ms | GEMV ms | attention+rotary ms | rest ms |")
         print("|---|---|---|---|---|")
-        for kind in kinds:
-            column = {key: [s.get(key, 0.0) for s in samples[kind]] for key in ("step", *TIMED)}
-            rest = [s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in samples[kind]]
+        for kind, separate in runs:
+            steps = samples[kind, separate]
+            column = {key: [s.get(key, 0.0) for s in steps] for key in ("step", *TIMED)}
+            rest = [s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps]
             cells = [statistics.median(column[key]) * 1e3 for key in ("step", *TIMED)]
             cells.append(statistics.median(rest) * 1e3)
-            print(f"| {kind} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
+            label = f"{kind} separate" if separate else kind
+            print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
         if opts.profile:
             for kind in kinds:
                 print(f"\n{kind}:\n{profile_step(models[kind], opts.prompt)}")
