@@ -199,3 +199,26 @@ def test_quantized_decode_step_takes_two_fused_calls_per_layer_with_the_same_log
     # The same prefill both times; separately, the 5 weights fused in a layer take 5 calls.
     assert counts[single_name] - singles_fused == singles_fused + 3 * 5 * layers
     assert torch.equal(fused, separate)
+
+
+def test_fused_calls_trace_under_torch_compile(variant):  # noqa: F811
+    """The fused calls are custom operators: a compiled function calling them gives the eager result."""
+    x, weights = random_bf16(2, (40, 8), 128, seed=6)
+    _, int8 = quantized_weights("int8", None, (40, 8), 128, seed=6)
+    _, int4 = quantized_weights("int4", 32, (40, 8), 128, seed=6)
+    q8, q4 = [w for _, w in int8], [w for _, w in int4]
+
+    def step(x):
+        return (
+            *kernels.fused_linear(x, weights),
+            *quantization.fused_linear(x, q8),
+            *quantization.fused_linear(x, q4),
+        )
+
+    try:
+        compiled = torch.compile(step, fullgraph=True)
+        with torch.inference_mode():
+            for got, want in zip(compiled(x), step(x)):
+                assert torch.equal(got, want)
+    finally:
+        torch._dynamo.reset()
