@@ -75,6 +75,11 @@ ENTRY_POINTS = {
     "codellama_gemv_int8": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_gemv_int4": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _INT],
     "codellama_dequantize_int4": [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _I64, _INT],
+    # Several weights sharing the activations, in one call: a table of int64 per weight (common.h).
+    "codellama_gemv_bf16_fused": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
+    "codellama_gemv_int8_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
+    "codellama_gemv_int4_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "codellama_rms_norm_bf16": [_PTR, _I64] * 4 + [_I64, _I64, _FLOAT, _INT, _INT],
 }
 
 

@@ -12,7 +12,10 @@ no mask), in fp32 like the decode kernel. The int8 decode-attention kernel
 its codes and per-position scales in place. The rotary kernel rotates every head of a chunk in one
 pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
 int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
-that stream each weight row once at its quantized size.
+that stream each weight row once at its quantized size. `fused_linear`, `int8_gemv_fused` and
+`int4_gemv_fused` multiply several weights sharing the activations (a layer's q/k/v, or gate/up
+projections) in one call, each output bit for bit its own call's. `rms_norm` normalizes bf16 rows
+in one pass, bit-identical to the torch operations of `llama.model.RMSNorm`.
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
@@ -36,7 +39,8 @@ import ctypes
 import os
 import threading
 import warnings
-from typing import Optional
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -309,6 +313,91 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several weights multiplied by the same activations in one kernel call
+# ---------------------------------------------------------------------------------------------
+
+# Weights one fused call takes (MAX_FUSED in llama/csrc/common.h).
+MAX_FUSED = 4
+_FUSED_FIELDS = 5  # int64 per weight in a call's table (FUSED_FIELDS in common.h)
+
+
+def _fused_table(weights: List[torch.Tensor], rows: List[int], scales: Optional[List[torch.Tensor]] = None):
+    """The table the fused entry points read (llama/csrc/common.h): per weight its address, the
+    elements its storage holds from there, its output rows, and its scales' address and elements."""
+    values: List[int] = []
+    for i, weight in enumerate(weights):
+        scale = scales[i] if scales is not None else None
+        values += [weight.data_ptr(), _elements(weight), rows[i]]
+        values += [scale.data_ptr(), _elements(scale)] if scale is not None else [0, 0]
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _split(out: torch.Tensor, x: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
+    """The [M, sum(sizes)] output of a fused call as one [..., size] view per weight, x's leading shape."""
+    return list(out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1))
+
+
+def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    """The kernel on x [M, K] and each weight [N_i, K] (contiguous): returns [M, sum N_i] bf16."""
+    rows, n_in = x.shape
+    sizes = [w.shape[0] for w in weights]
+    out = torch.empty(rows, sum(sizes), dtype=torch.bfloat16)
+    _run(
+        "codellama_gemv_bf16_fused",
+        x.data_ptr(),
+        _elements(x),
+        _fused_table(weights, sizes),
+        len(weights),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        unsupported=f"{rows} rows and {len(weights)} weights",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_bf16_fused", mutates_args=())
+def _fused_gemv_op(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    return _fused_gemv(x, weights)
+
+
+@_fused_gemv_op.register_fake
+def _(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+def fused_linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether `fused_linear(x, weights)` takes one kernel call: 2 to `MAX_FUSED` plain weights,
+    each of which `linear(x, weight)` would multiply with the kernel (`kernel_applies`), and
+    at least one row."""
+    return (
+        2 <= len(weights) <= MAX_FUSED
+        and all(isinstance(w, torch.Tensor) for w in weights)
+        and x.numel() > 0
+        and all(kernel_applies(x, w) for w in weights)
+    )
+
+
+def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """`[linear(x, w) for w in weights]` in one kernel call (one parallel region, the activations
+    prepared once): each output bit for bit what `linear` gives, a view of one shared buffer.
+    Check `fused_linear_applies` first.
+
+    Raises:
+        ValueError: if the shapes do not fit each other (nothing was read).
+        RuntimeError: if the kernel does not apply.
+    """
+    weights = list(weights)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if torch.compiler.is_compiling():
+        out = _fused_gemv_op(rows, weights)
+    else:
+        out = _fused_gemv(rows, weights)
+    return _split(out, x, [w.shape[0] for w in weights])
+
+
+# ---------------------------------------------------------------------------------------------
 # Weight-only quantized matrix-vector products (`llama.quantization` decides when they are used)
 # ---------------------------------------------------------------------------------------------
 
@@ -444,6 +533,128 @@ def int4_gemv(
     else:
         out = _gemv_int4(rows, packed, out_features, group_size)
     return out.view(*x.shape[:-1], out_features)
+
+
+def _gemv_int8_fused(x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]) -> torch.Tensor:
+    rows, n_in = x.shape
+    sizes = [c.shape[0] for c in codes]
+    out = torch.empty(rows, sum(sizes), dtype=x.dtype)
+    _run(
+        "codellama_gemv_int8_fused",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        _fused_table(codes, sizes, scales),
+        len(codes),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        unsupported=f"{rows} rows and {len(codes)} weights",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int8_fused", mutates_args=())
+def _gemv_int8_fused_op(
+    x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]
+) -> torch.Tensor:
+    return _gemv_int8_fused(x, codes, scales)
+
+
+@_gemv_int8_fused_op.register_fake
+def _(x: torch.Tensor, codes: List[torch.Tensor], scales: List[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(c.shape[0] for c in codes))
+
+
+def _gemv_int4_fused(
+    x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int
+) -> torch.Tensor:
+    rows, n_in = x.shape
+    out = torch.empty(rows, sum(out_features), dtype=x.dtype)
+    _run(
+        "codellama_gemv_int4_fused",
+        x.data_ptr(),
+        _elements(x),
+        int(x.dtype == torch.bfloat16),
+        _fused_table(packed, out_features),
+        len(packed),
+        out.data_ptr(),
+        _elements(out),
+        rows,
+        n_in,
+        group_size,
+        unsupported=f"{rows} rows and {len(packed)} weights in groups of {group_size}",
+    )
+    return out
+
+
+@torch.library.custom_op("codellama::gemv_int4_fused", mutates_args=())
+def _gemv_int4_fused_op(
+    x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int
+) -> torch.Tensor:
+    return _gemv_int4_fused(x, packed, out_features, group_size)
+
+
+@_gemv_int4_fused_op.register_fake
+def _(x: torch.Tensor, packed: List[torch.Tensor], out_features: List[int], group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(out_features))
+
+
+def _check_fused_count(count: int) -> None:
+    if not 1 <= count <= MAX_FUSED:
+        raise ValueError(f"a fused call takes 1 to {MAX_FUSED} weights, not {count}")
+
+
+def int8_gemv_fused(
+    x: torch.Tensor, weights: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+) -> List[torch.Tensor]:
+    """`[int8_gemv(x, codes, scales) for codes, scales in weights]` in one kernel call, each output
+    bit for bit the same (views of one shared buffer). Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: for more than `MAX_FUSED` weights, or shapes or dtypes that do not fit (nothing
+            was read).
+        RuntimeError: for more than `MAX_ROWS` rows.
+    """
+    _check_fused_count(len(weights))
+    n_in = weights[0][0].shape[1]
+    for codes, scales in weights:
+        if codes.shape[1] != n_in:
+            raise ValueError(f"fused int8 weights must share their inputs: {codes.shape[1]} and {n_in}")
+        rows = _quantized_rows(x, n_in, codes=(codes, torch.int8), scales=(scales, torch.bfloat16))
+    codes, scales = [c for c, _ in weights], [s for _, s in weights]
+    if torch.compiler.is_compiling():
+        out = _gemv_int8_fused_op(rows, codes, scales)
+    else:
+        out = _gemv_int8_fused(rows, codes, scales)
+    return _split(out, x, [c.shape[0] for c in codes])
+
+
+def int4_gemv_fused(
+    x: torch.Tensor,
+    weights: Sequence[Tuple[torch.Tensor, int]],
+    in_features: int,
+    group_size: int,
+) -> List[torch.Tensor]:
+    """`[int4_gemv(x, packed, out_features, in_features, group_size) for packed, out_features in
+    weights]` in one kernel call, each output bit for bit the same (views of one shared buffer).
+    Check `quantized_kernel_applies` first.
+
+    Raises:
+        ValueError: for more than `MAX_FUSED` weights, or shapes or dtypes that do not fit (nothing
+            was read).
+        RuntimeError: for more than `MAX_ROWS` rows, or a group size other than 32, 64 or 128.
+    """
+    _check_fused_count(len(weights))
+    for packed, _ in weights:
+        rows = _quantized_rows(x, in_features, packed=(packed, torch.uint8))
+    packed, sizes = [p for p, _ in weights], [int(n) for _, n in weights]
+    if torch.compiler.is_compiling():
+        out = _gemv_int4_fused_op(rows, packed, sizes, group_size)
+    else:
+        out = _gemv_int4_fused(rows, packed, sizes, group_size)
+    return _split(out, x, sizes)
 
 
 def int4_dequantize(
@@ -916,6 +1127,72 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         heads,
         head_dim,
         unsupported=f"heads of {head_dim}",
+    )
+    return out
+
+
+# Lanes of torch's fp32 vectors for each of its CPU capabilities (the order of its sums).
+_TORCH_FP32_LANES = {"DEFAULT": 8, "AVX2": 8, "AVX512": 16}
+# torch splits the sum of one row of this many elements or more over its threads (its parallel
+# grain size), in another order: the RMSNorm kernel takes shorter rows only.
+RMS_NORM_MAX_DIM = 32768 - 1
+
+
+@lru_cache(maxsize=None)
+def torch_fp32_lanes() -> Optional[int]:
+    """Lanes of the fp32 vectors of the kernels torch runs on this CPU (8 or 16), None when not
+    known here (another architecture)."""
+    return _TORCH_FP32_LANES.get(torch.backends.cpu.get_cpu_capability())
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm(x, weight, eps)` may run: bf16 `x` [..., n] and `weight` [n] on the CPU,
+    n up to `RMS_NORM_MAX_DIM`, eager, torch's vector width known."""
+    return (
+        weight.dim() == 1
+        and x.shape[-1] <= RMS_NORM_MAX_DIM
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[0]
+        and weight.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and torch_fp32_lanes() is not None
+        and _usable_on(x, weight)
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, normed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """RMSNorm of the bf16 rows of `x` [..., n] with `weight` [n] (bf16), in one pass per row:
+    `bf16(xf * rsqrt(mean(xf^2) + eps)) * weight` with xf = x in fp32, bit for bit the torch
+    operations (`llama.model.RMSNorm`), the sum of squares in the order of torch's own sum on this
+    CPU (`torch_fp32_lanes`). `normed` (a contiguous fp32 tensor of x's size), when given,
+    receives the fp32 values before their rounding to bf16. Check `rms_norm_applies` first.
+
+    Raises:
+        ValueError: if `normed` does not fit (nothing was read).
+    """
+    rows, lanes = x.contiguous(), torch_fp32_lanes()
+    out = torch.empty_like(rows)
+    if normed is not None and (
+        normed.dtype != torch.float32 or normed.numel() != rows.numel() or not normed.is_contiguous()
+    ):
+        raise ValueError(f"normed must be a contiguous fp32 tensor of {rows.numel()} elements")
+    _run(
+        "codellama_rms_norm_bf16",
+        rows.data_ptr(),
+        _elements(rows),
+        weight.data_ptr(),
+        _elements(weight),
+        out.data_ptr(),
+        _elements(out),
+        None if normed is None else normed.data_ptr(),
+        0 if normed is None else _elements(normed),
+        rows.numel() // max(x.shape[-1], 1),
+        x.shape[-1],
+        eps,
+        lanes,
+        unsupported=f"torch vectors of {lanes} lanes",
     )
     return out
 

@@ -5,7 +5,9 @@ fairscale layers ask fairscale for the model-parallel group, which the caller se
 gather the ranks' partial results through `llama.distributed`.
 """
 
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -19,7 +21,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import distributed, kernels, kv_cache
+from llama import distributed, kernels, kv_cache, quantization
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -120,10 +122,40 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, as the reference does, then return to the activation dtype.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # bf16 on the CPU: the same operations in one kernel pass per row, when it agrees here.
+        if kernels.rms_norm_applies(x, self.weight) and norm_kernel_agrees(
+            x.shape[-1], self.eps, kernels.variant()
+        ):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return normalize(x.float(), self.eps).type_as(x) * self.weight
+
+
+def normalize(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """The fp32 rows `xf` divided by their root mean square (plus `eps`), as the reference does."""
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@lru_cache(maxsize=None)
+def norm_kernel_agrees(dim: int, eps: float, variant: Optional[str]) -> bool:
+    """Whether `kernels.rms_norm` gives the fp32 values of `normalize` and `RMSNorm`'s result bit for
+    bit on random bf16 rows of `dim` with this torch build and CPU (the order of torch's sum depends
+    on them), checked once per dim, eps and kernel `variant`; a RuntimeWarning when it does not."""
+    gen = torch.Generator().manual_seed(dim)
+    with torch.no_grad():
+        x = (torch.randn(4, dim, generator=gen) * torch.rand(4, 1, generator=gen) * 4).to(torch.bfloat16)
+        weight = torch.randn(dim, generator=gen).to(torch.bfloat16)
+        normed = torch.empty(4, dim)
+        out = kernels.rms_norm(x, weight, eps, normed)
+        want = normalize(x.float(), eps)
+        agrees = torch.equal(normed, want) and torch.equal(out, want.type_as(x) * weight)
+    if not agrees:
+        warnings.warn(
+            f"the RMSNorm kernel ({variant}) does not reproduce torch's sum on rows of {dim} with this torch "
+            "build; using torch's operations",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return agrees
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
@@ -167,6 +199,19 @@ class ColumnLinear(ColumnParallelLinear):
         if self.gather_output:
             out = distributed.model_parallel_gather_last_dim(out)
         return out
+
+
+def project(x: torch.Tensor, layers: Sequence[ColumnLinear]) -> List[torch.Tensor]:
+    """Each of `layers` applied to `x` (column-parallel layers that keep this rank's share of the
+    outputs): in one kernel call when their weights allow it (`kernels.fused_linear`, or
+    `quantization.fused_linear` for quantized weights: the same results), else one call each."""
+    if not any(layer.gather_output for layer in layers):
+        weights = [layer.weight for layer in layers]
+        if kernels.fused_linear_applies(x, weights):
+            return kernels.fused_linear(x, weights)
+        if quantization.fused_linear_applies(x, weights):
+            return quantization.fused_linear(x, weights)
+    return [layer(x) for layer in layers]
 
 
 class Embedding(ParallelEmbedding):
@@ -244,9 +289,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.wq, self.wk, self.wv))
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if inputs.row_index is not None:
             out = self._attend_rows(q, k, v, inputs)
@@ -333,7 +379,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -16,7 +16,7 @@ by it.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -363,6 +363,38 @@ def linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return F.linear(x, weight.dequantize(x.dtype))
     return F.linear(x, weight.dequantize(x.dtype, out=_scratch_buffer(weight.shape, x.dtype, x.device)))
+
+
+def fused_linear_applies(x: torch.Tensor, weights: Sequence[object]) -> bool:
+    """Whether `fused_linear(x, weights)` takes one kernel call: 2 to `kernels.MAX_FUSED`
+    quantized weights of one scheme, backend and input size, which `linear` would multiply by
+    `x` with the hand-written kernel (`QuantizedWeight.path`), at most `kernels.MAX_ROWS` rows."""
+    if not 2 <= len(weights) <= kernels.MAX_FUSED or not all(isinstance(w, QuantizedWeight) for w in weights):
+        return False
+    first = weights[0]
+    same = all(
+        w.scheme == first.scheme
+        and w.backend == first.backend
+        and w.in_features == first.in_features
+        and w.kernel_packed == first.kernel_packed
+        for w in weights
+    )
+    return same and x.numel() // max(first.in_features, 1) <= kernels.MAX_ROWS and first.path(x) == "kernel"
+
+
+def fused_linear(x: torch.Tensor, weights: Sequence[QuantizedWeight]) -> List[torch.Tensor]:
+    """`[linear(x, w) for w in weights]` in one call of the int8 or int4 kernel, each output bit
+    for bit the same (views of one shared buffer). Check `fused_linear_applies` first.
+
+    Raises:
+        ValueError: if the weights or activations do not fit the kernel (nothing was read).
+    """
+    first = weights[0]
+    if first.scheme.mode == "int8":
+        return kernels.int8_gemv_fused(x, [(w.codes, w.scales) for w in weights])
+    return kernels.int4_gemv_fused(
+        x, [(w.codes, w.out_features) for w in weights], first.in_features, first.scheme.group_size
+    )
 
 
 def _kernel_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:

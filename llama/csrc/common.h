@@ -2,6 +2,7 @@
 // and the status codes the Python side turns into exceptions.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,19 +161,85 @@ static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len
 
 static inline int64_t int4_row_bytes(int64_t K, int64_t G) { return K / 2 + 4 * (K / G); }
 
-// x [M, K], weight rows of `row_bytes` elements each [N, ...], y [M, N]: the sizes fit the buffers.
-static inline int check_quantized_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N,
-                                       int64_t K, int64_t row_bytes) {
-  if (M < 1 || M > MAX_GEMV_ROWS) return STATUS_UNSUPPORTED;
-  if (N < 0 || K < 1) return STATUS_BAD_SIZES;
-  const int64_t xn = checked_mul(M, K), wn = checked_mul(N, row_bytes), yn = checked_mul(M, N);
-  if (xn < 0 || wn < 0 || yn < 0 || !fits(xn, x_len) || !fits(wn, w_len) || !fits(yn, y_len))
-    return STATUS_BAD_SIZES;
+// ---------------------------------------------------------------------------------------------
+// Several weights multiplied by the same activations in one call (one parallel region)
+// ---------------------------------------------------------------------------------------------
+//
+// A matrix-vector entry point takes up to MAX_FUSED weights sharing the activations x [M, K]
+// (e.g. the query, key and value projections of a layer) as a table of FUSED_FIELDS int64 per
+// weight: its address, the elements its buffer holds, its output rows N, and (int8) the address
+// of its N scales and the elements that buffer holds. The outputs lie side by side in y
+// [M, N0 + N1 + ...]: weight i writes columns offset[i] .. offset[i] + N[i]. Every output is
+// computed by the same function as with the weight alone, so fusing never changes a result.
+#define MAX_FUSED 4
+#define FUSED_FIELDS 5
+
+struct FusedWeights {
+  int64_t count, total;  // weights, and output columns of all of them
+  const void* w[MAX_FUSED];
+  const uint16_t* scales[MAX_FUSED];
+  int64_t N[MAX_FUSED], offset[MAX_FUSED];
+};
+
+// Reads the `count` weights of `table` into `fw` after checking that x [M, K] fits x_len, each
+// weight's N rows of `row_bytes` elements (and N scales when `with_scales`) fit its buffers, and y
+// [M, total] fits y_len. STATUS_UNSUPPORTED for M outside 1..8 or count outside 1..MAX_FUSED.
+static inline int read_fused(const int64_t* table, int64_t count, int with_scales, int64_t x_len, int64_t y_len,
+                             int64_t M, int64_t K, int64_t row_bytes, FusedWeights* fw) {
+  if (M < 1 || M > MAX_GEMV_ROWS || count < 1 || count > MAX_FUSED) return STATUS_UNSUPPORTED;
+  if (K < 1 || row_bytes < 1) return STATUS_BAD_SIZES;
+  fw->count = count;
+  fw->total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t* entry = table + i * FUSED_FIELDS;
+    const int64_t N = entry[2], wn = checked_mul(N, row_bytes);
+    if (N < 0 || wn < 0 || !fits(wn, entry[1]) || (N > 0 && entry[0] == 0)) return STATUS_BAD_SIZES;
+    if (with_scales && (!fits(N, entry[4]) || (N > 0 && entry[3] == 0))) return STATUS_BAD_SIZES;
+    fw->w[i] = (const void*)(intptr_t)entry[0];
+    fw->scales[i] = with_scales ? (const uint16_t*)(intptr_t)entry[3] : NULL;
+    fw->N[i] = N;
+    fw->offset[i] = fw->total;
+    fw->total = checked_add(fw->total, N);
+    if (fw->total < 0) return STATUS_BAD_SIZES;
+  }
+  const int64_t xn = checked_mul(M, K), yn = checked_mul(M, fw->total);
+  if (xn < 0 || yn < 0 || !fits(xn, x_len) || !fits(yn, y_len)) return STATUS_BAD_SIZES;
   return STATUS_OK;
 }
 
-static inline int check_gemv(int64_t x_len, int64_t w_len, int64_t y_len, int64_t M, int64_t N, int64_t K) {
-  return check_quantized_gemv(x_len, w_len, y_len, M, N, K, K);
+// The table of one weight (no scales: `scales` NULL), for the single-weight entry points.
+static inline void one_weight(int64_t* table, const void* w, int64_t w_len, int64_t N, const void* scales,
+                              int64_t scales_len) {
+  table[0] = (int64_t)(intptr_t)w;
+  table[1] = w_len;
+  table[2] = N;
+  table[3] = (int64_t)(intptr_t)scales;
+  table[4] = scales_len;
+}
+
+// Every output row of every weight of `fw`, split over the threads in one parallel region:
+// block(i, n) computes rows n .. n + R of weight i, single(i, n) row n alone (the N % R last
+// rows of a weight). The units of all weights are handed out together (static schedule), so the
+// threads share the work evenly whatever the weights' sizes.
+template <int R, typename Block, typename Single>
+static inline void for_each_block(const FusedWeights& fw, int threads, Block block, Single single) {
+  int64_t first[MAX_FUSED + 1];  // the first unit of each weight
+  first[0] = 0;
+  for (int64_t i = 0; i < fw.count; ++i) first[i + 1] = first[i] + fw.N[i] / R + fw.N[i] % R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < first[fw.count]; ++u) {
+    int i = 0;
+    while (u >= first[i + 1]) ++i;
+    const int64_t local = u - first[i], full = fw.N[i] / R;
+    if (local < full) block(i, local * R);
+    else single(i, full * R + (local - full));
+  }
+}
+
+// Every output row of every weight of `fw`, one at a time: row(i, n).
+template <typename Row>
+static inline void for_each_row(const FusedWeights& fw, int threads, Row row) {
+  for_each_block<1>(fw, threads, row, row);
 }
 
 // The rows m0 .. m0 + left (left < R) in one call of rows(integral_constant<left>, m0).
@@ -275,6 +342,100 @@ static inline int dequantize_int4(const uint8_t* packed, int64_t packed_len, voi
         }
       }
       block += (G / 8) * 4 * L + 4 * L;
+    }
+  }
+  return STATUS_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm of bf16 rows, bit for bit the torch formula of llama/model.py
+// ---------------------------------------------------------------------------------------------
+//
+// out = bf16(x * rsqrt(mean(x^2) + eps)) * weight, with x widened to fp32: squares, the mean's
+// division, the sum with eps, 1 / sqrt and the products rounded to fp32 one by one, as torch's
+// elementwise operations do, and the sum of squares added in the order of torch's CPU sum of a
+// contiguous fp32 row (aten/src/ATen/native/cpu/SumKernel.cpp: vectorized_inner_sum, row_sum,
+// multi_row_sum), whose order depends on the lanes of torch's fp32 vectors (8 for its AVX2 and
+// default builds, 16 for AVX512).
+
+static inline int64_t torch_ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t bits = 0;
+  for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) ++bits;
+  return bits;
+}
+
+// torch's sum of the squares of the bf16 row x[0, n) in fp32, with vectors of W lanes.
+template <int W>
+static inline float torch_sum_of_squares(const uint16_t* x, int64_t n) {
+  const int64_t vectors = n / W, size = vectors / 4;  // multi_row_sum: rows of 4 vectors
+  const int64_t level_power = torch_ceil_log2(size) / 4 > 4 ? torch_ceil_log2(size) / 4 : 4;
+  const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
+  float acc[4][4][W];  // [level][vector of the row][lane]
+  for (int j = 0; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[j][k][l] = 0.0f;
+  auto add_row = [&](int64_t i) {
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) {
+        const float v = bf16_to_float(x[(i * 4 + k) * W + l]);
+        acc[0][k][l] += v * v;
+      }
+  };
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int j = 1; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) add_row(i);
+  for (int j = 1; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = size * 4; v < vectors; ++v)  // row_sum: the vectors past the rows of 4
+    for (int l = 0; l < W; ++l) {
+      const float f = bf16_to_float(x[v * W + l]);
+      acc[0][0][l] += f * f;
+    }
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.0f;  // vectorized_inner_sum: the elements past the last vector, then the lanes
+  for (int64_t t = vectors * W; t < n; ++t) {
+    const float f = bf16_to_float(x[t]);
+    total += f * f;
+  }
+  for (int l = 0; l < W; ++l) total += acc[0][0][l];
+  return total;
+}
+
+// out[M, n] = RMSNorm of the bf16 rows x[M, n] with the bf16 weight[n] (see above); `normed`
+// (NULL, or normed_len floats) receives x * rsqrt(mean(x^2) + eps) before its rounding to bf16.
+// `lanes` is the width of torch's fp32 vectors (8 or 16). Returns STATUS_OK, STATUS_UNSUPPORTED
+// for other lanes, STATUS_BAD_SIZES when the sizes do not fit the buffers.
+static inline int rms_norm_bf16(const uint16_t* x, int64_t x_len, const uint16_t* weight, int64_t weight_len,
+                                uint16_t* out, int64_t out_len, float* normed, int64_t normed_len, int64_t M,
+                                int64_t n, float eps, int lanes, int threads) {
+  if (lanes != 8 && lanes != 16) return STATUS_UNSUPPORTED;
+  const int64_t total = checked_mul(M, n);
+  if (M < 0 || n < 1 || total < 0 || !fits(total, x_len) || !fits(total, out_len) || !fits(n, weight_len) ||
+      (normed && !fits(total, normed_len)))
+    return STATUS_BAD_SIZES;
+#pragma omp parallel for num_threads(M >= 32 ? threads : 1) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * n;
+    const float sum = lanes == 8 ? torch_sum_of_squares<8>(row, n) : torch_sum_of_squares<16>(row, n);
+    const float mean = sum / (float)n;
+    const float factor = 1.0f / sqrtf(mean + eps);
+    for (int64_t k = 0; k < n; ++k) {
+      const float value = bf16_to_float(row[k]) * factor;
+      if (normed) normed[m * n + k] = value;
+      out[m * n + k] = to_bf16(bf16_to_float(to_bf16(value)) * bf16_to_float(weight[k]));
     }
   }
   return STATUS_OK;

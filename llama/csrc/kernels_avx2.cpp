@@ -118,21 +118,25 @@ static inline void rows_block(const float* __restrict xs, int64_t Kp, const uint
 }
 
 template <int M, int R>
-static void gemv(const float* xs, int64_t Kp, const uint16_t* w, uint16_t* y, int64_t N, int64_t K,
-                 int threads) {
-  const int64_t blocks = N / R;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R>(xs, Kp, w, K, y, N, b * R);
-  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(xs, Kp, w, K, y, N, n);
+static void gemv(const float* xs, int64_t Kp, const FusedWeights& fw, int64_t K, uint16_t* y, int threads) {
+  for_each_block<R>(
+      fw, threads,
+      [&](int i, int64_t n) {
+        rows_block<M, R>(xs, Kp, (const uint16_t*)fw.w[i], K, y + fw.offset[i], fw.total, n);
+      },
+      [&](int i, int64_t n) {
+        rows_block<M, 1>(xs, Kp, (const uint16_t*)fw.w[i], K, y + fw.offset[i], fw.total, n);
+      });
 }
 
-// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
-// each buffer holds. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES
-// when the sizes do not fit the buffers, or STATUS_NO_MEMORY. Register budget (16 vectors):
-// M * R accumulators, 2 R weight vectors and 2 for x.
-extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
-                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  const int status = check_gemv(x_len, w_len, y_len, M, N, K);
+// y[M, N0 + N1 + ...] = x[M, K] @ [w0; w1; ...]^T for the weights of `table` (common.h), all bf16
+// and contiguous. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES when
+// the sizes do not fit the buffers, or STATUS_NO_MEMORY. Register budget (16 vectors): M * R
+// accumulators, 2 R weight vectors and 2 for x.
+extern "C" int codellama_gemv_bf16_fused(const uint16_t* x, int64_t x_len, const int64_t* table, int64_t count,
+                                         uint16_t* y, int64_t y_len, int64_t M, int64_t K, int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 0, x_len, y_len, M, K, K, &fw);
   if (status != STATUS_OK) return status;
   const int64_t Kp = (K + 15) / 16 * 16;
   float* xs = (float*)malloc(sizeof(float) * M * Kp);
@@ -148,17 +152,26 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
   }
   free(padded);
   switch (M) {
-    case 1: gemv<1, 4>(xs, Kp, w, y, N, K, threads); break;
-    case 2: gemv<2, 2>(xs, Kp, w, y, N, K, threads); break;
-    case 3: gemv<3, 2>(xs, Kp, w, y, N, K, threads); break;
-    case 4: gemv<4, 2>(xs, Kp, w, y, N, K, threads); break;
-    case 5: gemv<5, 1>(xs, Kp, w, y, N, K, threads); break;
-    case 6: gemv<6, 1>(xs, Kp, w, y, N, K, threads); break;
-    case 7: gemv<7, 1>(xs, Kp, w, y, N, K, threads); break;
-    default: gemv<8, 1>(xs, Kp, w, y, N, K, threads); break;
+    case 1: gemv<1, 4>(xs, Kp, fw, K, y, threads); break;
+    case 2: gemv<2, 2>(xs, Kp, fw, K, y, threads); break;
+    case 3: gemv<3, 2>(xs, Kp, fw, K, y, threads); break;
+    case 4: gemv<4, 2>(xs, Kp, fw, K, y, threads); break;
+    case 5: gemv<5, 1>(xs, Kp, fw, K, y, threads); break;
+    case 6: gemv<6, 1>(xs, Kp, fw, K, y, threads); break;
+    case 7: gemv<7, 1>(xs, Kp, fw, K, y, threads); break;
+    default: gemv<8, 1>(xs, Kp, fw, K, y, threads); break;
   }
   free(xs);
   return STATUS_OK;
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
+// each buffer holds. The statuses of codellama_gemv_bf16_fused.
+extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
+                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,26 +340,38 @@ static inline void int8_rows(const float* __restrict xf, int64_t Kp, const int8_
   }
 }
 
-// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
-// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
-// STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
-extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
-                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
-                                   int64_t N, int64_t K, int threads) {
-  int status = check_quantized_gemv(x_len, q_len, y_len, M, N, K, K);
+// y[M, N0 + N1 + ...] = x[M, K] @ [W0; W1; ...]^T in x's dtype (bf16 when x_bf16, else fp32) for
+// the int8 weights of `table` (common.h): codes [N, K] as stored, one bf16 scale per row.
+// Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int8_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K,
+                                         int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 1, x_len, y_len, M, K, K, &fw);
   if (status != STATUS_OK) return status;
-  if (!fits(N, scales_len)) return STATUS_BAD_SIZES;
   const int64_t Kp = (K + 31) / 32 * 32;
   float* xf = (float*)calloc(M * Kp, sizeof(float));
   if (!xf) return STATUS_NO_MEMORY;
   for (int64_t m = 0; m < M; ++m) activations_row(x, x_bf16, m, K, xf + m * Kp);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
+  for_each_row(fw, threads, [&](int i, int64_t n) {
     in_passes<PASS>(M, [&](auto rows, int64_t m0) {
-      int8_rows<decltype(rows)::value>(xf, Kp, q, K, scales, y, x_bf16, N, m0, n);
+      int8_rows<decltype(rows)::value>(xf, Kp, (const int8_t*)fw.w[i], K, fw.scales[i],
+                                       (char*)y + fw.offset[i] * (x_bf16 ? 2 : 4), x_bf16, fw.total, m0, n);
     });
+  });
   free(xf);
   return STATUS_OK;
+}
+
+// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
+// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. The statuses of
+// codellama_gemv_int8_fused.
+extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
+                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, q, q_len, N, scales, scales_len);
+  return codellama_gemv_int8_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, threads);
 }
 
 // int4: the activations regrouped to match a block's chunks, in fp32. A chunk's 16 dwords hold
@@ -414,16 +439,17 @@ static inline void int4_rows(const float* __restrict xs, int64_t stride, const f
     store_output(y, y_bf16, (m0 + m) * N + n, sum8(_mm256_add_ps(total[m][0], total[m][1])));
 }
 
-// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
-// rows are packed as common.h describes (groups of G inputs). Returns STATUS_OK,
-// STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128, STATUS_BAD_SIZES (also for K not
-// a multiple of G) or STATUS_NO_MEMORY.
-extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
-                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
-                                   int64_t G, int threads) {
+// y[M, N0 + N1 + ...] = x[M, K] @ [W0; W1; ...]^T in x's dtype (bf16 when x_bf16, else fp32) for
+// the int4 weights of `table` (common.h), rows packed as common.h describes (groups of G inputs).
+// Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128,
+// STATUS_BAD_SIZES (also for K not a multiple of G) or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int4_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K, int64_t G,
+                                         int threads) {
   int status = check_int4_groups(K, G);
   if (status != STATUS_OK) return status;
-  status = check_quantized_gemv(x_len, packed_len, y_len, M, N, K, int4_row_bytes(K, G));
+  FusedWeights fw;
+  status = read_fused(table, count, 0, x_len, y_len, M, K, int4_row_bytes(K, G), &fw);
   if (status != STATUS_OK) return status;
   const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
   const int64_t stride = blocks * INT4_BLOCK_GROUPS * G, sums_stride = blocks * INT4_BLOCK_GROUPS;
@@ -449,13 +475,25 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
     }
   }
   const int64_t row_bytes = int4_row_bytes(K, G);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
+  for_each_row(fw, threads, [&](int i, int64_t n) {
     in_passes<PASS>(M, [&](auto rows, int64_t m0) {
-      int4_rows<decltype(rows)::value>(xs, stride, sums, sums_stride, packed, row_bytes, K, G, y, x_bf16, N, m0, n);
+      int4_rows<decltype(rows)::value>(xs, stride, sums, sums_stride, (const uint8_t*)fw.w[i], row_bytes, K, G,
+                                       (char*)y + fw.offset[i] * (x_bf16 ? 2 : 4), x_bf16, fw.total, m0, n);
     });
+  });
   free(xs), free(sums), free(row);
   return STATUS_OK;
+}
+
+// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
+// rows are packed as common.h describes (groups of G inputs). The statuses of
+// codellama_gemv_int4_fused.
+extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
+                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
+                                   int64_t G, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, packed, packed_len, N, NULL, 0);
+  return codellama_gemv_int4_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, G, threads);
 }
 
 // The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,
@@ -463,4 +501,11 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
 extern "C" int codellama_dequantize_int4(const uint8_t* packed, int64_t packed_len, void* out, int64_t out_len,
                                          int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
   return dequantize_int4(packed, packed_len, out, out_len, out_bf16, N, K, G, threads);
+}
+
+// RMSNorm of bf16 rows, bit for bit the torch formula: see rms_norm_bf16 in common.h.
+extern "C" int codellama_rms_norm_bf16(const uint16_t* x, int64_t x_len, const uint16_t* weight, int64_t weight_len,
+                                       uint16_t* out, int64_t out_len, float* normed, int64_t normed_len, int64_t M,
+                                       int64_t n, float eps, int lanes, int threads) {
+  return rms_norm_bf16(x, x_len, weight, weight_len, out, out_len, normed, normed_len, M, n, eps, lanes, threads);
 }

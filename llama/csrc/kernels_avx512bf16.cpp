@@ -55,34 +55,46 @@ static inline void rows_block(const uint16_t* __restrict x, const uint16_t* __re
 }
 
 template <int M, int R, int U, int PF>
-static void gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t N, int64_t K, int threads) {
-  const int64_t blocks = N / R;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R, U, PF>(x, w, K, y, N, b * R);
-  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1, 2, 0>(x, w, K, y, N, n);
+static void gemv(const uint16_t* x, const FusedWeights& fw, uint16_t* y, int64_t K, int threads) {
+  for_each_block<R>(
+      fw, threads,
+      [&](int i, int64_t n) {
+        rows_block<M, R, U, PF>(x, (const uint16_t*)fw.w[i], K, y + fw.offset[i], fw.total, n);
+      },
+      [&](int i, int64_t n) { rows_block<M, 1, 2, 0>(x, (const uint16_t*)fw.w[i], K, y + fw.offset[i], fw.total, n); });
+}
+
+// y[M, N0 + N1 + ...] = x[M, K] @ [w0; w1; ...]^T for the weights of `table` (common.h), all bf16
+// and contiguous. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, or STATUS_BAD_SIZES
+// when the sizes do not fit the buffers. One or two rows: stream one weight row at a time (a
+// single sequential read per thread, which the hardware prefetchers follow best). More rows:
+// share each x load between several weight rows, within the 32 vector registers (M * R * 2
+// accumulators + R weight vectors + 1).
+extern "C" int codellama_gemv_bf16_fused(const uint16_t* x, int64_t x_len, const int64_t* table, int64_t count,
+                                         uint16_t* y, int64_t y_len, int64_t M, int64_t K, int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 0, x_len, y_len, M, K, K, &fw);
+  if (status != STATUS_OK) return status;
+  switch (M) {
+    case 1: gemv<1, 1, 2, 0>(x, fw, y, K, threads); break;
+    case 2: gemv<2, 1, 2, 0>(x, fw, y, K, threads); break;
+    case 3: gemv<3, 4, 2, 32768>(x, fw, y, K, threads); break;
+    case 4: gemv<4, 3, 2, 32768>(x, fw, y, K, threads); break;
+    case 5: gemv<5, 2, 2, 32768>(x, fw, y, K, threads); break;
+    case 6: gemv<6, 2, 2, 32768>(x, fw, y, K, threads); break;
+    case 7: gemv<7, 2, 2, 32768>(x, fw, y, K, threads); break;
+    default: gemv<8, 1, 2, 32768>(x, fw, y, K, threads); break;
+  }
+  return STATUS_OK;
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
-// each buffer holds. Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8, or
-// STATUS_BAD_SIZES when the sizes do not fit the buffers. One or two rows: stream one weight row
-// at a time (a single sequential read per thread, which the hardware prefetchers follow best).
-// More rows: share each x load between several weight rows, within the 32 vector registers
-// (M * R * 2 accumulators + R weight vectors + 1).
+// each buffer holds. The statuses of codellama_gemv_bf16_fused.
 extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
                                    uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  const int status = check_gemv(x_len, w_len, y_len, M, N, K);
-  if (status != STATUS_OK) return status;
-  switch (M) {
-    case 1: gemv<1, 1, 2, 0>(x, w, y, N, K, threads); break;
-    case 2: gemv<2, 1, 2, 0>(x, w, y, N, K, threads); break;
-    case 3: gemv<3, 4, 2, 32768>(x, w, y, N, K, threads); break;
-    case 4: gemv<4, 3, 2, 32768>(x, w, y, N, K, threads); break;
-    case 5: gemv<5, 2, 2, 32768>(x, w, y, N, K, threads); break;
-    case 6: gemv<6, 2, 2, 32768>(x, w, y, N, K, threads); break;
-    case 7: gemv<7, 2, 2, 32768>(x, w, y, N, K, threads); break;
-    default: gemv<8, 1, 2, 32768>(x, w, y, N, K, threads); break;
-  }
-  return STATUS_OK;
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
 // e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
@@ -350,15 +362,16 @@ static void int8_activations(const float* row, int64_t K, int64_t m, int64_t M, 
   for (k = Kr; k < K; ++k) xa->tail[m * 64 + (k - Kr)] = (int32_t)lrintf(row[k] * inverse);
 }
 
-// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
-// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. Returns STATUS_OK,
-// STATUS_UNSUPPORTED for M outside 1..8 or K of 2^20 or more, STATUS_BAD_SIZES or STATUS_NO_MEMORY.
-extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
-                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
-                                   int64_t N, int64_t K, int threads) {
-  int status = check_quantized_gemv(x_len, q_len, y_len, M, N, K, K);
+// y[M, N0 + N1 + ...] = x[M, K] @ [W0; W1; ...]^T in x's dtype (bf16 when x_bf16, else fp32) for
+// the int8 weights of `table` (common.h): codes [N, K] as stored, one bf16 scale per row.
+// Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8 or K of 2^20 or more,
+// STATUS_BAD_SIZES or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int8_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K,
+                                         int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 1, x_len, y_len, M, K, K, &fw);
   if (status != STATUS_OK) return status;
-  if (!fits(N, scales_len)) return STATUS_BAD_SIZES;
   if (K >= (1 << 20)) return STATUS_UNSUPPORTED;  // the 32-bit sums of int8_rows could overflow
   Int8Activations xa;
   xa.Kr = K / 64 * 64;
@@ -375,13 +388,25 @@ extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, con
     activations_row(x, x_bf16, m, K, row);
     int8_activations(row, K, m, M, &xa);
   }
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
+  for_each_row(fw, threads, [&](int i, int64_t n) {
     in_passes<PASS>(M, [&](auto rows, int64_t m0) {
-      int8_rows<decltype(rows)::value>(xa, M, q, K, scales, y, x_bf16, N, m0, n);
+      int8_rows<decltype(rows)::value>(xa, M, (const int8_t*)fw.w[i], K, fw.scales[i],
+                                       (char*)y + fw.offset[i] * (x_bf16 ? 2 : 4), x_bf16, fw.total, m0, n);
     });
+  });
   free(xa.digits), free(xa.tail), free(xa.sums), free(xa.scales), free(row);
   return STATUS_OK;
+}
+
+// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
+// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. The statuses of
+// codellama_gemv_int8_fused.
+extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
+                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, q, q_len, N, scales, scales_len);
+  return codellama_gemv_int8_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, threads);
 }
 
 // int4: the activations regrouped to match a block's chunks. For block b, step p (inputs 2p and
@@ -445,26 +470,28 @@ static inline void int4_rows(const Int4Activations& xa, const uint8_t* __restric
 }
 
 template <bool LO>
-static void int4_gemv(const Int4Activations& xa, const uint8_t* packed, void* y, int y_bf16, int64_t M, int64_t N,
-                      int64_t K, int64_t G, int threads) {
+static void int4_gemv(const Int4Activations& xa, const FusedWeights& fw, void* y, int y_bf16, int64_t M, int64_t K,
+                      int64_t G, int threads) {
   const int64_t row_bytes = int4_row_bytes(K, G);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
+  for_each_row(fw, threads, [&](int i, int64_t n) {
     in_passes<PASS>(M, [&](auto rows, int64_t m0) {
-      int4_rows<decltype(rows)::value, LO>(xa, packed, row_bytes, K, G, y, y_bf16, N, m0, n);
+      int4_rows<decltype(rows)::value, LO>(xa, (const uint8_t*)fw.w[i], row_bytes, K, G,
+                                           (char*)y + fw.offset[i] * (y_bf16 ? 2 : 4), y_bf16, fw.total, m0, n);
     });
+  });
 }
 
-// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
-// rows are packed as common.h describes (groups of G inputs). Returns STATUS_OK,
-// STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128, STATUS_BAD_SIZES (also for K not
-// a multiple of G) or STATUS_NO_MEMORY.
-extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
-                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
-                                   int64_t G, int threads) {
+// y[M, N0 + N1 + ...] = x[M, K] @ [W0; W1; ...]^T in x's dtype (bf16 when x_bf16, else fp32) for
+// the int4 weights of `table` (common.h), rows packed as common.h describes (groups of G inputs).
+// Returns STATUS_OK, STATUS_UNSUPPORTED for M outside 1..8 or G not 32, 64 or 128,
+// STATUS_BAD_SIZES (also for K not a multiple of G) or STATUS_NO_MEMORY.
+extern "C" int codellama_gemv_int4_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K, int64_t G,
+                                         int threads) {
   int status = check_int4_groups(K, G);
   if (status != STATUS_OK) return status;
-  status = check_quantized_gemv(x_len, packed_len, y_len, M, N, K, int4_row_bytes(K, G));
+  FusedWeights fw;
+  status = read_fused(table, count, 0, x_len, y_len, M, K, int4_row_bytes(K, G), &fw);
   if (status != STATUS_OK) return status;
   const int64_t groups = K / G, blocks = (groups + INT4_BLOCK_GROUPS - 1) / INT4_BLOCK_GROUPS;
   Int4Activations xa;
@@ -504,10 +531,21 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
     }
     group_sums(row, K, G, xa.sums + m * xa.sums_stride);
   }
-  if (x_bf16) int4_gemv<false>(xa, packed, y, x_bf16, M, N, K, G, threads);
-  else int4_gemv<true>(xa, packed, y, x_bf16, M, N, K, G, threads);
+  if (x_bf16) int4_gemv<false>(xa, fw, y, x_bf16, M, K, G, threads);
+  else int4_gemv<true>(xa, fw, y, x_bf16, M, K, G, threads);
   free(xa.hi), free(xa.lo), free(xa.sums), free(row);
   return STATUS_OK;
+}
+
+// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
+// rows are packed as common.h describes (groups of G inputs). The statuses of
+// codellama_gemv_int4_fused.
+extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
+                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
+                                   int64_t G, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, packed, packed_len, N, NULL, 0);
+  return codellama_gemv_int4_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, G, threads);
 }
 
 // The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,
@@ -515,4 +553,11 @@ extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, con
 extern "C" int codellama_dequantize_int4(const uint8_t* packed, int64_t packed_len, void* out, int64_t out_len,
                                          int out_bf16, int64_t N, int64_t K, int64_t G, int threads) {
   return dequantize_int4(packed, packed_len, out, out_len, out_bf16, N, K, G, threads);
+}
+
+// RMSNorm of bf16 rows, bit for bit the torch formula: see rms_norm_bf16 in common.h.
+extern "C" int codellama_rms_norm_bf16(const uint16_t* x, int64_t x_len, const uint16_t* weight, int64_t weight_len,
+                                       uint16_t* out, int64_t out_len, float* normed, int64_t normed_len, int64_t M,
+                                       int64_t n, float eps, int lanes, int threads) {
+  return rms_norm_bf16(x, x_len, weight, weight_len, out, out_len, normed, normed_len, M, n, eps, lanes, threads);
 }

@@ -1,0 +1,195 @@
+"""Where the time of one batch-1 decode step goes: the weight matrix-vector products and the rest.
+
+Builds a model of the TinyLlama-1.1B geometry (dim 2048, 32 heads, 4 kv heads, FFN 5632, random
+weights) with `--layers` layers, with bf16 weights or int8/int4 weight-only quantized ones
+(`--weights bf16,int4`), prefills a `--prompt`-token prompt and times `--steps` decode steps of
+`Transformer.forward_decode` one by one. Each step's time is split into the hand-written
+matrix-vector kernel calls (timed around each call: `llama.kernels`' bf16, int8 and int4 GEMVs,
+fused or not), the decode-attention and rotary kernels, and the rest (norms, elementwise ops,
+Python and torch dispatch). Medians over the steps of `--repeats` rounds, the weight kinds
+alternating round by round (the machine may be shared: a drift hits every kind alike).
+`--profile` adds torch.profiler's table of the operators outside the kernels for one step.
+`--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
+off (one call per weight, torch's norm operations), alternating with the default in the same
+process: the before/after of those two changes, free of the drift between processes.
+
+    python benchmarks/decode_step.py [--layers 22] [--weights bf16,int8,int4] [--threads 2]
+
+To compare two checkouts, run this script from each in turn (same arguments) several times.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from dtype_speed import build  # noqa: E402
+from torch import nn  # noqa: E402
+
+from llama import distributed, kernels, quantization  # noqa: E402
+from llama.model import Transformer  # noqa: E402
+
+# The kernel entry points of `llama.kernels` timed apart from the rest of a step, by group.
+TIMED = {
+    "gemv": ("_gemv", "_gemv_int8", "_gemv_int4", "_fused_gemv", "_gemv_int8_fused", "_gemv_int4_fused"),
+    "attention+rotary": ("_decode_attention", "rotary"),
+}
+
+
+def quantize_linears(model: Transformer, mode: str) -> Transformer:
+    """Replace every linear weight of `model` by its `mode` ("int8" or "int4", group size 64)
+    quantized form, as a quantized checkpoint loads it."""
+    scheme = quantization.make_scheme(mode)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
+            if type(module).__name__ in ("ColumnLinear", "RowLinear"):
+                parts = quantization.quantize(weight.detach(), scheme)
+                quantized = quantization.QuantizedWeight(parts, scheme, weight.shape[1], torch.device("cpu"))
+                del module.weight
+                module.weight = quantized
+    return model
+
+
+class KernelClock:
+    """Seconds spent inside the `TIMED` kernel entry points, by group, while installed."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self._saved: Dict[str, Callable] = {}
+
+    def install(self) -> None:
+        for group, names in TIMED.items():
+            for name in names:
+                original = getattr(kernels, name, None)
+                if original is None:  # an entry point this checkout does not have
+                    continue
+                self._saved[name] = original
+                setattr(kernels, name, self._timed(group, original))
+
+    def uninstall(self) -> None:
+        for name, original in self._saved.items():
+            setattr(kernels, name, original)
+        self._saved.clear()
+
+    def _timed(self, group: str, original: Callable) -> Callable:
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[group] += time.perf_counter() - start
+
+        return call
+
+
+@contextlib.contextmanager
+def separate_calls(enabled: bool):
+    """With `enabled`, the projections one call per weight and RMSNorm by torch's operations."""
+    saved = kernels.fused_linear_applies, quantization.fused_linear_applies, kernels.rms_norm_applies
+    if enabled:
+        kernels.fused_linear_applies = quantization.fused_linear_applies = lambda *args: False
+        kernels.rms_norm_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        kernels.fused_linear_applies, quantization.fused_linear_applies, kernels.rms_norm_applies = saved
+
+
+def decode_steps(model: Transformer, prompt: int, steps: int, clock: KernelClock) -> List[Dict[str, float]]:
+    """Prefill `prompt` tokens into cache row 0, then `steps` decode steps: per step, its
+    seconds in total and in each kernel group."""
+    tokens = torch.randint(3, 32000, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    rows = torch.zeros(1, dtype=torch.int64)
+    logits = model(tokens, 0, last_only=True)
+    token = logits[:, -1].argmax(-1)
+    result = []
+    for step in range(steps):
+        clock.seconds.clear()
+        start = time.perf_counter()
+        logits = model.forward_decode(token, rows, torch.tensor([prompt + step]))
+        total = time.perf_counter() - start
+        token = logits.argmax(-1)
+        result.append({"step": total, **clock.seconds})
+    return result
+
+
+def profile_step(model: Transformer, prompt: int, rows: int = 25) -> str:
+    """torch.profiler's operator table (by self CPU time) of one decode step after `prompt` tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.randint(3, 32000, (1, prompt), generator=torch.Generator().manual_seed(1))
+    model(tokens, 0, last_only=True)
+    args = (tokens[0, -1:], torch.zeros(1, dtype=torch.int64), torch.tensor([prompt]))
+    model.forward_decode(*args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.forward_decode(*args)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--weights", default="bf16,int4", help="comma-separated: bf16, int8, int4")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
+    parser.add_argument("--separate", action="store_true", help="also time without fusing (see above)")
+    opts = parser.parse_args(argv)
+    kinds = opts.weights.split(",")
+    if not set(kinds) <= {"bf16", "int8", "int4"}:
+        parser.error("--weights takes bf16, int8 and int4")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    distributed.init_model_parallel()
+    kernels.kernel_available()
+    print(f"kernel variant {kernels.variant()}, {torch.get_num_threads()} threads, {opts.layers} layers\n")
+    models = {}
+    for kind in kinds:
+        model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
+        models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
+    clock = KernelClock()
+    runs = [(kind, False) for kind in kinds] + ([(kind, True) for kind in kinds] if opts.separate else [])
+    samples: Dict[tuple, List[Dict[str, float]]] = {run: [] for run in runs}
+    with torch.inference_mode():
+        for kind, separate in runs:  # warm-up
+            with separate_calls(separate):
+                decode_steps(models[kind], opts.prompt, 2, clock)
+        clock.install()
+        try:
+            for _ in range(opts.repeats):
+                for kind, separate in runs:
+                    with separate_calls(separate):
+                        samples[kind, separate] += decode_steps(models[kind], opts.prompt, opts.steps, clock)
+        finally:
+            clock.uninstall()
+        print("| weights | step ms | GEMV ms | attention+rotary ms | rest ms |")
+        print("|---|---|---|---|---|")
+        for kind, separate in runs:
+            steps = samples[kind, separate]
+            column = {key: [s.get(key, 0.0) for s in steps] for key in ("step", *TIMED)}
+            rest = [s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps]
+            cells = [statistics.median(column[key]) * 1e3 for key in ("step", *TIMED)]
+            cells.append(statistics.median(rest) * 1e3)
+            label = f"{kind} separate" if separate else kind
+            print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
+        if opts.profile:
+            for kind in kinds:
+                print(f"\n{kind}:\n{profile_step(models[kind], opts.prompt)}")
+
+
+if __name__ == "__main__":
+    main()
