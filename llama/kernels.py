@@ -1131,18 +1131,38 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out
 
 
-# Lanes of torch's fp32 vectors for each of its CPU capabilities (the order of its sums).
-_TORCH_FP32_LANES = {"DEFAULT": 8, "AVX2": 8, "AVX512": 16}
 # torch splits the sum of one row of this many elements or more over its threads (its parallel
 # grain size), in another order: the RMSNorm kernel takes shorter rows only.
 RMS_NORM_MAX_DIM = 32768 - 1
 
 
-@lru_cache(maxsize=None)
 def torch_fp32_lanes() -> Optional[int]:
-    """Lanes of the fp32 vectors of the kernels torch runs on this CPU (8 or 16), None when not
-    known here (another architecture)."""
-    return _TORCH_FP32_LANES.get(torch.backends.cpu.get_cpu_capability())
+    """Lanes of the fp32 vectors torch's CPU sum adds with on this machine (8 or 16), the order the
+    RMSNorm kernel follows to reproduce it bit for bit; None when neither order reproduces it or no
+    kernel library is loaded. Found once, by summing probe rows both ways: torch's reported
+    capability does not tell (on AVX-512 CPUs it runs its sums with 8 lanes)."""
+    return None if _library is None else _probed_lanes()
+
+
+@lru_cache(maxsize=None)
+def _probed_lanes() -> Optional[int]:
+    gen = torch.Generator().manual_seed(0)
+    for lanes in (8, 16):
+        if all(_sums_like_torch(lanes, dim, gen) for dim in (100, 2048, 5120)):
+            return lanes
+    return None
+
+
+def _sums_like_torch(lanes: int, dim: int, gen: torch.Generator) -> bool:
+    x = (torch.randn(6, dim, generator=gen) * torch.rand(6, 1, generator=gen) * 4).to(torch.bfloat16)
+    weight, normed = torch.ones(dim, dtype=torch.bfloat16), torch.empty(6, dim)
+    out = torch.empty_like(x)
+    status = _library.codellama_rms_norm_bf16(
+        x.data_ptr(), x.numel(), weight.data_ptr(), dim, out.data_ptr(), out.numel(),
+        normed.data_ptr(), normed.numel(), 6, dim, 1e-5, lanes, 1,
+    )  # fmt: skip
+    xf = x.float()
+    return status == 0 and torch.equal(normed, xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1155,8 +1175,8 @@ def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.shape[-1] == weight.shape[0]
         and weight.is_contiguous()
         and not torch.compiler.is_compiling()
-        and torch_fp32_lanes() is not None
         and _usable_on(x, weight)
+        and torch_fp32_lanes() is not None
     )
 
 
