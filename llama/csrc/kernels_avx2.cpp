@@ -201,6 +201,7 @@ static inline __m256 exp_ps(__m256 x) {
 struct Avx2Ops {
   using vec = __m256;
   static constexpr int W = 8;
+  static constexpr int kRowBlock = 4;  // rows sharing each key or value load in the tiles
   static inline vec zero() { return _mm256_setzero_ps(); }
   static inline vec set1(float x) { return _mm256_set1_ps(x); }
   static inline vec load(const float* p) { return _mm256_loadu_ps(p); }

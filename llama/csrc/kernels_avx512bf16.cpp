@@ -135,6 +135,7 @@ static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m2
 struct Avx512Ops {
   using vec = __m512;
   static constexpr int W = 16;
+  static constexpr int kRowBlock = 8;  // rows sharing each key or value load in the tiles
   static inline vec zero() { return _mm512_setzero_ps(); }
   static inline vec set1(float x) { return _mm512_set1_ps(x); }
   static inline vec load(const float* p) { return _mm512_loadu_ps(p); }

@@ -2,6 +2,7 @@
 // include this header after defining `Ops`, their vector operations (W fp32 lanes):
 //
 //   Ops::vec, Ops::W               the vector type and its lanes (8 or 16)
+//   Ops::kRowBlock                 rows sharing each key or value load in the inner loops
 //   zero(), set1(x), load(p), store(p, v), fma(a, b, c) = a * b + c, add, mul, sub, max
 //   hmax(v), hsum(v)               the largest lane and the sum of the lanes, in a fixed order
 //   exp(v)                         e^v for v <= 0
@@ -15,7 +16,9 @@
 //
 // A task is one kv head and a tile of consecutive tokens: its rows are the (token, query head)
 // pairs of the tile, kTileRows or fewer (or the query heads of one kv head, if more). The keys are read in blocks of kKeyBlock, in position
-// order, each block widened to fp32 once for every row of the tile; the softmax is computed
+// order, each block's keys widened to fp32 and transposed once for every row of the tile (its values
+// widened where they are used, for kRowBlock rows at a time), the next blocks fetched ahead from
+// memory meanwhile; the softmax is computed
 // online (a running maximum and sum per row, the row's weighted sum rescaled when the maximum
 // grows), so the memory read per tile is one pass over the visible keys and values and the
 // scratch space does not grow with the context.
@@ -36,7 +39,9 @@ namespace tiled {
 
 constexpr int64_t kKeyBlock = 64;
 constexpr int64_t kTileRows = 64;
-constexpr int kRowBlock = 4;  // rows sharing each key or value load in the inner loops
+// Blocks ahead whose keys and values a tile asks the CPU to fetch while it works on the current one
+// (a long cache row comes from memory: without it the tile waits on every block's first reads).
+constexpr int64_t kPrefetchBlocks = 2;
 
 // Per-thread scratch for tiles of at most `rows` rows.
 template <int D>
@@ -45,17 +50,16 @@ struct Scratch {
   float* o;       // [rows, D] running weighted sums
   float* p;       // [rows, kKeyBlock] scores, then probabilities
   float* kt;      // [D, kKeyBlock] the block's keys, transposed
-  float* v;       // [kKeyBlock, D] the block's values
   float* m;       // [rows] running maximum
   float* l;       // [rows] running sum
   int64_t* position;  // [rows] each row's position (its last visible key)
   float* memory;
 
   explicit Scratch(int64_t rows) {
-    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + 2 * D * kKeyBlock;
+    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + D * kKeyBlock;
     memory = (float*)malloc(sizeof(float) * floats + sizeof(int64_t) * rows);
     if (!memory) {  // the caller checks `memory` before using any of them
-      q = o = p = kt = v = m = l = nullptr;
+      q = o = p = kt = m = l = nullptr;
       position = nullptr;
       return;
     }
@@ -63,8 +67,7 @@ struct Scratch {
     o = q + rows * D;
     p = o + rows * D;
     kt = p + rows * kKeyBlock;
-    v = kt + D * kKeyBlock;
-    m = v + kKeyBlock * D;
+    m = kt + D * kKeyBlock;
     l = m + rows;
     position = (int64_t*)(l + rows);
   }
@@ -100,7 +103,7 @@ inline void score_rows(const Scratch<D>& s, int64_t r0) {
 template <class Ops, int D>
 inline void scores(const Scratch<D>& s, int64_t rows) {
   int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) score_rows<Ops, D, kRowBlock>(s, r);
+  for (; r + Ops::kRowBlock <= rows; r += Ops::kRowBlock) score_rows<Ops, D, Ops::kRowBlock>(s, r);
   for (; r < rows; ++r) score_rows<Ops, D, 1>(s, r);
 }
 
@@ -140,10 +143,11 @@ inline void softmax_step(const Scratch<D>& s, int64_t r, int64_t seen) {
   s.m[r] = largest;
 }
 
-// o[r] += sum_j p[r, j] v[j] for rows r0 .. r0 + RB - 1 over the block's `keys` keys, one
-// multiply-add per key in order (the same operations for a row whatever RB is).
-template <class Ops, int D, int RB>
-inline void weigh_rows(const Scratch<D>& s, int64_t r0, int64_t keys) {
+// o[r] += sum_j p[r, j] v[j] for rows r0 .. r0 + RB - 1 over the block's `keys` keys (keys `first`
+// on of `cache`, widened where they are used), one multiply-add per key in order (the same
+// operations for a row whatever RB is).
+template <class Ops, int D, int RB, class Rows>
+inline void weigh_rows(const Scratch<D>& s, const Rows& cache, int64_t first, int64_t r0, int64_t keys) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
   for (int d = 0; d < D; d += 2 * W) {
@@ -153,7 +157,7 @@ inline void weigh_rows(const Scratch<D>& s, int64_t r0, int64_t keys) {
       acc[i][1] = Ops::load(s.o + (r0 + i) * D + d + W);
     }
     for (int64_t j = 0; j < keys; ++j) {
-      const V v0 = Ops::load(s.v + j * D + d), v1 = Ops::load(s.v + j * D + d + W);
+      const V v0 = cache.template values<Ops>(first + j, d), v1 = cache.template values<Ops>(first + j, d + W);
       for (int i = 0; i < RB; ++i) {
         const V pj = Ops::set1(s.p[(r0 + i) * kKeyBlock + j]);
         acc[i][0] = Ops::fma(pj, v0, acc[i][0]);
@@ -167,11 +171,11 @@ inline void weigh_rows(const Scratch<D>& s, int64_t r0, int64_t keys) {
   }
 }
 
-template <class Ops, int D>
-inline void weighted_values(const Scratch<D>& s, int64_t rows, int64_t keys) {
+template <class Ops, int D, class Rows>
+inline void weighted_values(const Scratch<D>& s, const Rows& cache, int64_t first, int64_t rows, int64_t keys) {
   int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) weigh_rows<Ops, D, kRowBlock>(s, r, keys);
-  for (; r < rows; ++r) weigh_rows<Ops, D, 1>(s, r, keys);
+  for (; r + Ops::kRowBlock <= rows; r += Ops::kRowBlock) weigh_rows<Ops, D, Ops::kRowBlock>(s, cache, first, r, keys);
+  for (; r < rows; ++r) weigh_rows<Ops, D, 1>(s, cache, first, r, keys);
 }
 
 // 8 values as fp32 (bf16 widened exactly), with the AVX2 instructions both variants have.
@@ -199,7 +203,13 @@ inline void store_row(float* p, typename Ops::vec v) { Ops::store(p, v); }
 
 // Where a (cache row, kv head)'s keys and values are, for the tiles: `keys8(s, d)` (key s, elements
 // d .. d + 7, fp32, with the AVX2 instructions both variants have), `key(s, d)` (one element) and
-// `values<Ops>(s, d)` (W elements of value s), all dequantized to fp32.
+// `values<Ops>(s, d)` (W elements of value s), all dequantized to fp32; `prefetch(first, keys)` asks
+// for the cache lines of keys and values first .. first + keys - 1 (into the second-level cache).
+
+// Prefetch the cache lines of `bytes` bytes from p.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T1);
+}
 template <class T, int D>
 struct PlainRows {  // bf16 or fp32 keys and values [positions, D]
   const T* k;
@@ -208,6 +218,10 @@ struct PlainRows {  // bf16 or fp32 keys and values [positions, D]
   float key(int64_t s, int d) const { return widen(k[s * D + d]); }
   template <class Ops>
   typename Ops::vec values(int64_t s, int d) const { return load_row<Ops>(v + s * D + d); }
+  void prefetch(int64_t first, int64_t keys) const {
+    prefetch_bytes(k + first * D, keys * D * (int64_t)sizeof(T));
+    prefetch_bytes(v + first * D, keys * D * (int64_t)sizeof(T));
+  }
 };
 
 template <int D>
@@ -224,6 +238,12 @@ struct Int8Rows {  // int8 codes [positions, D] with one fp32 scale per position
   template <class Ops>
   typename Ops::vec values(int64_t s, int d) const {
     return Ops::mul(Ops::load_i8(v + s * D + d), Ops::set1(v_scale[s]));
+  }
+  void prefetch(int64_t first, int64_t keys) const {
+    prefetch_bytes(k + first * D, keys * D);
+    prefetch_bytes(v + first * D, keys * D);
+    prefetch_bytes(k_scale + first, keys * 4);
+    prefetch_bytes(v_scale + first, keys * 4);
   }
 };
 
@@ -278,10 +298,9 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
   const int64_t last = position[rows - 1];  // the tile's last (and largest) position
   for (int64_t first = 0; first <= last; first += kKeyBlock) {
     const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
+    const int64_t ahead = first + kPrefetchBlocks * kKeyBlock;
+    if (ahead <= last) cache.prefetch(ahead, last + 1 - ahead < kKeyBlock ? last + 1 - ahead : kKeyBlock);
     transpose_keys<D>(cache, first, keys, s.kt);
-    for (int64_t j = 0; j < kKeyBlock; ++j)
-      for (int d = 0; d < D; d += W)
-        Ops::store(s.v + j * D + d, j < keys ? cache.template values<Ops>(first + j, d) : Ops::zero());
     scores<Ops, D>(s, rows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
@@ -291,7 +310,7 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
       }
       softmax_step<Ops, D>(s, r, seen < kKeyBlock ? seen : kKeyBlock);
     }
-    weighted_values<Ops, D>(s, rows, keys);
+    weighted_values<Ops, D>(s, cache, first, rows, keys);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
