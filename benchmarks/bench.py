@@ -609,8 +609,32 @@ def resident_tensor_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS afresh (Linux: its high-water mark set to the RSS now). A child
+    inherits its parent's high-water mark across exec (getrusage's ru_maxrss keeps it too), so
+    without this a child of a large parent reports the parent's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since `reset_peak_rss` (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def load_child(engine: str, ckpt: Path, threads: int) -> None:
     """In a fresh process: time the load, then one short generation; print JSON to stdout."""
+    reset_peak_rss()
     torch.set_num_threads(threads)
     shard = ckpt / "consolidated.00.pth"
     buf = bytearray(1 << 24)
@@ -636,7 +660,7 @@ def load_child(engine: str, ckpt: Path, threads: int) -> None:
     start = time.perf_counter()
     run_case(eng, random_prompts([DECODE_PROMPT], 0), 8)
     first_gen_s = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(
         json.dumps(
             dict(
