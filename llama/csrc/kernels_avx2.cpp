@@ -202,6 +202,7 @@ struct Avx2Ops {
   using vec = __m256;
   static constexpr int W = 8;
   static constexpr int kRowBlock = 4;  // rows sharing each key or value load in the tiles
+  static constexpr bool kBf16Dot = false;
   static inline vec zero() { return _mm256_setzero_ps(); }
   static inline vec set1(float x) { return _mm256_set1_ps(x); }
   static inline vec load(const float* p) { return _mm256_loadu_ps(p); }

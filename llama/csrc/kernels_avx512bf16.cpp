@@ -157,6 +157,34 @@ struct Avx512Ops {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
   }
   static inline void store_bf16(uint16_t* p, vec v) { ::store_bf16(p, v); }
+  static constexpr bool kBf16Dot = true;
+  using ivec = __m512i;
+  static inline ivec set1_pair(uint32_t x) { return _mm512_set1_epi32((int)x); }
+  static inline ivec load_pairs(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static inline vec dot_pairs(vec acc, ivec a, ivec b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static inline void transpose16(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
+    __m512i r[16], t[16], u[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_stride);
+    for (int i = 0; i < 16; i += 2) {  // within each 128-bit lane: rows i, i + 1 interleaved
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {  // u[g + c]: rows g .. g + 3, column c of each lane
+      u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+      u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+      u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+      u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // column 4 * lane + c gathers lane `lane` of u[c], u[4 + c], u[8 + c], u[12 + c]
+      const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+      const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+      const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+      _mm512_storeu_si512(out + (0 + c) * out_stride, _mm512_shuffle_i32x4(x0, y0, 0x88));
+      _mm512_storeu_si512(out + (4 + c) * out_stride, _mm512_shuffle_i32x4(x0, y0, 0xdd));
+      _mm512_storeu_si512(out + (8 + c) * out_stride, _mm512_shuffle_i32x4(x1, y1, 0x88));
+      _mm512_storeu_si512(out + (12 + c) * out_stride, _mm512_shuffle_i32x4(x1, y1, 0xdd));
+    }
+  }
 };
 
 #include "tiled_attention.h"

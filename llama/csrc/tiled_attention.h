@@ -3,6 +3,10 @@
 //
 //   Ops::vec, Ops::W               the vector type and its lanes (8 or 16)
 //   Ops::kRowBlock                 rows sharing each key or value load in the inner loops
+//   Ops::kBf16Dot                  whether the scores of bf16 caches use bf16 dot products; if so:
+//     Ops::ivec, set1_pair(x), load_pairs(p)   32-bit units holding two bf16 values
+//     dot_pairs(acc, a, b)         acc + a.bf16[2i] * b.bf16[2i] + a.bf16[2i + 1] * b.bf16[2i + 1]
+//     transpose16(in, in_stride, out, out_stride)  16 x 16 32-bit units: out[c][r] = in[r][c]
 //   zero(), set1(x), load(p), store(p, v), fma(a, b, c) = a * b + c, add, mul, sub, max
 //   hmax(v), hsum(v)               the largest lane and the sum of the lanes, in a fixed order
 //   exp(v)                         e^v for v <= 0
@@ -34,6 +38,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <type_traits>
 
 namespace tiled {
 
@@ -276,6 +282,60 @@ inline void transpose_keys(const Rows& cache, int64_t first, int64_t keys, float
     for (int d = 0; d < D; ++d) kt[d * kKeyBlock + j] = j < keys ? cache.key(first + j, d) : 0.0f;
 }
 
+// bf16 caches where the CPU has bf16 dot products (Ops::kBf16Dot): the scores take the bf16 queries
+// and keys as stored, two head dimensions per instruction (each product exact in fp32, added in
+// order), then the scale; a block's keys are transposed as pairs of head dimensions (32-bit units),
+// not widened. kt[c * kKeyBlock + j] = elements 2c, 2c + 1 of key first + j; 0 past `keys`.
+template <class Ops, int D>
+inline void transpose_key_pairs(const uint16_t* k, int64_t first, int64_t keys, uint32_t* kt) {
+  constexpr int P = D / 2;  // pairs per key
+  const uint16_t* block = k + first * D;
+  int64_t j = 0;
+  for (; j + 16 <= keys; j += 16)
+    for (int c = 0; c < P; c += 16)
+      Ops::transpose16((const uint32_t*)(block + j * D) + c, P, kt + c * kKeyBlock + j, kKeyBlock);
+  for (; j < kKeyBlock; ++j)
+    for (int c = 0; c < P; ++c) {
+      uint32_t pair = 0;
+      if (j < keys) memcpy(&pair, block + j * D + 2 * c, 4);
+      kt[c * kKeyBlock + j] = pair;
+    }
+}
+
+// p[r, j] = scale * (q[r] . key j) for rows r0 .. r0 + RB - 1, all kKeyBlock keys, from the bf16
+// pairs of the queries `qp` [rows, D / 2] and keys `kt` (the same operations for a row whatever RB is).
+template <class Ops, int D, int RB>
+inline void score_pair_rows(const Scratch<D>& s, const uint32_t* qp, const uint32_t* kt, int64_t r0,
+                            float scale) {
+  using V = typename Ops::vec;
+  using I = typename Ops::ivec;
+  constexpr int W = Ops::W, P = D / 2;
+  const V sv = Ops::set1(scale);
+  for (int64_t j = 0; j < kKeyBlock; j += 2 * W) {
+    V acc[RB][2];
+    for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = Ops::zero();
+    for (int c = 0; c < P; ++c) {
+      const I k0 = Ops::load_pairs(kt + c * kKeyBlock + j), k1 = Ops::load_pairs(kt + c * kKeyBlock + j + W);
+      for (int i = 0; i < RB; ++i) {
+        const I qc = Ops::set1_pair(qp[(r0 + i) * P + c]);
+        acc[i][0] = Ops::dot_pairs(acc[i][0], qc, k0);
+        acc[i][1] = Ops::dot_pairs(acc[i][1], qc, k1);
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      Ops::store(s.p + (r0 + i) * kKeyBlock + j, Ops::mul(acc[i][0], sv));
+      Ops::store(s.p + (r0 + i) * kKeyBlock + j + W, Ops::mul(acc[i][1], sv));
+    }
+  }
+}
+
+template <class Ops, int D>
+inline void pair_scores(const Scratch<D>& s, const uint32_t* qp, const uint32_t* kt, int64_t rows, float scale) {
+  int64_t r = 0;
+  for (; r + Ops::kRowBlock <= rows; r += Ops::kRowBlock) score_pair_rows<Ops, D, Ops::kRowBlock>(s, qp, kt, r, scale);
+  for (; r < rows; ++r) score_pair_rows<Ops, D, 1>(s, qp, kt, r, scale);
+}
+
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
 // start + t seeing keys 0 .. start + t.
 template <class Ops, int D, class T, class Rows>
@@ -284,13 +344,19 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
                         const Scratch<D>& s) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
+  constexpr bool pairs = Ops::kBf16Dot && std::is_same<Rows, PlainRows<uint16_t, D>>::value;
+  uint32_t* const qp = (uint32_t*)s.q;   // with pairs: the bf16 queries as stored, [rows, D / 2]
+  uint32_t* const kt = (uint32_t*)s.kt;  // with pairs: the block's keys as pairs, [D / 2, kKeyBlock]
   int64_t* position = s.position;
   const V sv = Ops::set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
     position[r] = start + token;
-    for (int d = 0; d < D; d += W)
-      Ops::store(s.q + r * D + d, Ops::mul(load_row<Ops>(q + (token * H + head) * D + d), sv));
+    if constexpr (pairs)
+      memcpy(qp + r * (D / 2), q + (token * H + head) * D, D * sizeof(uint16_t));
+    else
+      for (int d = 0; d < D; d += W)
+        Ops::store(s.q + r * D + d, Ops::mul(load_row<Ops>(q + (token * H + head) * D + d), sv));
     for (int d = 0; d < D; d += W) Ops::store(s.o + r * D + d, Ops::zero());
     s.m[r] = -INFINITY;
     s.l[r] = 0.0f;
@@ -300,8 +366,13 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
     const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
     const int64_t ahead = first + kPrefetchBlocks * kKeyBlock;
     if (ahead <= last) cache.prefetch(ahead, last + 1 - ahead < kKeyBlock ? last + 1 - ahead : kKeyBlock);
-    transpose_keys<D>(cache, first, keys, s.kt);
-    scores<Ops, D>(s, rows);
+    if constexpr (pairs) {
+      transpose_key_pairs<Ops, D>(cache.k, first, keys, kt);
+      pair_scores<Ops, D>(s, qp, kt, rows, scale);
+    } else {
+      transpose_keys<D>(cache, first, keys, s.kt);
+      scores<Ops, D>(s, rows);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t seen = position[r] + 1 - first;
       if (seen <= 0) {  // the row sees none of the block: it takes no step
