@@ -9,6 +9,9 @@ fused or not), the decode-attention and rotary kernels, and the rest (norms, ele
 Python and torch dispatch). Medians over the steps of `--repeats` rounds, the weight kinds
 alternating round by round (the machine may be shared: a drift hits every kind alike).
 `--profile` adds torch.profiler's table of the operators outside the kernels for one step.
+`--contexts 128,16384` times bf16 steps at several context lengths of one cache instead (the longest
+prefilled once, the steps at each length alternating round by round): how decoding slows with the
+context, free of the drift between processes.
 `--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
 off (one call per weight, torch's norm operations), alternating with the default in the same
 process: the before/after of those two changes, free of the drift between processes.
@@ -105,13 +108,18 @@ def separate_calls(enabled: bool):
         kernels.fused_linear_applies, quantization.fused_linear_applies, kernels.rms_norm_applies = saved
 
 
-def decode_steps(model: Transformer, prompt: int, steps: int, clock: KernelClock) -> List[Dict[str, float]]:
-    """Prefill `prompt` tokens into cache row 0, then `steps` decode steps: per step, its
+def decode_steps(
+    model: Transformer, prompt: int, steps: int, clock: KernelClock, prefill: bool = True
+) -> List[Dict[str, float]]:
+    """Prefill `prompt` tokens into cache row 0 (with `prefill` False: the row already holds at
+    least that many), then `steps` decode steps at positions prompt, prompt + 1, ...: per step, its
     seconds in total and in each kernel group."""
     tokens = torch.randint(3, 32000, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     rows = torch.zeros(1, dtype=torch.int64)
-    logits = model(tokens, 0, last_only=True)
-    token = logits[:, -1].argmax(-1)
+    if prefill:
+        token = model(tokens, 0, last_only=True)[:, -1].argmax(-1)
+    else:
+        token = tokens[:, -1]
     result = []
     for step in range(steps):
         clock.seconds.clear()
@@ -148,7 +156,14 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
     parser.add_argument("--separate", action="store_true", help="also time without fusing (see above)")
+    parser.add_argument(
+        "--contexts",
+        default=None,
+        help="comma-separated context lengths (e.g. 128,16384): bf16 decode steps after each, see above",
+    )
     opts = parser.parse_args(argv)
+    if opts.contexts:
+        return compare_contexts(opts)
     kinds = opts.weights.split(",")
     if not set(kinds) <= {"bf16", "int8", "int4"}:
         parser.error("--weights takes bf16, int8 and int4")
@@ -189,6 +204,48 @@ def main(argv: List[str] = None) -> None:
         if opts.profile:
             for kind in kinds:
                 print(f"\n{kind}:\n{profile_step(models[kind], opts.prompt)}")
+
+
+def compare_contexts(opts: argparse.Namespace) -> None:
+    """bf16 decode steps at each of `opts.contexts` in one process: the longest context is
+    prefilled once into cache row 0, then each round times `opts.steps` steps at positions
+    starting at every context length in turn (the order alternating round by round), so the step
+    at context c attends c positions of the same cache. Prints the median step per context and its
+    speed relative to the shortest context."""
+    contexts = sorted(int(n) for n in opts.contexts.split(","))
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    distributed.init_model_parallel()
+    kernels.kernel_available()
+    print(f"kernel variant {kernels.variant()}, {torch.get_num_threads()} threads, {opts.layers} layers\n")
+    model = build(opts.layers, contexts[-1] + opts.steps + 1, torch.bfloat16)
+    clock = KernelClock()
+    samples: Dict[int, List[Dict[str, float]]] = {c: [] for c in contexts}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        decode_steps(model, contexts[-1], 2, clock)
+        print(f"prefilled {contexts[-1]} tokens in {time.perf_counter() - start:.1f} s", flush=True)
+        clock.install()
+        try:
+            for round_index in range(opts.repeats):
+                for context in contexts if round_index % 2 == 0 else contexts[::-1]:
+                    samples[context] += decode_steps(model, context, opts.steps, clock, prefill=False)
+        finally:
+            clock.uninstall()
+    print(
+        "| context | step ms | GEMV ms | attention+rotary ms | rest ms | tokens/s vs the shortest context |"
+    )
+    print("|---|---|---|---|---|---|")
+    shortest = statistics.median(s["step"] for s in samples[contexts[0]])
+    for context in contexts:
+        steps = samples[context]
+        cells = [statistics.median(s.get(key, 0.0) for s in steps) * 1e3 for key in ("step", *TIMED)]
+        cells.append(statistics.median(s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps) * 1e3)
+        print(
+            f"| {context} | "
+            + " | ".join(f"{c:.2f}" for c in cells)
+            + f" | {shortest / (cells[0] / 1e3):.0%} |"
+        )
 
 
 if __name__ == "__main__":
