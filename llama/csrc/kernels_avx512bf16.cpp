@@ -162,6 +162,12 @@ struct Avx512Ops {
   static inline ivec set1_pair(uint32_t x) { return _mm512_set1_epi32((int)x); }
   static inline ivec load_pairs(const uint32_t* p) { return _mm512_loadu_si512(p); }
   static inline vec dot_pairs(vec acc, ivec a, ivec b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static inline void codes_to_bf16(const int8_t* codes, uint16_t* out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 values = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + i))));
+      _mm256_storeu_si256((__m256i*)(out + i), ps_to_bf16x16(values));
+    }
+  }
   static inline void transpose16(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
     __m512i r[16], t[16], u[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_stride);

@@ -7,6 +7,7 @@
 //     Ops::ivec, set1_pair(x), load_pairs(p)   32-bit units holding two bf16 values
 //     dot_pairs(acc, a, b)         acc + a.bf16[2i] * b.bf16[2i] + a.bf16[2i + 1] * b.bf16[2i + 1]
 //     transpose16(in, in_stride, out, out_stride)  16 x 16 32-bit units: out[c][r] = in[r][c]
+//     codes_to_bf16(codes, out, n)  n int8 values (a multiple of 16) as bf16
 //   zero(), set1(x), load(p), store(p, v), fma(a, b, c) = a * b + c, add, mul, sub, max
 //   hmax(v), hsum(v)               the largest lane and the sum of the lanes, in a fixed order
 //   exp(v)                         e^v for v <= 0
@@ -58,14 +59,17 @@ struct Scratch {
   float* kt;      // [D, kKeyBlock] the block's keys, transposed
   float* m;       // [rows] running maximum
   float* l;       // [rows] running sum
+  uint16_t* staged;   // [kKeyBlock, D] an int8 block's key codes as bf16 (bf16 dot products)
+  float* key_scale;   // [kKeyBlock] an int8 block's key scales, 0 past its keys (bf16 dot products)
   int64_t* position;  // [rows] each row's position (its last visible key)
   float* memory;
 
   explicit Scratch(int64_t rows) {
-    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + D * kKeyBlock;
+    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + D * kKeyBlock + D * kKeyBlock / 2 + kKeyBlock;
     memory = (float*)malloc(sizeof(float) * floats + sizeof(int64_t) * rows);
     if (!memory) {  // the caller checks `memory` before using any of them
-      q = o = p = kt = m = l = nullptr;
+      q = o = p = kt = m = l = key_scale = nullptr;
+      staged = nullptr;
       position = nullptr;
       return;
     }
@@ -75,7 +79,9 @@ struct Scratch {
     kt = p + rows * kKeyBlock;
     m = kt + D * kKeyBlock;
     l = m + rows;
-    position = (int64_t*)(l + rows);
+    staged = (uint16_t*)(l + rows);
+    key_scale = l + rows + D * kKeyBlock / 2;
+    position = (int64_t*)(key_scale + kKeyBlock);
   }
   ~Scratch() { free(memory); }
   Scratch(const Scratch&) = delete;
@@ -303,10 +309,11 @@ inline void transpose_key_pairs(const uint16_t* k, int64_t first, int64_t keys, 
 }
 
 // p[r, j] = scale * (q[r] . key j) for rows r0 .. r0 + RB - 1, all kKeyBlock keys, from the bf16
-// pairs of the queries `qp` [rows, D / 2] and keys `kt` (the same operations for a row whatever RB is).
+// pairs of the queries `qp` [rows, D / 2] and keys `kt`, times key j's scale `key_scale[j]` when
+// given (int8 codes); the same operations for a row whatever RB is.
 template <class Ops, int D, int RB>
 inline void score_pair_rows(const Scratch<D>& s, const uint32_t* qp, const uint32_t* kt, int64_t r0,
-                            float scale) {
+                            float scale, const float* key_scale) {
   using V = typename Ops::vec;
   using I = typename Ops::ivec;
   constexpr int W = Ops::W, P = D / 2;
@@ -322,6 +329,13 @@ inline void score_pair_rows(const Scratch<D>& s, const uint32_t* qp, const uint3
         acc[i][1] = Ops::dot_pairs(acc[i][1], qc, k1);
       }
     }
+    if (key_scale) {
+      const V s0 = Ops::load(key_scale + j), s1 = Ops::load(key_scale + j + W);
+      for (int i = 0; i < RB; ++i) {
+        acc[i][0] = Ops::mul(acc[i][0], s0);
+        acc[i][1] = Ops::mul(acc[i][1], s1);
+      }
+    }
     for (int i = 0; i < RB; ++i) {
       Ops::store(s.p + (r0 + i) * kKeyBlock + j, Ops::mul(acc[i][0], sv));
       Ops::store(s.p + (r0 + i) * kKeyBlock + j + W, Ops::mul(acc[i][1], sv));
@@ -330,10 +344,30 @@ inline void score_pair_rows(const Scratch<D>& s, const uint32_t* qp, const uint3
 }
 
 template <class Ops, int D>
-inline void pair_scores(const Scratch<D>& s, const uint32_t* qp, const uint32_t* kt, int64_t rows, float scale) {
+inline void pair_scores(const Scratch<D>& s, const uint32_t* qp, const uint32_t* kt, int64_t rows, float scale,
+                        const float* key_scale) {
   int64_t r = 0;
-  for (; r + Ops::kRowBlock <= rows; r += Ops::kRowBlock) score_pair_rows<Ops, D, Ops::kRowBlock>(s, qp, kt, r, scale);
-  for (; r < rows; ++r) score_pair_rows<Ops, D, 1>(s, qp, kt, r, scale);
+  for (; r + Ops::kRowBlock <= rows; r += Ops::kRowBlock)
+    score_pair_rows<Ops, D, Ops::kRowBlock>(s, qp, kt, r, scale, key_scale);
+  for (; r < rows; ++r) score_pair_rows<Ops, D, 1>(s, qp, kt, r, scale, key_scale);
+}
+
+// A block's keys as bf16 pairs, transposed (transpose_key_pairs), for the pair scores: bf16 keys as
+// stored; int8 codes widened to bf16 (exact: |code| <= 128) into `s.staged`, their scales copied to
+// `s.key_scale` (0 past the block's keys). Returns the key scales to apply, or nullptr.
+template <class Ops, int D>
+inline const float* key_pair_block(const PlainRows<uint16_t, D>& cache, int64_t first, int64_t keys, uint32_t* kt,
+                                   const Scratch<D>&) {
+  transpose_key_pairs<Ops, D>(cache.k, first, keys, kt);
+  return nullptr;
+}
+template <class Ops, int D>
+inline const float* key_pair_block(const Int8Rows<D>& cache, int64_t first, int64_t keys, uint32_t* kt,
+                                   const Scratch<D>& s) {
+  Ops::codes_to_bf16(cache.k + first * D, s.staged, keys * D);
+  transpose_key_pairs<Ops, D>(s.staged, 0, keys, kt);
+  for (int64_t j = 0; j < kKeyBlock; ++j) s.key_scale[j] = j < keys ? cache.k_scale[first + j] : 0.0f;
+  return s.key_scale;
 }
 
 // One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
@@ -344,7 +378,8 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
                         const Scratch<D>& s) {
   using V = typename Ops::vec;
   constexpr int W = Ops::W;
-  constexpr bool pairs = Ops::kBf16Dot && std::is_same<Rows, PlainRows<uint16_t, D>>::value;
+  constexpr bool pairs = Ops::kBf16Dot && std::is_same<T, uint16_t>::value &&
+                         (std::is_same<Rows, PlainRows<uint16_t, D>>::value || std::is_same<Rows, Int8Rows<D>>::value);
   uint32_t* const qp = (uint32_t*)s.q;   // with pairs: the bf16 queries as stored, [rows, D / 2]
   uint32_t* const kt = (uint32_t*)s.kt;  // with pairs: the block's keys as pairs, [D / 2, kKeyBlock]
   int64_t* position = s.position;
@@ -367,8 +402,7 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
     const int64_t ahead = first + kPrefetchBlocks * kKeyBlock;
     if (ahead <= last) cache.prefetch(ahead, last + 1 - ahead < kKeyBlock ? last + 1 - ahead : kKeyBlock);
     if constexpr (pairs) {
-      transpose_key_pairs<Ops, D>(cache.k, first, keys, kt);
-      pair_scores<Ops, D>(s, qp, kt, rows, scale);
+      pair_scores<Ops, D>(s, qp, kt, rows, scale, key_pair_block<Ops, D>(cache, first, keys, kt, s));
     } else {
       transpose_keys<D>(cache, first, keys, s.kt);
       scores<Ops, D>(s, rows);
