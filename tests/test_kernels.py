@@ -508,6 +508,33 @@ def test_decode_attention_equals_prefill_attention_for_the_same_token(heads, kv_
         assert torch.equal(decoded, prefilled[positions]), positions
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_long_decode_is_split_into_segments_yet_equals_prefill_fp64_and_itself_on_one_thread(dtype, variant):
+    """Past 4096 keys a row's keys are attended in segments (spread over threads when decoding) and
+    combined in order: the decoded token still equals the prefilled one bit for bit, on one thread
+    or two, and matches fp64."""
+    g = torch.Generator().manual_seed(21)
+    length, heads, head_dim = 9000, 4, 64
+    q = torch.randn(length, heads, head_dim, generator=g).to(dtype)
+    cache_k = (torch.randn(1, 1, length, head_dim, generator=g) * 2).to(dtype)
+    cache_v = torch.randn(1, 1, length, head_dim, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    for position in (4095, 4096, 8191, 8999):
+        lengths = torch.tensor([position + 1])
+        decoded = kernels.decode_attention(q[position : position + 1], cache_k, cache_v, lengths)
+        prefilled = kernels.prefill_attention(q[position : position + 1], cache_k[0], cache_v[0], position)
+        assert torch.equal(decoded, prefilled), position
+        torch.set_num_threads(1)
+        try:
+            alone = kernels.decode_attention(q[position : position + 1], cache_k, cache_v, lengths)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(alone, decoded), position
+    expected = fp64_attention(q[-1:], cache_k, cache_v, [length])
+    rtol, atol = (2**-8, 1e-4) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    assert ((decoded.double() - expected).abs() <= expected.abs() * rtol + atol).all()
+
+
 def test_prefill_attention_rescales_when_a_later_block_holds_the_largest_score(variant):
     """Keys grow with their position, so each key block of a long row holds larger scores than all
     before it: the running maximum, sum and weighted sum are rescaled at every block."""

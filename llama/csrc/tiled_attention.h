@@ -49,6 +49,10 @@ constexpr int64_t kTileRows = 64;
 // Blocks ahead whose keys and values a tile asks the CPU to fetch while it works on the current one
 // (a long cache row comes from memory: without it the tile waits on every block's first reads).
 constexpr int64_t kPrefetchBlocks = 2;
+// Keys per segment: a row's keys are attended segment by segment (each with its own online softmax),
+// the segments' results then combined in order, so a long decode can spread one row's segments over
+// threads and a prefilled token still gets the same result. A multiple of kKeyBlock.
+constexpr int64_t kSegment = 4096;
 
 // Per-thread scratch for tiles of at most `rows` rows.
 template <int D>
@@ -59,16 +63,19 @@ struct Scratch {
   float* kt;      // [D, kKeyBlock] the block's keys, transposed
   float* m;       // [rows] running maximum
   float* l;       // [rows] running sum
+  float* acc_o;   // [rows, D] the segments so far, combined: weighted sums
+  float* acc_m;   // [rows] their maximum
+  float* acc_l;   // [rows] their sum
   uint16_t* staged;   // [kKeyBlock, D] an int8 block's key codes as bf16 (bf16 dot products)
   float* key_scale;   // [kKeyBlock] an int8 block's key scales, 0 past its keys (bf16 dot products)
   int64_t* position;  // [rows] each row's position (its last visible key)
   float* memory;
 
   explicit Scratch(int64_t rows) {
-    const int64_t floats = rows * (2 * D + kKeyBlock + 2) + D * kKeyBlock + D * kKeyBlock / 2 + kKeyBlock;
+    const int64_t floats = rows * (3 * D + kKeyBlock + 4) + D * kKeyBlock + D * kKeyBlock / 2 + kKeyBlock;
     memory = (float*)malloc(sizeof(float) * floats + sizeof(int64_t) * rows);
     if (!memory) {  // the caller checks `memory` before using any of them
-      q = o = p = kt = m = l = key_scale = nullptr;
+      q = o = p = kt = m = l = acc_o = acc_m = acc_l = key_scale = nullptr;
       staged = nullptr;
       position = nullptr;
       return;
@@ -79,8 +86,11 @@ struct Scratch {
     kt = p + rows * kKeyBlock;
     m = kt + D * kKeyBlock;
     l = m + rows;
-    staged = (uint16_t*)(l + rows);
-    key_scale = l + rows + D * kKeyBlock / 2;
+    acc_o = l + rows;
+    acc_m = acc_o + rows * D;
+    acc_l = acc_m + rows;
+    staged = (uint16_t*)(acc_l + rows);
+    key_scale = acc_l + rows + D * kKeyBlock / 2;
     position = (int64_t*)(key_scale + kKeyBlock);
   }
   ~Scratch() { free(memory); }
@@ -370,37 +380,55 @@ inline const float* key_pair_block(const Int8Rows<D>& cache, int64_t first, int6
   return s.key_scale;
 }
 
-// One tile: rows (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
-// start + t seeing keys 0 .. start + t.
+// Whether a tile's scores use the bf16 dot products: bf16 queries over bf16 or int8 caches.
 template <class Ops, int D, class T, class Rows>
-inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
-                        int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, float scale,
-                        const Scratch<D>& s) {
-  using V = typename Ops::vec;
+constexpr bool kPairs =
+    Ops::kBf16Dot && std::is_same<T, uint16_t>::value &&
+    (std::is_same<std::remove_cv_t<Rows>, PlainRows<uint16_t, D>>::value ||
+     std::is_same<std::remove_cv_t<Rows>, Int8Rows<D>>::value);
+
+// A tile's rows: (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
+// start + t seeing keys 0 .. start + t. Their queries into the scratch (scaled fp32, or the bf16 pairs
+// as stored), their positions, and no segment combined yet.
+template <class Ops, int D, class T, class Rows>
+inline void load_queries(const T* q, int64_t start, int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H,
+                         float scale, const Scratch<D>& s) {
   constexpr int W = Ops::W;
-  constexpr bool pairs = Ops::kBf16Dot && std::is_same<T, uint16_t>::value &&
-                         (std::is_same<Rows, PlainRows<uint16_t, D>>::value || std::is_same<Rows, Int8Rows<D>>::value);
-  uint32_t* const qp = (uint32_t*)s.q;   // with pairs: the bf16 queries as stored, [rows, D / 2]
-  uint32_t* const kt = (uint32_t*)s.kt;  // with pairs: the block's keys as pairs, [D / 2, kKeyBlock]
-  int64_t* position = s.position;
-  const V sv = Ops::set1(scale);
+  const typename Ops::vec sv = Ops::set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
-    position[r] = start + token;
-    if constexpr (pairs)
-      memcpy(qp + r * (D / 2), q + (token * H + head) * D, D * sizeof(uint16_t));
+    s.position[r] = start + token;
+    if constexpr (kPairs<Ops, D, T, Rows>)
+      memcpy((uint32_t*)s.q + r * (D / 2), q + (token * H + head) * D, D * sizeof(uint16_t));
     else
       for (int d = 0; d < D; d += W)
         Ops::store(s.q + r * D + d, Ops::mul(load_row<Ops>(q + (token * H + head) * D + d), sv));
+    for (int d = 0; d < D; d += W) Ops::store(s.acc_o + r * D + d, Ops::zero());
+    s.acc_m[r] = -INFINITY;
+    s.acc_l[r] = 0.0f;
+  }
+}
+
+// The rows' attention over keys begin .. end - 1 (one segment), from scratch: each row's weighted
+// sum, maximum and sum left in s.o, s.m, s.l (a row that sees none of them keeps 0, -inf, 0). Keys up
+// to `limit` may be fetched ahead.
+template <class Ops, int D, class T, class Rows>
+inline void attend_segment(const Rows& cache, int64_t rows, float scale, int64_t begin, int64_t end, int64_t limit,
+                           const Scratch<D>& s) {
+  constexpr int W = Ops::W;
+  constexpr bool pairs = kPairs<Ops, D, T, Rows>;
+  uint32_t* const qp = (uint32_t*)s.q;   // with pairs: the bf16 queries as stored, [rows, D / 2]
+  uint32_t* const kt = (uint32_t*)s.kt;  // with pairs: the block's keys as pairs, [D / 2, kKeyBlock]
+  const int64_t* position = s.position;
+  for (int64_t r = 0; r < rows; ++r) {
     for (int d = 0; d < D; d += W) Ops::store(s.o + r * D + d, Ops::zero());
     s.m[r] = -INFINITY;
     s.l[r] = 0.0f;
   }
-  const int64_t last = position[rows - 1];  // the tile's last (and largest) position
-  for (int64_t first = 0; first <= last; first += kKeyBlock) {
-    const int64_t keys = last + 1 - first < kKeyBlock ? last + 1 - first : kKeyBlock;
+  for (int64_t first = begin; first < end; first += kKeyBlock) {
+    const int64_t keys = end - first < kKeyBlock ? end - first : kKeyBlock;
     const int64_t ahead = first + kPrefetchBlocks * kKeyBlock;
-    if (ahead <= last) cache.prefetch(ahead, last + 1 - ahead < kKeyBlock ? last + 1 - ahead : kKeyBlock);
+    if (ahead <= limit) cache.prefetch(ahead, limit + 1 - ahead < kKeyBlock ? limit + 1 - ahead : kKeyBlock);
     if constexpr (pairs) {
       pair_scores<Ops, D>(s, qp, kt, rows, scale, key_pair_block<Ops, D>(cache, first, keys, kt, s));
     } else {
@@ -417,12 +445,49 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start,
     }
     weighted_values<Ops, D>(s, cache, first, rows, keys);
   }
+}
+
+// Row r's segments so far (s.acc_*) combined with one more segment's weighted sum o, maximum m and
+// sum l: both rescaled to their common maximum, then added.
+template <class Ops, int D>
+inline void combine_segment(const Scratch<D>& s, int64_t r, const float* o, float m, float l) {
+  constexpr int W = Ops::W;
+  const float largest = fmaxf(s.acc_m[r], m);
+  const float a = expf(s.acc_m[r] - largest), b = expf(m - largest);
+  const typename Ops::vec av = Ops::set1(a), bv = Ops::set1(b);
+  for (int d = 0; d < D; d += W) {
+    float* acc = s.acc_o + r * D + d;
+    Ops::store(acc, Ops::fma(Ops::load(o + d), bv, Ops::mul(Ops::load(acc), av)));
+  }
+  s.acc_l[r] = s.acc_l[r] * a + l * b;
+  s.acc_m[r] = largest;
+}
+
+// The rows' results, combined weighted sums over combined sums, into out [tokens, H, D].
+template <class Ops, int D, class T>
+inline void store_rows(T* out, int64_t t0, int64_t rows, int64_t rep, int64_t g, int64_t H, const Scratch<D>& s) {
+  constexpr int W = Ops::W;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = t0 + r / rep, head = g * rep + r % rep;
-    const V inv = Ops::set1(1.0f / s.l[r]);
+    const typename Ops::vec inv = Ops::set1(1.0f / s.acc_l[r]);
     for (int d = 0; d < D; d += W)
-      store_row<Ops>(out + (token * H + head) * D + d, Ops::mul(Ops::load(s.o + r * D + d), inv));
+      store_row<Ops>(out + (token * H + head) * D + d, Ops::mul(Ops::load(s.acc_o + r * D + d), inv));
   }
+}
+
+// One tile (rows as in load_queries): its keys segment by segment, each combined in order.
+template <class Ops, int D, class T, class Rows>
+inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start, int64_t t0, int64_t rows, int64_t rep,
+                        int64_t g, int64_t H, float scale, const Scratch<D>& s) {
+  load_queries<Ops, D, T, Rows>(q, start, t0, rows, rep, g, H, scale, s);
+  const int64_t last = s.position[rows - 1];  // the tile's last (and largest) position
+  for (int64_t begin = 0; begin <= last; begin += kSegment) {
+    const int64_t end = begin + kSegment < last + 1 ? begin + kSegment : last + 1;
+    attend_segment<Ops, D, T>(cache, rows, scale, begin, end, last, s);
+    for (int64_t r = 0; r < rows; ++r)
+      if (s.position[r] >= begin) combine_segment<Ops, D>(s, r, s.o + r * D, s.m[r], s.l[r]);
+  }
+  store_rows<Ops, D>(out, t0, rows, rep, g, H, s);
 }
 
 // Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], kv
@@ -457,12 +522,24 @@ int prefill(const T* q, T* out, int64_t start, int64_t len, int64_t H, int64_t K
 
 // Attention of one new token per batch row b over positions 0 .. lens[b] - 1 of cache row
 // rows[b] (b when rows is null), kv head g's keys and values `rows_of(cache row, g)`: q and out
-// [B, H, D]. Each (row, kv head) is one tile of the query heads sharing that kv head, so a
-// token's output equals what `prefill` computes for it. Returns STATUS_OK or STATUS_NO_MEMORY.
+// [B, H, D]. The query heads sharing a kv head form one tile; its segments (kSegment keys) are
+// spread over the threads, then combined in order, so a token's output equals what `prefill`
+// computes for it and a long row is not left to one thread. Returns STATUS_OK or STATUS_NO_MEMORY.
 template <class Ops, int D, class T, class RowsOf>
 int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t B, int64_t H, int64_t KVH,
            float scale, int threads, RowsOf rows_of) {
   const int64_t rep = H / KVH;
+  // Task t of batch row b, kv head g and segment k: first[b] + g * segments(b) + k.
+  int64_t* first = (int64_t*)malloc(sizeof(int64_t) * (B + 1));
+  if (!first) return STATUS_NO_MEMORY;
+  first[0] = 0;
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + KVH * ((lens[b] + kSegment - 1) / kSegment);
+  const int64_t tasks = first[B];
+  float* partial = (float*)malloc(sizeof(float) * tasks * rep * (D + 2));  // per task: o [rep, D], m, l [rep]
+  if (!partial) {
+    free(first);
+    return STATUS_NO_MEMORY;
+  }
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
@@ -472,14 +549,41 @@ int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t
       failed = 1;
     }
 #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      if (!scratch.memory) continue;
+      int64_t b = 0;
+      while (first[b + 1] <= task) ++b;
+      const int64_t segments = (lens[b] + kSegment - 1) / kSegment;
+      const int64_t g = (task - first[b]) / segments, k = (task - first[b]) % segments;
+      const auto cache = rows_of(rows ? rows[b] : b, g);
+      load_queries<Ops, D, T, std::remove_cv_t<decltype(cache)>>(q + b * H * D, lens[b] - 1, 0, rep, rep, g, H, scale, scratch);
+      const int64_t begin = k * kSegment, end = begin + kSegment < lens[b] ? begin + kSegment : lens[b];
+      attend_segment<Ops, D, T>(cache, rep, scale, begin, end, end - 1, scratch);
+      float* o = partial + task * rep * (D + 2);
+      memcpy(o, scratch.o, sizeof(float) * rep * D);
+      memcpy(o + rep * D, scratch.m, sizeof(float) * rep);
+      memcpy(o + rep * D + rep, scratch.l, sizeof(float) * rep);
+    }
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * KVH; ++task) {
       if (!scratch.memory) continue;
       const int64_t b = task / KVH, g = task % KVH;
-      const int64_t cache_row = rows ? rows[b] : b;
-      attend_tile<Ops, D>(q + b * H * D, rows_of(cache_row, g), out + b * H * D, lens[b] - 1, 0, rep, rep, g, H,
-                          scale, scratch);
+      const int64_t segments = (lens[b] + kSegment - 1) / kSegment;
+      for (int64_t r = 0; r < rep; ++r) {
+        for (int d = 0; d < D; d += Ops::W) Ops::store(scratch.acc_o + r * D + d, Ops::zero());
+        scratch.acc_m[r] = -INFINITY;
+        scratch.acc_l[r] = 0.0f;
+      }
+      for (int64_t k = 0; k < segments; ++k) {
+        const float* o = partial + (first[b] + g * segments + k) * rep * (D + 2);
+        for (int64_t r = 0; r < rep; ++r)
+          combine_segment<Ops, D>(scratch, r, o + r * D, o[rep * D + r], o[rep * D + rep + r]);
+      }
+      store_rows<Ops, D>(out + b * H * D, 0, rep, rep, g, H, scratch);
     }
   }
+  free(first);
+  free(partial);
   return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
