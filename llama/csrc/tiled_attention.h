@@ -17,21 +17,24 @@
 //   load_i8(p)                     W int8 values as fp32
 //
 // Queries, cache and output are all bf16 (uint16_t) or all fp32 (float): `T`; the arithmetic is
-// fp32 either way.
+// fp32 either way (an int8 cache's codes and scales are read in place).
 //
 // A task is one kv head and a tile of consecutive tokens: its rows are the (token, query head)
-// pairs of the tile, kTileRows or fewer (or the query heads of one kv head, if more). The keys are read in blocks of kKeyBlock, in position
-// order, each block's keys widened to fp32 and transposed once for every row of the tile (its values
-// widened where they are used, for kRowBlock rows at a time), the next blocks fetched ahead from
-// memory meanwhile; the softmax is computed
-// online (a running maximum and sum per row, the row's weighted sum rescaled when the maximum
-// grows), so the memory read per tile is one pass over the visible keys and values and the
-// scratch space does not grow with the context.
+// pairs of the tile, kTileRows or fewer (or the query heads of one kv head, if more). The keys are
+// read in blocks of kKeyBlock, in position order, each block's keys widened to fp32 and transposed
+// once for every row of the tile (with Ops::kBf16Dot and bf16 queries: kept in bf16, transposed as
+// pairs, scored with bf16 dot products whose products are exact in fp32), its values widened where
+// they are used, kRowBlock rows at a time, the next blocks fetched ahead from memory meanwhile. The
+// softmax is computed online (a running maximum and sum per row, the row's weighted sum rescaled
+// when the maximum grows), so the memory read per tile is one pass over the visible keys and values
+// and the scratch space does not grow with the context. The keys are attended in segments of
+// kSegment, each from scratch, and the segments' results combined in order: a decode spreads one
+// row's segments over the threads.
 //
-// Each row's result depends only on its own position: blocks start at multiples of kKeyBlock,
-// every row takes the same steps over the blocks it sees (a block it does not see is skipped), and
-// all sums over a row run in the same order. So a token's output is the same whatever chunk, tile
-// or thread computes it.
+// Each row's result depends only on its own position: blocks and segments start at fixed
+// multiples, every row takes the same steps over the blocks it sees (a block it does not see is
+// skipped), and all sums over a row run in the same order. So a token's output is the same whatever
+// chunk, tile or thread computes it, decoded or prefilled.
 #pragma once
 
 #include <immintrin.h>
