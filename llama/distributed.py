@@ -3,6 +3,7 @@
 import atexit
 import os
 import sys
+from datetime import timedelta
 from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -118,9 +119,18 @@ def init_model_parallel(model_parallel_size: Optional[int] = None) -> Tuple[int,
 def _leave_process_group() -> None:
     # A rank that exits with its gloo group still open can abort in the C++ destructors
     # ("terminate called without an active exception") while its peers are still exiting:
-    # close the group we opened before the interpreter tears down.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # close the group we opened before the interpreter tears down. On a normal exit the ranks
+    # first wait for each other (bounded: a peer that died does not hold this one), so no rank
+    # tears its connections down while another is still using them.
+    if not dist.is_initialized():
+        return
+    normal_exit = getattr(sys, "last_value", None) is None
+    if normal_exit and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except Exception:  # a peer is gone or failed: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def silence_non_zero_ranks() -> None:
