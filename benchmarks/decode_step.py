@@ -131,6 +131,22 @@ def decode_steps(
     return result
 
 
+def median_ms(steps: List[Dict[str, float]]) -> List[float]:
+    """Median milliseconds of the steps: in total, in each kernel group of `TIMED`, and the rest."""
+    cells = [statistics.median(s.get(key, 0.0) for s in steps) * 1e3 for key in ("step", *TIMED)]
+    cells.append(statistics.median(s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps) * 1e3)
+    return cells
+
+
+def set_up(opts: argparse.Namespace) -> None:
+    """Threads, the one-process model-parallel group and the kernels, and a line saying which."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    distributed.init_model_parallel()
+    kernels.kernel_available()
+    print(f"kernel variant {kernels.variant()}, {torch.get_num_threads()} threads, {opts.layers} layers\n")
+
+
 def profile_step(model: Transformer, prompt: int, rows: int = 25) -> str:
     """torch.profiler's operator table (by self CPU time) of one decode step after `prompt` tokens."""
     from torch.profiler import ProfilerActivity, profile
@@ -167,11 +183,7 @@ def main(argv: List[str] = None) -> None:
     kinds = opts.weights.split(",")
     if not set(kinds) <= {"bf16", "int8", "int4"}:
         parser.error("--weights takes bf16, int8 and int4")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    distributed.init_model_parallel()
-    kernels.kernel_available()
-    print(f"kernel variant {kernels.variant()}, {torch.get_num_threads()} threads, {opts.layers} layers\n")
+    set_up(opts)
     models = {}
     for kind in kinds:
         model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
@@ -194,11 +206,7 @@ def main(argv: List[str] = None) -> None:
         print("| weights | step ms | GEMV ms | attention+rotary ms | rest ms |")
         print("|---|---|---|---|---|")
         for kind, separate in runs:
-            steps = samples[kind, separate]
-            column = {key: [s.get(key, 0.0) for s in steps] for key in ("step", *TIMED)}
-            rest = [s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps]
-            cells = [statistics.median(column[key]) * 1e3 for key in ("step", *TIMED)]
-            cells.append(statistics.median(rest) * 1e3)
+            cells = median_ms(samples[kind, separate])
             label = f"{kind} separate" if separate else kind
             print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
         if opts.profile:
@@ -213,11 +221,7 @@ def compare_contexts(opts: argparse.Namespace) -> None:
     at context c attends c positions of the same cache. Prints the median step per context and its
     speed relative to the shortest context."""
     contexts = sorted(int(n) for n in opts.contexts.split(","))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    distributed.init_model_parallel()
-    kernels.kernel_available()
-    print(f"kernel variant {kernels.variant()}, {torch.get_num_threads()} threads, {opts.layers} layers\n")
+    set_up(opts)
     model = build(opts.layers, contexts[-1] + opts.steps + 1, torch.bfloat16)
     clock = KernelClock()
     samples: Dict[int, List[Dict[str, float]]] = {c: [] for c in contexts}
@@ -238,9 +242,7 @@ def compare_contexts(opts: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     shortest = statistics.median(s["step"] for s in samples[contexts[0]])
     for context in contexts:
-        steps = samples[context]
-        cells = [statistics.median(s.get(key, 0.0) for s in steps) * 1e3 for key in ("step", *TIMED)]
-        cells.append(statistics.median(s["step"] - sum(s.get(g, 0.0) for g in TIMED) for s in steps) * 1e3)
+        cells = median_ms(samples[context])
         print(
             f"| {context} | "
             + " | ".join(f"{c:.2f}" for c in cells)

@@ -1155,14 +1155,16 @@ def _probed_lanes() -> Optional[int]:
 
 def _sums_like_torch(lanes: int, dim: int, gen: torch.Generator) -> bool:
     x = (torch.randn(6, dim, generator=gen) * torch.rand(6, 1, generator=gen) * 4).to(torch.bfloat16)
-    weight, normed = torch.ones(dim, dtype=torch.bfloat16), torch.empty(6, dim)
-    out = torch.empty_like(x)
-    status = _library.codellama_rms_norm_bf16(
-        x.data_ptr(), x.numel(), weight.data_ptr(), dim, out.data_ptr(), out.numel(),
-        normed.data_ptr(), normed.numel(), 6, dim, 1e-5, lanes, 1,
-    )  # fmt: skip
-    xf = x.float()
-    return status == 0 and torch.equal(normed, xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out, normed = torch.empty_like(x), torch.empty(6, dim)
+    weight = torch.ones(dim, dtype=torch.bfloat16)
+    args = (x.data_ptr(), x.numel(), weight.data_ptr(), dim, out.data_ptr(), out.numel())
+    args += (normed.data_ptr(), normed.numel(), 6, dim, 1e-5, lanes)
+    try:
+        _run("codellama_rms_norm_bf16", *args, unsupported=f"torch vectors of {lanes} lanes")
+    except RuntimeError:
+        return False
+    xf = x.float()  # the torch formula of llama.model.normalize (which imports this module)
+    return torch.equal(normed, xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -168,9 +168,9 @@ inline void softmax_step(const Scratch<D>& s, int64_t r, int64_t seen) {
   s.m[r] = largest;
 }
 
-// o[r] += sum_j p[r, j] v[j] for rows r0 .. r0 + RB - 1 over the block's `keys` keys (keys `first`
-// on of `cache`, widened where they are used), one multiply-add per key in order (the same
-// operations for a row whatever RB is).
+// o[r] += sum_j p[r, j] v[j] for rows r0 .. r0 + RB - 1 over the block's `keys` keys, the values of
+// keys first, first + 1, ... of `cache` widened where they are used; one multiply-add per key in
+// order (the same operations for a row whatever RB is).
 template <class Ops, int D, int RB, class Rows>
 inline void weigh_rows(const Scratch<D>& s, const Rows& cache, int64_t first, int64_t r0, int64_t keys) {
   using V = typename Ops::vec;
@@ -390,6 +390,16 @@ constexpr bool kPairs =
     (std::is_same<std::remove_cv_t<Rows>, PlainRows<uint16_t, D>>::value ||
      std::is_same<std::remove_cv_t<Rows>, Int8Rows<D>>::value);
 
+// No segment combined yet for the first `rows` rows.
+template <class Ops, int D>
+inline void reset_combined(const Scratch<D>& s, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int d = 0; d < D; d += Ops::W) Ops::store(s.acc_o + r * D + d, Ops::zero());
+    s.acc_m[r] = -INFINITY;
+    s.acc_l[r] = 0.0f;
+  }
+}
+
 // A tile's rows: (token t0 + r / rep, head g * rep + r % rep) for r < rows, the token at position
 // start + t seeing keys 0 .. start + t. Their queries into the scratch (scaled fp32, or the bf16 pairs
 // as stored), their positions, and no segment combined yet.
@@ -406,10 +416,8 @@ inline void load_queries(const T* q, int64_t start, int64_t t0, int64_t rows, in
     else
       for (int d = 0; d < D; d += W)
         Ops::store(s.q + r * D + d, Ops::mul(load_row<Ops>(q + (token * H + head) * D + d), sv));
-    for (int d = 0; d < D; d += W) Ops::store(s.acc_o + r * D + d, Ops::zero());
-    s.acc_m[r] = -INFINITY;
-    s.acc_l[r] = 0.0f;
   }
+  reset_combined<Ops, D>(s, rows);
 }
 
 // The rows' attention over keys begin .. end - 1 (one segment), from scratch: each row's weighted
@@ -572,11 +580,7 @@ int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t
       if (!scratch.memory) continue;
       const int64_t b = task / KVH, g = task % KVH;
       const int64_t segments = (lens[b] + kSegment - 1) / kSegment;
-      for (int64_t r = 0; r < rep; ++r) {
-        for (int d = 0; d < D; d += Ops::W) Ops::store(scratch.acc_o + r * D + d, Ops::zero());
-        scratch.acc_m[r] = -INFINITY;
-        scratch.acc_l[r] = 0.0f;
-      }
+      reset_combined<Ops, D>(scratch, rep);
       for (int64_t k = 0; k < segments; ++k) {
         const float* o = partial + (first[b] + g * segments + k) * rep * (D + 2);
         for (int64_t r = 0; r < rep; ++r)
