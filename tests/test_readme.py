@@ -25,6 +25,25 @@ def test_quick_start_is_two_single_line_commands():
     assert install_and_test.startswith('pip install -e ".[test]" && ')
 
 
+def test_no_text_file_holds_a_merge_conflict_marker():
+    markers = re.compile(r"^(<<<<<<< |>>>>>>> |=======$)", flags=re.M)
+    suffixes = {".md", ".py", ".cpp", ".h", ".toml", ".cfg", ".txt", ".json", ".sh"}
+    skipped = {".git", "build", "__pycache__"}
+    files = [
+        path
+        for path in ROOT.rglob("*")
+        if path.suffix in suffixes
+        and path.is_file()
+        and not skipped & set(path.relative_to(ROOT).parts)
+        and not any(part.endswith(".egg-info") for part in path.parts)
+    ]
+    assert any(path.name == "README.md" for path in files)
+    conflicted = [
+        str(path.relative_to(ROOT)) for path in files if markers.search(path.read_text(errors="replace"))
+    ]
+    assert not conflicted, f"unresolved merge conflicts in {conflicted}"
+
+
 def test_ci_runs_the_readme_test_command():
     _, install_and_test = quick_start_commands()
     install, test_command = (part.strip() for part in install_and_test.split("&&"))
