@@ -1,9 +1,9 @@
 """The decode matrix-vector kernel next to the machine's read speed, for 1 to 8 rows.
 
 A decode step multiplies one row of activations per sequence by every weight matrix. This
-script times `llama.kernels`' bf16 kernel (the variant this CPU runs, or `--variant`) and
-torch's `F.linear` on the matrices of 12 layers of the TinyLlama geometry (random, 1.05 GB: far
-larger than the caches), with 1 and 2 threads, and
+script times `llama.kernels`' kernel (the variant this CPU runs, or `--variant`; bf16 weights, or
+fp32 with `--dtype float32`) and torch's `F.linear` on the matrices of 12 layers of the TinyLlama
+geometry (random, 1.05 GB in bf16: far larger than the caches), with 1 and 2 threads, and
 the kernel on one 8 MiB matrix that stays in the last-level cache (its arithmetic speed with
 the memory out of the way). Results are GB/s of weights, medians of `--repeats`, next to a
 plain streaming read (fp32 sum of 1 GiB) in the same run.
@@ -12,7 +12,7 @@ Reading the table: a kernel is memory-bound when its "memory" column is close to
 read, and compute-bound when it is close to its "cached" column; with more rows every weight
 feeds more dot products, so the cached speed falls as the row count grows.
 
-    python benchmarks/gemv.py [--repeats 5] [--rows 1,2,4,8] [--variant avx2]
+    python benchmarks/gemv.py [--repeats 5] [--rows 1,2,4,8] [--variant avx2] [--dtype float32]
 """
 
 import argparse
@@ -39,10 +39,10 @@ def layer_shapes() -> List[tuple]:
     return [(DIM, DIM), (KV_DIM, DIM), (KV_DIM, DIM), (DIM, DIM), (FFN, DIM), (FFN, DIM), (DIM, FFN)]
 
 
-def random_weights() -> List[torch.Tensor]:
+def random_weights(dtype: torch.dtype) -> List[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).to(torch.bfloat16)
+        (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).to(dtype)
         for _ in range(LAYERS)
         for shape in layer_shapes()
     ]
@@ -50,7 +50,7 @@ def random_weights() -> List[torch.Tensor]:
 
 def gb_per_s(multiply: Callable, weights: List[torch.Tensor], rows: int, passes: int, repeats: int) -> float:
     """Median GB/s of weights over `repeats` timings of `passes` passes over `weights`."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(torch.bfloat16) for w in weights}
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(w.dtype) for w in weights}
     nbytes = passes * sum(w.numel() * w.element_size() for w in weights)
     for w in weights[:3]:
         multiply(inputs[w.shape[1]], w)
@@ -85,6 +85,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument(
         "--variant", choices=kernel_build.VARIANTS, help="kernel variant (default: the fastest)"
     )
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and rows of activations"
+    )
     opts = parser.parse_args(argv)
     row_counts = [int(r) for r in opts.rows.split(",")]
     if opts.repeats < 1 or not all(1 <= r <= kernels.MAX_ROWS for r in row_counts):
@@ -96,10 +99,14 @@ def main(argv: List[str] = None) -> None:
             sys.exit(str(err))
     if not kernels.kernel_available():
         sys.exit("no kernel variant runs on this CPU (or it could not be built): nothing to measure")
-    print(f"Kernel variant: {kernels.variant()} (CPU runs {', '.join(kernel_build.cpu_variants())})\n")
+    print(
+        f"Kernel variant: {kernels.variant()} (CPU runs {', '.join(kernel_build.cpu_variants())}), "
+        f"{opts.dtype} weights\n"
+    )
 
-    weights = random_weights()
-    cached = [weights[0]]  # 2048 x 2048 bf16: 8 MiB
+    weights = random_weights(getattr(torch, opts.dtype))
+    first = weights[0]  # 2048 x 2048
+    cached = [first[: 8 * 2**20 // (first.shape[1] * first.element_size())]]  # its first 8 MiB
     table = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -52,6 +52,7 @@ _I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes
 # The C entry points every variant exports, with their argument types (all return an int status).
 ENTRY_POINTS = {
     "codellama_gemv_bf16": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
+    "codellama_gemv_f32": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_decode_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
     + [_I64] * 8
     + [_FLOAT, _INT],
@@ -77,6 +78,7 @@ ENTRY_POINTS = {
     "codellama_dequantize_int4": [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _I64, _INT],
     # Several weights sharing the activations, in one call: a table of int64 per weight (common.h).
     "codellama_gemv_bf16_fused": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
+    "codellama_gemv_f32_fused": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "codellama_gemv_int8_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "codellama_gemv_int4_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_rms_norm_bf16": [_PTR, _I64] * 4 + [_I64, _I64, _FLOAT, _INT, _INT],

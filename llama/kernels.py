@@ -1,21 +1,23 @@
 """Hand-written CPU kernels for decoding and prefill attention, and the fallback to torch.
 
-Decoding one token multiplies a few rows of activations by every weight matrix, so its speed is
-the speed of reading the weights. torch's bf16 matrix-vector product reads them well below the
-memory bandwidth on CPUs; the kernel here streams each weight row once (fp32 accumulation) split
-over the OpenMP threads torch uses. The decode-attention kernel reads each row's cached keys and
-values once, in fp32 arithmetic, up to that row's own length (no mask), where torch's fused
-attention is built for long query blocks. The prefill-attention kernel scores several keys per
-instruction from a regrouped copy of the keys and visits only the keys each token sees (causal,
-no mask), in fp32 like the decode kernel. The int8 decode-attention kernel
-(`decode_attention_int8`) does the same over an int8 KV cache (`llama.kv_cache.Int8KVCache`), reading
-its codes and per-position scales in place. The rotary kernel rotates every head of a chunk in one
-pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8 and
-int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
+Decoding one token multiplies a few rows of activations by every weight matrix, so its speed is the
+speed of reading the weights. torch's bf16 matrix-vector product reads them well below the memory
+bandwidth on CPUs; the kernel here streams each weight row once (fp32 accumulation) split over the
+OpenMP threads torch uses. It takes fp32 weights too: torch's fp32 product picks its reduction order
+by the number of rows (1, 2-3, 4 or more give different roundings), the kernel gives a row the same
+result with any 1 to 8 rows, and for few rows is faster. The decode-attention kernel reads each
+row's cached keys and values once, in fp32 arithmetic, up to that row's own length (no mask), where
+torch's fused attention is built for long query blocks. The prefill-attention kernel scores several
+keys per instruction from a regrouped copy of the keys and visits only the keys each token sees
+(causal, no mask), in fp32 like the decode kernel. The int8 decode-attention kernel
+(`decode_attention_int8`) does the same over an int8 KV cache (`llama.kv_cache.Int8KVCache`),
+reading its codes and per-position scales in place. The rotary kernel rotates every head of a chunk
+in one pass, bit-identical to the torch operations. Weight-only quantized layers decode with int8
+and int4 matrix-vector kernels (`int8_gemv`, `int4_gemv`; `llama.quantized_backends` decides when)
 that stream each weight row once at its quantized size. `fused_linear`, `int8_gemv_fused` and
 `int4_gemv_fused` multiply several weights sharing the activations (a layer's q/k/v, or gate/up
-projections) in one call, each output bit for bit its own call's. `rms_norm` normalizes bf16 rows
-in one pass, bit-identical to the torch operations of `llama.model.RMSNorm`.
+projections) in one call, each output bit for bit its own call's. `rms_norm` normalizes bf16 rows in
+one pass, bit-identical to the torch operations of `llama.model.RMSNorm`.
 
 Every kernel exists in two variants (C++ in `llama/csrc/`, built by `llama.kernel_build`):
 "avx512bf16" (bf16 dot-product instructions) and "avx2" (AVX2 and FMA: bf16 widened to fp32 with
@@ -23,8 +25,8 @@ shifts). `variant()` names the one in use: the fastest this CPU runs, or the one
 `CODELLAMA_KERNEL_VARIANT`. Each output is computed by the same operations in the same order
 whatever the number of rows in the call, so a row's result never depends on its batch.
 
-`linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 inputs
-of at most `MAX_ROWS` rows when a variant is available, and falls back to `F.linear` on GPUs,
+`linear(x, weight)` is `F.linear(x, weight)` everywhere: it takes the kernel only for bf16 or
+fp32 inputs of at most `MAX_ROWS` rows when a variant is available, and falls back to `F.linear` on GPUs,
 other CPUs, other dtypes, with autograd, or when the kernels cannot be built;
 `attention_applies`, `int8_attention_applies`, `prefill_attention_applies` and `rotary_applies` say
 when `decode_attention`, `decode_attention_int8`, `prefill_attention` and `rotary` may replace the
@@ -206,12 +208,18 @@ def _run(kernel: str, *args: object, unsupported: str) -> None:
         raise RuntimeError(f"{kernel} does not handle {unsupported}")
 
 
+# The matrix-vector kernels' entry point suffix per dtype of the activations, weights and output.
+_GEMV_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The kernel on x [M, K] (contiguous) and weight [N, K] (contiguous): returns [M, N] bf16."""
-    rows, n_out, n_in = x.shape[0], weight.shape[0], weight.shape[1]
-    out = torch.empty(rows, n_out, dtype=torch.bfloat16)
+    """The kernel on x [..., K] (contiguous; M rows in all) and weight [N, K] (contiguous), both
+    bf16 or both fp32: returns [..., N] in their dtype."""
+    n_out, n_in = weight.shape
+    rows = x.numel() // n_in
+    out = torch.empty(rows, n_out, dtype=x.dtype)
     _run(
-        "codellama_gemv_bf16",
+        f"codellama_gemv_{_GEMV_DTYPES[x.dtype]}",
         x.data_ptr(),
         _elements(x),
         weight.data_ptr(),
@@ -223,10 +231,10 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         n_in,
         unsupported=f"{rows} rows",
     )
-    return out
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)
 
 
-@torch.library.custom_op("codellama::gemv_bf16", mutates_args=())
+@torch.library.custom_op("codellama::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _gemv(x, weight)
 
@@ -239,12 +247,17 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _usable_on(*tensors: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
     """The kernels are on, built for this CPU, and these are CPU tensors of `dtype` without
     autograd."""
-    return (
-        _enabled
-        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and (_available if _available is not None else _first_use_outside_tracing())
-    )
+    # Plain loops, not generators: this runs before every kernel call of a decode step.
+    if not _enabled:
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    return _available if _available is not None else _first_use_outside_tracing()
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -254,7 +267,8 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.shape[-1] == weight.shape[1]
         and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
         and weight.is_contiguous()
-        and _usable_on(x, weight)
+        and x.dtype in _GEMV_DTYPES
+        and _usable_on(x, weight, dtype=x.dtype)
     )
 
 
@@ -290,8 +304,8 @@ def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias): x [..., K] times weight [N, K] transposed, -> [..., N].
 
-    Uses the kernel (`variant()`) for a few bf16 rows on the CPU (fp32 accumulation, one bf16
-    rounding of each output, like torch's own bf16 matmul); for more bf16 rows on a CPU without
+    Uses the kernel (`variant()`) for a few bf16 or fp32 rows on the CPU (fp32 accumulation, one
+    rounding of each output to the dtype, like torch's own matmul); for more bf16 rows on a CPU without
     bf16 instructions, torch's fp32 matmul on weights widened a chunk at a time (the same
     rounding; see `widens_bf16_matmul`); `F.linear` otherwise.
     A quantized weight (`llama.quantization.QuantizedWeight`) multiplies itself.
@@ -302,14 +316,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if widens_bf16_matmul(x, weight):
             return _widened_linear(x, weight)
         return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if rows.shape[0] == 0:
+    if x.numel() == 0:
         return F.linear(x, weight)
     if torch.compiler.is_compiling():
-        out = _gemv_op(rows, weight)
-    else:
-        out = _gemv(rows, weight)
-    return out.view(*x.shape[:-1], weight.shape[0])
+        out = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return _gemv(x if x.is_contiguous() else x.contiguous(), weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,12 +350,13 @@ def _split(out: torch.Tensor, x: torch.Tensor, sizes: List[int]) -> List[torch.T
 
 
 def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
-    """The kernel on x [M, K] and each weight [N_i, K] (contiguous): returns [M, sum N_i] bf16."""
+    """The kernel on x [M, K] and each weight [N_i, K] (contiguous), all bf16 or all fp32:
+    returns [M, sum N_i] in their dtype."""
     rows, n_in = x.shape
     sizes = [w.shape[0] for w in weights]
-    out = torch.empty(rows, sum(sizes), dtype=torch.bfloat16)
+    out = torch.empty(rows, sum(sizes), dtype=x.dtype)
     _run(
-        "codellama_gemv_bf16_fused",
+        f"codellama_gemv_{_GEMV_DTYPES[x.dtype]}_fused",
         x.data_ptr(),
         _elements(x),
         _fused_table(weights, sizes),
@@ -357,7 +370,7 @@ def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("codellama::gemv_bf16_fused", mutates_args=())
+@torch.library.custom_op("codellama::gemv_fused", mutates_args=())
 def _fused_gemv_op(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
     return _fused_gemv(x, weights)
 

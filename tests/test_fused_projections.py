@@ -86,7 +86,9 @@ def test_fusing_applies_only_where_every_separate_call_takes_the_kernel():
     assert kernels.fused_linear_applies(x, weights)
     assert not kernels.fused_linear_applies(x, weights[:1])  # nothing to fuse
     assert not kernels.fused_linear_applies(x, weights * 3)  # more than MAX_FUSED
-    assert not kernels.fused_linear_applies(x.float(), [w.float() for w in weights])
+    assert kernels.fused_linear_applies(x.float(), [w.float() for w in weights])  # fp32 has the kernel too
+    assert not kernels.fused_linear_applies(x.half(), [w.half() for w in weights])
+    assert not kernels.fused_linear_applies(x.float(), [weights[0].float(), weights[1]])  # mixed dtypes
     assert not kernels.fused_linear_applies(x.repeat(5, 1), weights)  # more than MAX_ROWS rows
     assert not kernels.fused_linear_applies(x, [weights[0], weights[1][:, :32]])  # other inputs
     kernels.set_enabled(False)

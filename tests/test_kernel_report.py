@@ -42,7 +42,9 @@ def test_report_names_instruction_sets_proofs_variant_and_paths():
         assert line.endswith(": ran") == (variant in runnable), line
     if "avx2" in flags and "fma" in flags:
         assert f"selected kernel variant: {runnable[0]}" in out
-        assert f"decode GEMV (1-8 rows)            bf16         codellama gemv kernel ({runnable[0]})" in out
+        for dtype in ("bf16", "fp32"):
+            gemv_line = f"decode GEMV (1-8 rows)            {dtype}         codellama gemv kernel"
+            assert f"{gemv_line} ({runnable[0]})" in out
     for operation in ("decode GEMV", "dense matmul", "decode attention", "prefill attention", "rotary"):
         assert (
             sum(line.strip().startswith(operation) for line in out.splitlines()) == 2

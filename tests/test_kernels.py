@@ -75,6 +75,44 @@ def test_kernel_is_the_bf16_product(rows, n_out, n_in, variant):
     assert_within_bf16_rounding(kernels.linear(x, w), x, w)
 
 
+def fp32_pair(rows: int, n_out: int, n_in: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g) * n_in**-0.5
+
+
+@pytest.mark.parametrize("rows", range(1, kernels.MAX_ROWS + 1))
+@pytest.mark.parametrize("n_out,n_in", [(64, 2048), (37, 100), (300, 96), (1, 31), (9, 7)])
+def test_kernel_is_the_fp32_product(rows, n_out, n_in, variant):
+    # The same shapes as in bf16 (full 16- and 8-wide steps, a masked tail, odd output counts),
+    # checked against the float64 product: fp32 accumulation error only.
+    x, w = fp32_pair(rows, n_out, n_in, seed=rows)
+    assert kernels.kernel_applies(x, w)
+    out = kernels.linear(x, w)
+    exact = F.linear(x.double(), w.double())
+    magnitude = F.linear(x.double().abs(), w.double().abs())
+    assert out.dtype == torch.float32 and out.shape == (rows, n_out)
+    assert ((out.double() - exact).abs() <= magnitude * n_in * 2**-24).all()
+
+
+@pytest.mark.parametrize("n_out,n_in", [(2053, 1000), (300, 96)])
+def test_fp32_row_is_the_same_alone_or_with_up_to_7_others_unlike_torch(n_out, n_in, variant):
+    # torch's fp32 product picks its reduction by the row count, so its rows change in the last
+    # bits between 1, 2-3 and 4+ rows; the kernel gives every row the same bits. Fused calls too.
+    x, w = fp32_pair(kernels.MAX_ROWS, n_out, n_in, seed=n_out)
+    extra = fp32_pair(1, 24, n_in, seed=1)[1]
+    alone = torch.cat([kernels.linear(x[i : i + 1], w) for i in range(kernels.MAX_ROWS)])
+    for rows in range(2, kernels.MAX_ROWS + 1):
+        assert torch.equal(kernels.linear(x[:rows], w), alone[:rows]), f"{rows} rows"
+        fused = kernels.fused_linear(x[:rows], [w, extra])
+        assert torch.equal(fused[0], alone[:rows]) and torch.equal(fused[1], kernels.linear(x[:rows], extra))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if previous > 1 else 2)
+        assert torch.equal(kernels.linear(x, w), alone)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_kernel_keeps_leading_dims_and_reads_non_contiguous_input(variant):
     x, w = bf16_pair(6, 48, 64)
     x3 = x.view(2, 3, 64)
@@ -113,18 +151,21 @@ def test_fallback_is_exactly_torch():
 
 @pytest.mark.parametrize(
     "case",
-    ["float32", "too_many_rows", "requires_grad", "transposed_weight"],
+    ["float16", "mixed_dtypes", "too_many_rows", "requires_grad", "transposed_weight"],
 )
 def test_kernel_not_used_outside_its_domain(case):
     x, w = bf16_pair(kernels.MAX_ROWS + 1 if case == "too_many_rows" else 2, 24, 64)
-    if case == "float32":
-        x, w = x.float(), w.float()
+    if case == "float16":
+        x, w = x.half(), w.half()
+    if case == "mixed_dtypes":
+        x = x.float()
     if case == "requires_grad":
         w.requires_grad_(True)
     if case == "transposed_weight":
         w = w.t().contiguous().t()
     assert not kernels.kernel_applies(x, w)
-    assert torch.equal(kernels.linear(x, w).detach(), F.linear(x, w).detach())
+    if case != "mixed_dtypes":  # which torch refuses too
+        assert torch.equal(kernels.linear(x, w).detach(), F.linear(x, w).detach())
 
 
 def test_gradients_flow_through_the_fallback():
@@ -589,6 +630,17 @@ def test_entry_points_refuse_buffers_shorter_than_the_sizes(variant):
     with pytest.raises(ValueError, match="do not fit"):  # a negative size
         kernels._run(
             "codellama_gemv_bf16", ptrs[0], 128, ptrs[1], 1024, ptrs[2], 32, 2, -16, 64, unsupported=""
+        )
+    x, w = fp32_pair(2, 16, 64)
+    out = torch.empty(2, 16)
+    ptrs = (x.data_ptr(), w.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="do not fit"):  # fp32: weight buffer claimed shorter than N * K
+        kernels._run(
+            "codellama_gemv_f32", ptrs[0], 128, ptrs[1], 16 * 64 - 1, ptrs[2], 32, 2, 16, 64, unsupported=""
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # fp32: output claimed shorter than M * N
+        kernels._run(
+            "codellama_gemv_f32", ptrs[0], 128, ptrs[1], 1024, ptrs[2], 31, 2, 16, 64, unsupported=""
         )
     q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     cache = torch.zeros(1, 8, 64, dtype=torch.bfloat16)

@@ -90,6 +90,8 @@ def test_stop_strings_max_tokens_and_logprobs_as_without_speculation(engine, lla
     fast = run(engine, [prompt], 40, LOOKUP, logprobs=2)[0]
     assert fast.token_ids == plain.token_ids and fast.text == plain.text
     assert fast.logprobs == pytest.approx(plain.logprobs, abs=1e-4)
+    if kernels.enabled():  # fp32 rows on the matrix-vector kernel: the same bits in any 1-8 rows
+        assert fast.logprobs == plain.logprobs
     assert [list(t) for t in fast.top_logprobs] == [list(t) for t in plain.top_logprobs]
     # A stop string inside the generated loop: the text ends before it, as without speculation.
     text = plain.text

@@ -174,6 +174,88 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
   return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
+// The same products on fp32 activations and weights: each output is one accumulator of 8 lanes
+// fed 8 weights at a time (the last K % 8 by a masked load of the same shape), then summed by
+// sum8, whatever M and R are. Register budget (16 vectors): M * R accumulators (M <= 4 per pass),
+// R weight vectors, 1.
+template <int M, int R>
+static inline void rows_block_f32(const float* __restrict x, const float* __restrict w, int64_t K,
+                                  float* __restrict y, int64_t N, int64_t n) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const float* wr = w + n * K;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(wr + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  if (k < K) {  // masked lanes are neither read nor counted (they load as zero)
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K - k)), lanes);
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_maskload_ps(wr + r * K + k, mask);
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_maskload_ps(x + m * K + k, mask);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = sum8(acc[m][r]);
+}
+
+// More than 4 rows go in two passes over the same R weight rows (the second reads them from L1),
+// so the accumulators and weight vectors fit the registers.
+template <int M, int R>
+static inline void rows_in_passes_f32(const float* x, const float* w, int64_t K, float* y, int64_t N, int64_t n) {
+  if constexpr (M <= 4) {
+    rows_block_f32<M, R>(x, w, K, y, N, n);
+  } else {
+    rows_block_f32<4, R>(x, w, K, y, N, n);
+    rows_block_f32<M - 4, R>(x + 4 * K, w, K, y + 4 * N, N, n);
+  }
+}
+
+template <int M, int R>
+static void gemv_f32(const float* x, const FusedWeights& fw, float* y, int64_t K, int threads) {
+  for_each_block<R>(
+      fw, threads,
+      [&](int i, int64_t n) { rows_in_passes_f32<M, R>(x, (const float*)fw.w[i], K, y + fw.offset[i], fw.total, n); },
+      [&](int i, int64_t n) { rows_in_passes_f32<M, 1>(x, (const float*)fw.w[i], K, y + fw.offset[i], fw.total, n); });
+}
+
+// codellama_gemv_bf16_fused for fp32 activations, weights and outputs (the same table, statuses
+// and row counts).
+extern "C" int codellama_gemv_f32_fused(const float* x, int64_t x_len, const int64_t* table, int64_t count,
+                                        float* y, int64_t y_len, int64_t M, int64_t K, int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 0, x_len, y_len, M, K, K, &fw);
+  if (status != STATUS_OK) return status;
+  switch (M) {
+    case 1: gemv_f32<1, 4>(x, fw, y, K, threads); break;
+    case 2: gemv_f32<2, 4>(x, fw, y, K, threads); break;
+    case 3: gemv_f32<3, 3>(x, fw, y, K, threads); break;
+    case 4: gemv_f32<4, 3>(x, fw, y, K, threads); break;
+    case 5: gemv_f32<5, 3>(x, fw, y, K, threads); break;
+    case 6: gemv_f32<6, 3>(x, fw, y, K, threads); break;
+    case 7: gemv_f32<7, 3>(x, fw, y, K, threads); break;
+    default: gemv_f32<8, 3>(x, fw, y, K, threads); break;
+  }
+  return STATUS_OK;
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all fp32 and contiguous (the statuses of codellama_gemv_bf16_fused).
+extern "C" int codellama_gemv_f32(const float* x, int64_t x_len, const float* w, int64_t w_len, float* y,
+                                  int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_f32_fused(x, x_len, table, 1, y, y_len, M, K, threads);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention (decode and prefill): tiled_attention.h on 8 fp32 lanes
 // ---------------------------------------------------------------------------------------------

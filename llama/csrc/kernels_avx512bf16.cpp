@@ -97,6 +97,76 @@ extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint1
   return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
+// The same products on fp32 activations and weights: each output is one accumulator of 16 lanes
+// fed 16 weights at a time (the last K % 16 by a masked load of the same shape), then summed by
+// _mm512_reduce_add_ps, whatever M and R are. PF as in rows_block.
+template <int M, int R, int PF>
+static inline void rows_block_f32(const float* __restrict x, const float* __restrict w, int64_t K,
+                                  float* __restrict y, int64_t N, int64_t n) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const float* wr = w + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (PF > 0 && k % 64 == 0)  // one prefetch per 64-byte line
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T1);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wr + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, wr + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int M, int R, int PF>
+static void gemv_f32(const float* x, const FusedWeights& fw, float* y, int64_t K, int threads) {
+  for_each_block<R>(
+      fw, threads,
+      [&](int i, int64_t n) { rows_block_f32<M, R, PF>(x, (const float*)fw.w[i], K, y + fw.offset[i], fw.total, n); },
+      [&](int i, int64_t n) { rows_block_f32<M, 1, 0>(x, (const float*)fw.w[i], K, y + fw.offset[i], fw.total, n); });
+}
+
+// codellama_gemv_bf16_fused for fp32 activations, weights and outputs (the same table, statuses
+// and row counts). Register budget: M * R accumulators + R weight vectors + 1.
+extern "C" int codellama_gemv_f32_fused(const float* x, int64_t x_len, const int64_t* table, int64_t count,
+                                        float* y, int64_t y_len, int64_t M, int64_t K, int threads) {
+  FusedWeights fw;
+  const int status = read_fused(table, count, 0, x_len, y_len, M, K, K, &fw);
+  if (status != STATUS_OK) return status;
+  switch (M) {
+    case 1: gemv_f32<1, 4, 0>(x, fw, y, K, threads); break;
+    case 2: gemv_f32<2, 4, 0>(x, fw, y, K, threads); break;
+    case 3: gemv_f32<3, 4, 16384>(x, fw, y, K, threads); break;
+    case 4: gemv_f32<4, 4, 16384>(x, fw, y, K, threads); break;
+    case 5: gemv_f32<5, 4, 16384>(x, fw, y, K, threads); break;
+    case 6: gemv_f32<6, 4, 16384>(x, fw, y, K, threads); break;
+    case 7: gemv_f32<7, 3, 16384>(x, fw, y, K, threads); break;
+    default: gemv_f32<8, 3, 16384>(x, fw, y, K, threads); break;
+  }
+  return STATUS_OK;
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all fp32 and contiguous (the statuses of codellama_gemv_bf16_fused).
+extern "C" int codellama_gemv_f32(const float* x, int64_t x_len, const float* w, int64_t w_len, float* y,
+                                  int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_f32_fused(x, x_len, table, 1, y, y_len, M, K, threads);
+}
+
 // e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
 // 2^f by its degree-6 Taylor polynomial (relative error below 2e-7).
 static inline __m512 exp_ps(__m512 x) {
