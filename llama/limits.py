@@ -25,6 +25,7 @@ SEED_LIMIT = 2**64  # seeds lie in [0, 2**64 - 1] (torch.Generator.manual_seed)
 # Speculative decoding.
 MAX_SPECULATIVE_TOKENS = 7  # proposals per step: with the fed token, 8 rows (the kernels' fixed order)
 SPECULATION_ROWS = 8  # decode rows a step may grow to with proposals
+MAX_NGRAM = 16  # prompt lookup's longest n-gram (feeding it a token costs O(max_ngram))
 
 # Stopping and output.
 MAX_STOP_STRINGS = 4

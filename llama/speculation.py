@@ -20,6 +20,12 @@ import torch
 
 from llama import limits
 
+# The longest n-gram prompt lookup matches by default. A longer match tells apart earlier
+# occurrences of the same few tokens (a line repeated with a different ending: the latest
+# 3-gram match is often the wrong one), and a match is tried from the longest n down, so short
+# matches are still found.
+DEFAULT_MAX_NGRAM = 8
+
 
 @dataclass(frozen=True)
 class Speculation:
@@ -35,7 +41,7 @@ class Speculation:
 
     method: str = "lookup"
     num_tokens: int = 4
-    max_ngram: int = 3
+    max_ngram: int = DEFAULT_MAX_NGRAM
     min_ngram: int = 1
 
     def validate(self) -> None:
@@ -43,9 +49,12 @@ class Speculation:
         if self.method not in ("lookup", "draft"):
             raise ValueError(f'speculative method must be "lookup" or "draft", got {self.method!r}')
         limits.check_int("speculative num_tokens", self.num_tokens, 1, limits.MAX_SPECULATIVE_TOKENS)
-        limits.check_int("speculative max_ngram", self.max_ngram, 1, 16)
+        limits.check_int("speculative max_ngram", self.max_ngram, 1, limits.MAX_NGRAM)
         limits.check_int(
-            "speculative min_ngram", self.min_ngram, 1, self.max_ngram if _is_int(self.max_ngram) else 16
+            "speculative min_ngram",
+            self.min_ngram,
+            1,
+            self.max_ngram if _is_int(self.max_ngram) else limits.MAX_NGRAM,
         )
 
 
@@ -63,7 +72,7 @@ class LookupIndex:
     length of the context; feeding a prompt of n tokens costs O(n * max_ngram) once.
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, tokens: Iterable[int] = ()):
+    def __init__(self, max_ngram: int = DEFAULT_MAX_NGRAM, min_ngram: int = 1, tokens: Iterable[int] = ()):
         """An index of the n-grams of `tokens` for n in [min_ngram, max_ngram].
 
         Raises:
@@ -124,7 +133,7 @@ class LookupIndex:
 
 
 def propose_lookup(
-    tokens: Sequence[int], num_tokens: int, max_ngram: int = 3, min_ngram: int = 1
+    tokens: Sequence[int], num_tokens: int, max_ngram: int = DEFAULT_MAX_NGRAM, min_ngram: int = 1
 ) -> List[int]:
     """Prompt lookup on a whole sequence at once (builds a `LookupIndex`: O(len(tokens)); the
     engine keeps one index per request and feeds it instead).

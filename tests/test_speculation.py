@@ -10,9 +10,13 @@ from typing import Callable, List, Sequence
 import pytest
 import torch
 
+from llama import limits
+from llama.server.schemas import SpeculativeOptions
 from llama.speculation import (
+    DEFAULT_MAX_NGRAM,
     AdaptiveLength,
     LookupIndex,
+    Speculation,
     accept_greedy,
     propose_lookup,
     residual_distribution,
@@ -54,6 +58,18 @@ def test_longer_ngrams_are_tried_first_then_shorter_ones():
     assert propose_lookup([5, 6, 7, 5], 2, max_ngram=3, min_ngram=2) == []
 
 
+def test_the_default_ngram_tells_apart_lines_that_differ_in_their_ending():
+    # Lines that alternate between two endings: "p A B C x" and "q A B C y". After "q A B C" the
+    # latest 3-gram (A B C) is followed by x, the 4-gram (q A B C) by y, which is what comes next.
+    p, a, b, c, x, q, y = 1, 2, 3, 4, 5, 6, 7
+    tokens = [p, a, b, c, x, q, a, b, c, y, p, a, b, c, x, q, a, b, c]
+    assert propose_lookup(tokens, 2, max_ngram=3) == [x, q]
+    assert propose_lookup(tokens, 2) == [y, p]
+    assert LookupIndex(tokens=tokens).propose(2) == [y, p]
+    assert Speculation().max_ngram == DEFAULT_MAX_NGRAM == SpeculativeOptions().max_ngram
+    assert 4 <= DEFAULT_MAX_NGRAM <= limits.MAX_NGRAM
+
+
 def test_the_suffix_never_matches_itself():
     assert propose_lookup([], 4) == []
     assert propose_lookup([4], 4) == []
@@ -70,7 +86,7 @@ def test_proposals_are_cut_at_the_end_of_the_sequence():
 def test_incremental_index_equals_a_brute_force_scan_after_every_token():
     rng = random.Random(0)
     for trial in range(60):
-        max_ngram = rng.randint(1, 4)
+        max_ngram = rng.randint(1, 10)
         min_ngram = rng.randint(1, max_ngram)
         index = LookupIndex(max_ngram, min_ngram)
         alphabet = rng.randint(2, 6)  # small alphabets repeat often

@@ -10,7 +10,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from llama import limits
-from llama.speculation import Speculation
+from llama.speculation import DEFAULT_MAX_NGRAM, Speculation
 
 _INTEGER_KEY_DIGITS = frozenset("0123456789")
 
@@ -93,7 +93,7 @@ class SpeculativeOptions(_Body):
 
     method: Literal["lookup", "draft", "none"] = "lookup"
     num_tokens: int = Field(4, ge=1, le=limits.MAX_SPECULATIVE_TOKENS)
-    max_ngram: int = Field(3, ge=1)
+    max_ngram: int = Field(DEFAULT_MAX_NGRAM, ge=1)
     min_ngram: int = Field(1, ge=1)
 
     @model_validator(mode="after")
