@@ -706,8 +706,9 @@ def int4_dequantize(
     return out
 
 
-# Head sizes the decode-attention kernel is built for (Code Llama: 128).
-ATTENTION_HEAD_DIMS = (64, 128)
+# Head sizes the attention kernels (decode and prefill, 16-bit, fp32 and int8 caches) are built for
+# (Code Llama: 128; the demo model: 32).
+ATTENTION_HEAD_DIMS = (32, 64, 128)
 
 
 # The attention kernels' entry point suffix per dtype of the queries, cache and output.
@@ -833,16 +834,12 @@ def decode_attention(
     return _decode_attention(q, cache_k, cache_v, lengths, rows)
 
 
-# Head sizes the int8-cache decode-attention kernel is built for (the demo model's 32 too).
-INT8_ATTENTION_HEAD_DIMS = (32, 64, 128)
-
-
 def int8_attention_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
     """Whether `decode_attention_int8(q, codes, ...)` would take the hand-written kernel: bf16
     queries on the CPU, an int8 cache whose positions' heads are contiguous, a head size in
-    `INT8_ATTENTION_HEAD_DIMS`, the kernels on and built here."""
+    `ATTENTION_HEAD_DIMS`, the kernels on and built here."""
     return (
-        q.shape[-1] in INT8_ATTENTION_HEAD_DIMS
+        q.shape[-1] in ATTENTION_HEAD_DIMS
         and codes.dtype == torch.int8
         and codes.device.type == "cpu"
         and codes.stride(-1) == 1
@@ -1032,7 +1029,7 @@ def prefill_attention(
 def prefill_attention_int8_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
     """Whether `prefill_attention_int8(q, codes, ...)` would take the hand-written kernel: q [L,
     heads, D] bf16 and one int8 cache row [kv_heads, max_seq_len, D] on the CPU, D in
-    `INT8_ATTENTION_HEAD_DIMS`, eager only."""
+    `ATTENTION_HEAD_DIMS`, eager only."""
     return (
         q.dim() == 3
         and codes.dim() == 3

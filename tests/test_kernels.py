@@ -234,6 +234,7 @@ def fp64_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
     [
         (8, 1, 64, [1]),
         (8, 2, 64, [17, 5, 300, 64]),  # uneven rows, lengths that are not multiples of 16
+        (6, 2, 32, [40, 3]),  # the demo model's head size
         (4, 4, 128, [33, 2]),  # no grouping, Code Llama's head size
         (16, 2, 128, [1000]),
     ],
@@ -261,9 +262,9 @@ def test_decode_attention_matches_fp64(heads, kv_heads, head_dim, lengths, dtype
     torch.testing.assert_close(kernels.decode_attention(q, cache_k, cache_v, lengths_t), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_32", "disabled"])
+@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_48", "disabled"])
 def test_decode_attention_not_used_outside_its_domain(case):
-    head_dim = 32 if case == "head_dim_32" else 64
+    head_dim = 48 if case == "head_dim_48" else 64
     q = torch.zeros(1, 2, head_dim, dtype=torch.bfloat16)
     cache = torch.zeros(1, 1, 8, head_dim, dtype=torch.bfloat16)
     if case == "float16":
@@ -290,6 +291,7 @@ def fp64_causal_attention(
     [
         (1, 8, 1, 64, 0),
         (37, 8, 2, 64, 3),  # a chunk after cached positions; 37 is no multiple of 8 or 16
+        (45, 6, 2, 32, 5),  # the demo model's head size
         (20, 4, 4, 128, 0),  # no grouping (Code Llama 7B/13B), Code Llama's head size
         (70, 3, 3, 128, 17),  # 3 heads per group: a task of 8 rows spans tokens
         (40, 16, 2, 128, 300),
@@ -316,9 +318,9 @@ def test_prefill_attention_matches_fp64(length, heads, kv_heads, head_dim, start
     torch.testing.assert_close(kernels.prefill_attention(q, cache_k, cache_v, start), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_32", "disabled"])
+@pytest.mark.parametrize("case", ["float16", "mixed_dtypes", "head_dim_48", "disabled"])
 def test_prefill_attention_not_used_outside_its_domain(case):
-    head_dim = 32 if case == "head_dim_32" else 64
+    head_dim = 48 if case == "head_dim_48" else 64
     q = torch.zeros(3, 2, head_dim, dtype=torch.bfloat16)
     cache = torch.zeros(1, 8, head_dim, dtype=torch.bfloat16)
     if case == "float16":
@@ -532,7 +534,7 @@ def test_prefill_attention_token_is_the_same_in_any_chunking(heads, kv_heads, he
         assert torch.equal(torch.cat(parts), whole), cuts
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 128), (6, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 128), (6, 2, 128), (6, 2, 32)])
 def test_decode_attention_equals_prefill_attention_for_the_same_token(heads, kv_heads, head_dim, variant):
     """Both kernels attend in the same tiles: a token decoded after its prompt gets exactly the
     attention output that prefilling it with the prompt gives."""

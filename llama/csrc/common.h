@@ -80,7 +80,7 @@ static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t 
                                          int64_t lens_len, const int64_t* rows, int64_t rows_len,
                                          int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
                                          int64_t max_len, int64_t row_stride, int64_t head_stride) {
-  if (D != 64 && D != 128) return STATUS_UNSUPPORTED;
+  if (D != 32 && D != 64 && D != 128) return STATUS_UNSUPPORTED;
   return check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H,
                                        KVH, D, max_len, row_stride, head_stride);
 }
@@ -107,7 +107,7 @@ static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int
 static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t out_len, int64_t start,
                                           int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
                                           int64_t head_stride) {
-  if ((D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+  if ((D != 32 && D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
   if (start < 0 || len < 0 || head_stride < 0 || checked_add(start, len) > max_len) return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(len, H), D);
   if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;

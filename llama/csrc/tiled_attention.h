@@ -613,6 +613,8 @@ int decode_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_l
   const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
                                             B, H, KVH, D, max_len, row_stride, head_stride);
   if (status != STATUS_OK) return status;
+  if (D == 32)
+    return decode_plain<Ops, 32>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
   if (D == 64)
     return decode_plain<Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
   return decode_plain<Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
@@ -667,6 +669,7 @@ int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_
                                              head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
+  if (D == 32) return prefill_plain<Ops, 32>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
   if (D == 64) return prefill_plain<Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
   return prefill_plain<Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
 }
