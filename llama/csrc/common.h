@@ -217,6 +217,58 @@ static inline void one_weight(int64_t* table, const void* w, int64_t w_len, int6
   table[4] = scales_len;
 }
 
+// The fused matrix-vector entry points each variant defines (y[M, N0 + N1 + ...] for the weights
+// of `table`), and the single-weight entry points, the same in every variant: one call of the
+// fused entry point with a table of one weight.
+extern "C" int codellama_gemv_bf16_fused(const uint16_t* x, int64_t x_len, const int64_t* table, int64_t count,
+                                         uint16_t* y, int64_t y_len, int64_t M, int64_t K, int threads);
+extern "C" int codellama_gemv_f32_fused(const float* x, int64_t x_len, const int64_t* table, int64_t count,
+                                        float* y, int64_t y_len, int64_t M, int64_t K, int threads);
+extern "C" int codellama_gemv_int8_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K,
+                                         int threads);
+extern "C" int codellama_gemv_int4_fused(const void* x, int64_t x_len, int x_bf16, const int64_t* table,
+                                         int64_t count, void* y, int64_t y_len, int64_t M, int64_t K, int64_t G,
+                                         int threads);
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
+// each buffer holds. The statuses of codellama_gemv_bf16_fused.
+extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
+                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T, all fp32 and contiguous (the statuses of codellama_gemv_bf16_fused).
+extern "C" int codellama_gemv_f32(const float* x, int64_t x_len, const float* w, int64_t w_len, float* y,
+                                  int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, w, w_len, N, NULL, 0);
+  return codellama_gemv_f32_fused(x, x_len, table, 1, y, y_len, M, K, threads);
+}
+
+// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
+// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. The statuses of
+// codellama_gemv_int8_fused.
+extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
+                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
+                                   int64_t N, int64_t K, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, q, q_len, N, scales, scales_len);
+  return codellama_gemv_int8_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, threads);
+}
+
+// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
+// rows are packed as described above (groups of G inputs). The statuses of codellama_gemv_int4_fused.
+extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
+                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
+                                   int64_t G, int threads) {
+  int64_t table[FUSED_FIELDS];
+  one_weight(table, packed, packed_len, N, NULL, 0);
+  return codellama_gemv_int4_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, G, threads);
+}
+
 // Every output row of every weight of `fw`, split over the threads in one parallel region:
 // block(i, n) computes rows n .. n + R of weight i, single(i, n) row n alone (the N % R last
 // rows of a weight). The units of all weights are handed out together (static schedule), so the

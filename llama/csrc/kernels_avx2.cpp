@@ -165,15 +165,6 @@ extern "C" int codellama_gemv_bf16_fused(const uint16_t* x, int64_t x_len, const
   return STATUS_OK;
 }
 
-// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
-// each buffer holds. The statuses of codellama_gemv_bf16_fused.
-extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
-                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, w, w_len, N, NULL, 0);
-  return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
-}
-
 // The same products on fp32 activations and weights: each output is one accumulator of 8 lanes
 // fed 8 weights at a time (the last K % 8 by a masked load of the same shape), then summed by
 // sum8, whatever M and R are. Register budget (16 vectors): M * R accumulators (M <= 4 per pass),
@@ -246,14 +237,6 @@ extern "C" int codellama_gemv_f32_fused(const float* x, int64_t x_len, const int
     default: gemv_f32<8, 3>(x, fw, y, K, threads); break;
   }
   return STATUS_OK;
-}
-
-// y[M, N] = x[M, K] @ w[N, K]^T, all fp32 and contiguous (the statuses of codellama_gemv_bf16_fused).
-extern "C" int codellama_gemv_f32(const float* x, int64_t x_len, const float* w, int64_t w_len, float* y,
-                                  int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, w, w_len, N, NULL, 0);
-  return codellama_gemv_f32_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,17 +430,6 @@ extern "C" int codellama_gemv_int8_fused(const void* x, int64_t x_len, int x_bf1
   return STATUS_OK;
 }
 
-// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
-// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. The statuses of
-// codellama_gemv_int8_fused.
-extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
-                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
-                                   int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, q, q_len, N, scales, scales_len);
-  return codellama_gemv_int8_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, threads);
-}
-
 // int4: the activations regrouped to match a block's chunks, in fp32. A chunk's 16 dwords hold
 // one group each (dword l: group l of the block), and nibble i of a dword (bits 4 i .. 4 i + 3)
 // is input 2 (4 c + i % 4) + i / 4 of that group. Nibble i is multiplied in place, masked but not
@@ -567,17 +539,6 @@ extern "C" int codellama_gemv_int4_fused(const void* x, int64_t x_len, int x_bf1
   });
   free(xs), free(sums), free(row);
   return STATUS_OK;
-}
-
-// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
-// rows are packed as common.h describes (groups of G inputs). The statuses of
-// codellama_gemv_int4_fused.
-extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
-                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
-                                   int64_t G, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, packed, packed_len, N, NULL, 0);
-  return codellama_gemv_int4_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, G, threads);
 }
 
 // The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,

@@ -88,15 +88,6 @@ extern "C" int codellama_gemv_bf16_fused(const uint16_t* x, int64_t x_len, const
   return STATUS_OK;
 }
 
-// y[M, N] = x[M, K] @ w[N, K]^T, all bf16 and contiguous; x_len, w_len, y_len are the elements
-// each buffer holds. The statuses of codellama_gemv_bf16_fused.
-extern "C" int codellama_gemv_bf16(const uint16_t* x, int64_t x_len, const uint16_t* w, int64_t w_len,
-                                   uint16_t* y, int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, w, w_len, N, NULL, 0);
-  return codellama_gemv_bf16_fused(x, x_len, table, 1, y, y_len, M, K, threads);
-}
-
 // The same products on fp32 activations and weights: each output is one accumulator of 16 lanes
 // fed 16 weights at a time (the last K % 16 by a masked load of the same shape), then summed by
 // _mm512_reduce_add_ps, whatever M and R are. PF as in rows_block.
@@ -157,14 +148,6 @@ extern "C" int codellama_gemv_f32_fused(const float* x, int64_t x_len, const int
     default: gemv_f32<8, 3, 16384>(x, fw, y, K, threads); break;
   }
   return STATUS_OK;
-}
-
-// y[M, N] = x[M, K] @ w[N, K]^T, all fp32 and contiguous (the statuses of codellama_gemv_bf16_fused).
-extern "C" int codellama_gemv_f32(const float* x, int64_t x_len, const float* w, int64_t w_len, float* y,
-                                  int64_t y_len, int64_t M, int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, w, w_len, N, NULL, 0);
-  return codellama_gemv_f32_fused(x, x_len, table, 1, y, y_len, M, K, threads);
 }
 
 // e^x for the softmax (x <= 0 after subtracting the row maximum): 2^n * 2^f with |f| <= 1/2,
@@ -503,17 +486,6 @@ extern "C" int codellama_gemv_int8_fused(const void* x, int64_t x_len, int x_bf1
   return STATUS_OK;
 }
 
-// y[M, N] = (x[M, K] @ (q[N, K] * scales[N, None])^T) in x's dtype (bf16 when x_bf16, else
-// fp32); q int8 as stored, scales bf16. Lengths are elements of each buffer. The statuses of
-// codellama_gemv_int8_fused.
-extern "C" int codellama_gemv_int8(const void* x, int64_t x_len, int x_bf16, const int8_t* q, int64_t q_len,
-                                   const uint16_t* scales, int64_t scales_len, void* y, int64_t y_len, int64_t M,
-                                   int64_t N, int64_t K, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, q, q_len, N, scales, scales_len);
-  return codellama_gemv_int8_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, threads);
-}
-
 // int4: the activations regrouped to match a block's chunks. For block b, step p (inputs 2p and
 // 2p + 1 of each group) and group l, words 2 l and 2 l + 1 of the 32-word vector (b, p) hold x at
 // inputs 2p and 2p + 1 of group 16 b + l (zero past the last group). fp32 activations are split
@@ -640,17 +612,6 @@ extern "C" int codellama_gemv_int4_fused(const void* x, int64_t x_len, int x_bf1
   else int4_gemv<true>(xa, fw, y, x_bf16, M, K, G, threads);
   free(xa.hi), free(xa.lo), free(xa.sums), free(row);
   return STATUS_OK;
-}
-
-// y[M, N] = x[M, K] @ W^T in x's dtype (bf16 when x_bf16, else fp32), W the int4 weight whose
-// rows are packed as common.h describes (groups of G inputs). The statuses of
-// codellama_gemv_int4_fused.
-extern "C" int codellama_gemv_int4(const void* x, int64_t x_len, int x_bf16, const uint8_t* packed,
-                                   int64_t packed_len, void* y, int64_t y_len, int64_t M, int64_t N, int64_t K,
-                                   int64_t G, int threads) {
-  int64_t table[FUSED_FIELDS];
-  one_weight(table, packed, packed_len, N, NULL, 0);
-  return codellama_gemv_int4_fused(x, x_len, x_bf16, table, 1, y, y_len, M, K, G, threads);
 }
 
 // The int4 weight [N, K] of rows packed for int4 GEMV, dequantized into out (bf16 when out_bf16,
