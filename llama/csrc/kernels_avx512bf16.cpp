@@ -100,7 +100,7 @@ static inline void rows_block_f32(const float* __restrict x, const float* __rest
   const float* wr = w + n * K;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    if (PF > 0 && k % 64 == 0)  // one prefetch per 64-byte line
+    if (PF > 0)  // 16 floats: one 64-byte line per step
       for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wr + r * K + k + PF), _MM_HINT_T1);
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wr + r * K + k);
