@@ -208,8 +208,9 @@ def _run(kernel: str, *args: object, unsupported: str) -> None:
         raise RuntimeError(f"{kernel} does not handle {unsupported}")
 
 
-# The matrix-vector kernels' entry point suffix per dtype of the activations, weights and output.
-_GEMV_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+# The entry point suffix of the matrix-vector and attention kernels per dtype of their operands
+# (activations or queries, weights or cache, output: all the same dtype).
+_KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // n_in
     out = torch.empty(rows, n_out, dtype=x.dtype)
     _run(
-        f"codellama_gemv_{_GEMV_DTYPES[x.dtype]}",
+        f"codellama_gemv_{_KERNEL_DTYPES[x.dtype]}",
         x.data_ptr(),
         _elements(x),
         weight.data_ptr(),
@@ -267,7 +268,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.shape[-1] == weight.shape[1]
         and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
         and weight.is_contiguous()
-        and x.dtype in _GEMV_DTYPES
+        and x.dtype in _KERNEL_DTYPES
         and _usable_on(x, weight, dtype=x.dtype)
     )
 
@@ -356,7 +357,7 @@ def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
     sizes = [w.shape[0] for w in weights]
     out = torch.empty(rows, sum(sizes), dtype=x.dtype)
     _run(
-        f"codellama_gemv_{_GEMV_DTYPES[x.dtype]}_fused",
+        f"codellama_gemv_{_KERNEL_DTYPES[x.dtype]}_fused",
         x.data_ptr(),
         _elements(x),
         _fused_table(weights, sizes),
@@ -711,10 +712,6 @@ def int4_dequantize(
 ATTENTION_HEAD_DIMS = (32, 64, 128)
 
 
-# The attention kernels' entry point suffix per dtype of the queries, cache and output.
-_ATTENTION_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
-
-
 def _attention_layout_ok(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """A head size the attention kernels are built for, each cached position's head contiguous,
     queries and cache both bf16 or both fp32 CPU tensors the kernels may read."""
@@ -722,7 +719,7 @@ def _attention_layout_ok(q: torch.Tensor, cache: torch.Tensor) -> bool:
         q.shape[-1] in ATTENTION_HEAD_DIMS
         and cache.stride(-1) == 1
         and cache.stride(-2) == q.shape[-1]
-        and q.dtype in _ATTENTION_DTYPES
+        and q.dtype in _KERNEL_DTYPES
         and _usable_on(q, cache, dtype=q.dtype)
     )
 
@@ -756,7 +753,7 @@ def _decode_attention(
         rows_ptr, rows_len = rows.data_ptr(), rows.numel()
     out = torch.empty_like(q)
     _run(
-        f"codellama_decode_attention_{_ATTENTION_DTYPES[q.dtype]}",
+        f"codellama_decode_attention_{_KERNEL_DTYPES[q.dtype]}",
         q.data_ptr(),
         _elements(q),
         cache_k.data_ptr(),
@@ -1005,7 +1002,7 @@ def prefill_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     _run(
-        f"codellama_prefill_attention_{_ATTENTION_DTYPES[q.dtype]}",
+        f"codellama_prefill_attention_{_KERNEL_DTYPES[q.dtype]}",
         q.data_ptr(),
         _elements(q),
         cache_k.data_ptr(),
