@@ -61,8 +61,10 @@ class AttentionInputs:
     - `rows`/`write_pos`/`kv_len`/`mask`/`lengths`: one new token per row of a contiguous range of
       cache rows, all rows in one batched attention call (`Transformer.forward`).
     - `row_index`/`write_pos`/`lengths`/`kv_len`: one new token for each of any cache rows
-      (`Transformer.forward_decode`); `host_lengths` (eager CPU only) lets each row attend over
-      exactly its own positions, so a row's result does not depend on the other rows.
+      (`Transformer.forward_decode`); `host_lengths` (eager only) lets each row attend over
+      exactly its own positions, in place, so a row's result does not depend on the other rows;
+      `row_range` (eager, where `DECODE_ATTENTION` says "range") marks rows that are consecutive
+      cache rows, attended in one masked call over a view of them.
     """
 
     cos: torch.Tensor  # rotary angles, fp32, broadcastable to [B, L, 1, head_dim // 2]
@@ -76,6 +78,16 @@ class AttentionInputs:
     row_index: Optional[torch.Tensor] = None  # [B] cache row of each batch row (int64)
     host_rows: Optional[List[int]] = None
     host_lengths: Optional[List[int]] = None
+    row_range: Optional[slice] = None
+
+
+# How an eager decode step attends where no attention kernel applies, per device type. "rows": each
+# batch row over exactly its own positions, one call per row (a row's result does not depend on
+# the other rows); "range": rows that are consecutive cache rows in one masked call over a view of
+# them (fewer launches on a GPU), other rows as "rows". Both read the cache in place: nothing
+# copies the rows' keys and values. Compiled steps share one masked call over the indexed rows.
+DECODE_ATTENTION = {"cpu": "rows"}
+DEFAULT_DECODE_ATTENTION = "range"  # GPUs and other devices
 
 
 @dataclass
@@ -330,7 +342,9 @@ class Attention(nn.Module):
         if cache.decode_kernel_applies(q):  # each row over its own positions, in place
             heads = q.view(bsz, self.n_local_heads, self.head_dim)
             return cache.decode_attention(heads, inputs.lengths, rows).view(bsz, 1, -1)
-        if inputs.host_lengths is not None:  # each row over exactly its own positions
+        if inputs.row_range is not None:  # consecutive cache rows: one masked call over a view
+            rows = inputs.row_range
+        elif inputs.host_lengths is not None:  # each row over exactly its own positions
             out = torch.empty_like(q)
             for b, (row, length) in enumerate(zip(inputs.host_rows, inputs.host_lengths)):
                 query = q[b].view(1, self.n_local_kv_heads, self.n_rep, self.head_dim)
@@ -585,9 +599,10 @@ class Transformer(nn.Module):
         """One new token for each of any cache rows (the decode step of a running batch).
 
         Token b is written at position `positions[b]` of cache row `rows[b]` and attends to that
-        row's positions 0..positions[b]. On the CPU (eager) each row attends over exactly its own
-        positions, so its logits are the same whatever other rows share the step; compiled or on
-        a GPU, the rows share one masked attention call.
+        row's positions 0..positions[b]. Eager, every row reads its cache row in place
+        (`DECODE_ATTENTION`), on the CPU over exactly its own positions, so its logits are the
+        same whatever other rows share the step. Compiled, the rows share one masked attention
+        call.
 
         Args:
             tokens, rows, positions: [B] int64 tensors on the model's device.
@@ -599,17 +614,19 @@ class Transformer(nn.Module):
             ValueError: if a row or position does not fit in the cache (checked when eager).
         """
         lengths = positions + 1
-        host_rows = host_lengths = None
+        host_rows = host_lengths = row_range = None
         kv_len = self.params.max_seq_len
         if not torch.compiler.is_compiling():
             host_rows, host_lengths = rows.tolist(), lengths.tolist()
             for row, length in zip(host_rows, host_lengths):
                 self._check_fits(range(row, row + 1), length - 1, length)
             kv_len = max(host_lengths)
-            if tokens.device.type != "cpu":
-                host_rows = host_lengths = None
+            plan = DECODE_ATTENTION.get(tokens.device.type, DEFAULT_DECODE_ATTENTION)
+            first = host_rows[0] if host_rows else 0
+            if plan == "range" and host_rows == list(range(first, first + len(host_rows))):
+                row_range = slice(first, first + len(host_rows))
         mask = None  # each row attends over exactly its own positions: no mask needed
-        if host_lengths is None:
+        if host_lengths is None or row_range is not None:
             keys = torch.arange(kv_len, device=tokens.device)
             mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
         inputs = AttentionInputs(
@@ -621,6 +638,7 @@ class Transformer(nn.Module):
             row_index=rows,
             host_rows=host_rows,
             host_lengths=host_lengths,
+            row_range=row_range,
         )
         h = self._layers(self.tok_embeddings(tokens[:, None]), inputs)
         return self.output(self.norm(h)).float()[:, 0]

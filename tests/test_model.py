@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llama import distributed
+from llama import model as model_module
 from llama.model import Attention, ModelArgs, Transformer, apply_rotary, rotary_angles
 from tests.tiny import random_state_dict
 
@@ -316,3 +317,44 @@ def test_rotating_bf16_heads_at_90000_matches_fp32():
     q_near, k_near = apply_rotary(q, near_cos, near_sin), apply_rotary(k, near_cos, near_sin)
     scores_near = torch.einsum("blhd,bmhd->bhlm", q_near.float(), k_near.float())
     torch.testing.assert_close(scores_far, scores_near, atol=0.5, rtol=0.02)
+
+
+@torch.inference_mode()
+def test_decode_reads_the_cache_rows_in_place_with_every_device_plan(gqa, monkeypatch):
+    """`DECODE_ATTENTION`'s plans ("rows": the CPU's, "range": the GPUs') both attend straight from
+    the cache (every attention call's keys and values are views of a layer's cache, never a
+    gathered copy) and give the same logits, for consecutive rows (one masked call in "range"),
+    rows of different lengths, and rows out of order (one call per row)."""
+    args, sd, _ = gqa
+    caches, calls = set(), []
+    real_attention = model_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *rest, **kwargs):
+        calls.append(k.untyped_storage().data_ptr() in caches and v.untyped_storage().data_ptr() in caches)
+        return real_attention(q, k, v, *rest, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    tokens = random_tokens(8, rows=4, seed=5)
+    steps = [([0, 1, 2, 3], [p] * 4) for p in range(3)]  # consecutive rows
+    steps += [([1], [3]), ([1, 2], [4, 3]), ([3, 0, 2], [3, 3, 4]), ([2, 3], [5, 4])]  # uneven, out of order
+
+    def decode(plan: str) -> list:
+        monkeypatch.setitem(model_module.DECODE_ATTENTION, "cpu", plan)
+        model = build_model(args, sd)
+        caches.clear()
+        for layer in model.layers:
+            cache = layer.attention.kv_cache
+            caches.update(
+                {cache.keys.untyped_storage().data_ptr(), cache.values.untyped_storage().data_ptr()}
+            )
+        outs = []
+        for rows, positions in steps:
+            rows_t, positions_t = torch.tensor(rows), torch.tensor(positions)
+            outs.append(model.forward_decode(tokens[rows_t, positions_t], rows_t, positions_t))
+        return outs
+
+    per_row = decode("rows")
+    ranged = decode("range")
+    assert calls and all(calls), "an attention call read a copy of the cache"
+    for a, b in zip(per_row, ranged):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
