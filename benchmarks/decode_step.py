@@ -15,6 +15,9 @@ context, free of the drift between processes.
 `--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
 off (one call per weight, torch's norm operations), alternating with the default in the same
 process: the before/after of those two changes, free of the drift between processes.
+`--placement` also times every weight kind with its weights left where torch allocated them
+(base pages) instead of placed on huge pages as loading places them (`llama.alignment`),
+alternating in the same way.
 
     python benchmarks/decode_step.py [--layers 22] [--weights bf16,int8,int4] [--threads 2]
 
@@ -38,7 +41,7 @@ import torch  # noqa: E402
 from dtype_speed import build  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llama import distributed, kernels, quantization  # noqa: E402
+from llama import alignment, distributed, kernels, quantization  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 
 # The kernel entry points of `llama.kernels` timed apart from the rest of a step, by group.
@@ -93,6 +96,18 @@ class KernelClock:
                 self.seconds[group] += time.perf_counter() - start
 
         return call
+
+
+@contextlib.contextmanager
+def huge_pages(enabled: bool):
+    """With `enabled` False, weights built meanwhile are not placed on huge pages."""
+    saved = alignment.huge_pages_available
+    if not enabled:
+        alignment.huge_pages_available = lambda: False
+    try:
+        yield
+    finally:
+        alignment.huge_pages_available = saved
 
 
 @contextlib.contextmanager
@@ -173,6 +188,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
     parser.add_argument("--separate", action="store_true", help="also time without fusing (see above)")
     parser.add_argument(
+        "--placement", action="store_true", help="also time with weights off huge pages (see above)"
+    )
+    parser.add_argument(
         "--contexts",
         default=None,
         help="comma-separated context lengths (e.g. 128,16384): bf16 decode steps after each, see above",
@@ -184,34 +202,41 @@ def main(argv: List[str] = None) -> None:
     if not set(kinds) <= {"bf16", "int8", "int4"}:
         parser.error("--weights takes bf16, int8 and int4")
     set_up(opts)
+    # (weight kind, setting): "default" as loading builds it, "separate" without fusing, "base
+    # pages" with the weights off huge pages.
+    runs = [(kind, "default") for kind in kinds]
+    runs += [(kind, "separate") for kind in kinds if opts.separate]
+    runs += [(kind, "base pages") for kind in kinds if opts.placement]
     models = {}
-    for kind in kinds:
-        model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
-        models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
+    for kind, setting in runs:
+        with huge_pages(setting != "base pages"):
+            model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
+            models[kind, setting] = model if kind == "bf16" else quantize_linears(model, kind)
     clock = KernelClock()
-    runs = [(kind, False) for kind in kinds] + ([(kind, True) for kind in kinds] if opts.separate else [])
     samples: Dict[tuple, List[Dict[str, float]]] = {run: [] for run in runs}
     with torch.inference_mode():
-        for kind, separate in runs:  # warm-up
-            with separate_calls(separate):
-                decode_steps(models[kind], opts.prompt, 2, clock)
+        for kind, setting in runs:  # warm-up
+            with separate_calls(setting == "separate"):
+                decode_steps(models[kind, setting], opts.prompt, 2, clock)
         clock.install()
         try:
-            for _ in range(opts.repeats):
-                for kind, separate in runs:
-                    with separate_calls(separate):
-                        samples[kind, separate] += decode_steps(models[kind], opts.prompt, opts.steps, clock)
+            for round_index in range(opts.repeats):
+                for kind, setting in runs if round_index % 2 == 0 else runs[::-1]:
+                    with separate_calls(setting == "separate"):
+                        samples[kind, setting] += decode_steps(
+                            models[kind, setting], opts.prompt, opts.steps, clock
+                        )
         finally:
             clock.uninstall()
         print("| weights | step ms | GEMV ms | attention+rotary ms | rest ms |")
         print("|---|---|---|---|---|")
-        for kind, separate in runs:
-            cells = median_ms(samples[kind, separate])
-            label = f"{kind} separate" if separate else kind
+        for kind, setting in runs:
+            cells = median_ms(samples[kind, setting])
+            label = kind if setting == "default" else f"{kind}, {setting}"
             print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
         if opts.profile:
             for kind in kinds:
-                print(f"\n{kind}:\n{profile_step(models[kind], opts.prompt)}")
+                print(f"\n{kind}:\n{profile_step(models[kind, 'default'], opts.prompt)}")
 
 
 def compare_contexts(opts: argparse.Namespace) -> None:

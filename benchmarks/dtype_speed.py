@@ -22,12 +22,13 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from llama import distributed, kernel_report, kernels  # noqa: E402
+from llama import alignment, distributed, kernel_report, kernels, layout  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 
 def build(layers: int, max_seq_len: int, dtype: torch.dtype) -> Transformer:
-    """TinyLlama geometry, `layers` layers, random weights in `dtype`, cache allocated."""
+    """TinyLlama geometry, `layers` layers, random weights in `dtype` (the linear layers' placed
+    as loading places them, `alignment.place_weight`), cache allocated."""
     args = ModelArgs(
         dim=2048,
         n_layers=layers,
@@ -45,7 +46,11 @@ def build(layers: int, max_seq_len: int, dtype: torch.dtype) -> Transformer:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, parameter.shape[-1] ** -0.5)
-    model.to(dtype).allocate_cache(dtype, "cpu")
+    model.to(dtype)
+    for name, parameter in model.named_parameters():
+        if layout.is_linear_weight(name):
+            parameter.data = alignment.place_weight(parameter.data)
+    model.allocate_cache(dtype, "cpu")
     return model.eval()
 
 

@@ -6,11 +6,25 @@ memory-mapped tensor starts wherever its file offset falls. Some of torch's weig
 assume more: `aten._weight_int8pack_mm` crashes on AVX-512 CPUs when its int8 weight does not
 start at a 16-byte boundary. 64 bytes covers every vector width up to AVX-512 and a cache line.
 `aligned` is applied once, when a quantized weight is built at load, never per call.
+
+Weights that every decode step streams (the linear layers' matrices) are placed once more at load
+(`place_weight`): on Linux CPUs with transparent huge pages, each in its own anonymous mapping
+advised for 2 MiB pages. A decode step reads every weight once, start to end; on 4 KiB pages
+that is a TLB miss every 4 KiB (one row of a 2048-wide bf16 matrix), on 2 MiB pages one every
+2 MiB. Measured on the TinyLlama geometry, batch 1, 2 threads (`benchmarks/decode_step.py
+--placement`): 7-8% faster decode steps for bf16, int8 and int4 weights alike.
 """
+
+import mmap
+import sys
+from pathlib import Path
 
 import torch
 
 ALIGNMENT = 64  # bytes
+HUGE_PAGE = 2 * 1024 * 1024  # bytes: the transparent huge page size of x86-64 and arm64 (4 KiB base)
+# Where Linux says whether transparent huge pages are on: "always", "madvise" or "never" (in brackets).
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def is_aligned(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> bool:
@@ -37,3 +51,54 @@ def aligned(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
         start = -raw.data_ptr() % alignment
         out = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
     return out.copy_(tensor)
+
+
+def huge_pages_available() -> bool:
+    """Whether weights can be placed on transparent huge pages here: Linux, with the setting
+    `always` or `madvise` in `THP_SETTING`, and Python's `mmap.MADV_HUGEPAGE`."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        setting = THP_SETTING.read_text()
+    except OSError:
+        return False
+    return "[always]" in setting or "[madvise]" in setting
+
+
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor `tensor` in its own anonymous memory mapping, starting
+    at a `HUGE_PAGE` boundary, with every whole huge page of it advised `MADV_HUGEPAGE` (the
+    kernel backs them with 2 MiB pages when it can). The tail past the last whole huge page
+    stays on base pages, so the copy takes no more memory than the tensor. The mapping lives as
+    long as the returned tensor (or a view of it).
+
+    Raises:
+        ValueError: if `tensor` is not on the CPU.
+        OSError: if the mapping cannot be made or advised.
+    """
+    if tensor.device.type != "cpu":
+        raise ValueError(f"on_huge_pages places CPU tensors; this one is on {tensor.device}")
+    nbytes = tensor.numel() * tensor.element_size()
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    whole = nbytes // HUGE_PAGE * HUGE_PAGE
+    if whole:
+        region.madvise(mmap.MADV_HUGEPAGE, start, whole)
+    out = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    return out.copy_(tensor)
+
+
+def place_weight(tensor: torch.Tensor) -> torch.Tensor:
+    """Where a weight read by every decode step should live (see the module docstring): for a CPU
+    tensor of at least one `HUGE_PAGE` where `huge_pages_available()`, a copy `on_huge_pages`;
+    otherwise `aligned(tensor)` (the tensor itself when already contiguous and aligned).
+
+    Returns:
+        a contiguous tensor with `tensor`'s values, dtype, shape and device, starting at a
+        multiple of `ALIGNMENT` bytes.
+    """
+    big = tensor.numel() * tensor.element_size() >= HUGE_PAGE
+    if tensor.device.type == "cpu" and big and huge_pages_available():
+        return on_huge_pages(tensor)
+    return aligned(tensor)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from llama import hf_format, layout, sharding
+from llama import alignment, hf_format, layout, sharding
 from llama.model import ModelArgs, Transformer
 
 # Keys some released checkpoints carry that are not parameters.
@@ -213,15 +213,28 @@ def _first_few(items: List[str], n: int = 5) -> str:
 def assign_weights(
     model: nn.Module, state_dict: Dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> None:
-    """Make the model's parameters the checkpoint's tensors, converted to `dtype` on `device`.
+    """Make the model's parameters the checkpoint's tensors, converted to `dtype` on `device`,
+    the linear layers' weights placed for streaming (`alignment.place_weight`).
 
-    A memory-mapped tensor that already has the right dtype and device is used as it is, so
-    the weights exist once in memory (backed by the page cache) and not twice.
+    The state dict is consumed: it must hold the checkpoint's memory-mapped tensors (as
+    `load_rank_state_dict` returns them) and not be used afterwards. A tensor that was copied
+    (converted, or placed on huge pages) has its pages dropped from resident memory as soon as
+    it is copied, so the weights are held once in memory during loading, not twice. A tensor
+    already in the right dtype, device and place is used as it is (backed by the page cache).
     """
     quiet = dist.is_initialized() and dist.get_rank() > 0
     # A bar on stderr only when loading takes over a second (real checkpoints, not tests).
     items = tqdm(state_dict.items(), desc="loading", unit="tensor", delay=1.0, file=sys.stderr, disable=quiet)
-    converted = {k: v.to(device=device, dtype=dtype) for k, v in items if k not in IGNORED_KEYS}
+    converted = {}
+    for key, stored in items:
+        if key in IGNORED_KEYS:
+            continue
+        tensor = stored.to(device=device, dtype=dtype)
+        if layout.is_linear_weight(key):
+            tensor = alignment.place_weight(tensor)
+        if tensor.data_ptr() != stored.data_ptr():  # copied: the pages as read are not used again
+            release_pages(stored)
+        converted[key] = tensor
     model.load_state_dict(converted, strict=True, assign=True)
     for param in model.parameters():
         param.requires_grad_(False)

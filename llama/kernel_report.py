@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from llama import int4_pack, kernel_build, kernels, kv_cache, quantization, quantized_backends
+from llama import alignment, int4_pack, kernel_build, kernels, kv_cache, quantization, quantized_backends
 
 # Instruction sets worth knowing for these kernels and torch's, as /proc/cpuinfo names them.
 INSTRUCTION_SETS = (
@@ -209,6 +209,7 @@ def report(prove_torch: bool = True) -> str:
         "torch's CPU int4 packing read back as: "
         + (layout.name if layout is not None else "unknown layout (codes read back through the kernel)")
     )
+    lines.append(f"weight placement: {weight_placement()}")
     lines.append("quantized-linear backends on this CPU:")
     lines += [f"  {line}" for line in quantized_backends.describe("cpu")]
     lines.append("quantized-linear backends on CUDA (the table; not run here):")
@@ -218,6 +219,20 @@ def report(prove_torch: bool = True) -> str:
     for operation, dtype, path in operation_paths():
         lines.append(f"  {operation:<{width}}  {dtype:<11}  {path}")
     return "\n".join(lines)
+
+
+def weight_placement() -> str:
+    """Where loading puts the linear layers' weights on the CPU (`alignment.place_weight`)."""
+    try:
+        setting = alignment.THP_SETTING.read_text().strip()
+    except OSError:
+        setting = "not reported by this system"
+    if alignment.huge_pages_available():
+        return (
+            f"weights of {alignment.HUGE_PAGE >> 20} MiB or more on transparent huge pages "
+            f"(madvise; system setting: {setting})"
+        )
+    return f"64-byte aligned, base pages (transparent huge pages unavailable; system setting: {setting})"
 
 
 def _cuda_table() -> List[str]:

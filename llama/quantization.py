@@ -178,8 +178,9 @@ class QuantizedWeight(nn.Module):
     (`llama.int4_pack.kernel_pack`); for torch's int4 kernels the codes are packed by torch's own
     converter for this device; both pad the rows to a multiple of 64 and keep only that form, so
     the memory stays at 4 bits a weight. Otherwise (int8 for every backend) the stored parts are
-    kept as they are. Every tensor kept is contiguous and
-    starts at a 64-byte boundary (`llama.alignment`), whatever its offset in the file.
+    kept. Every tensor kept is contiguous and starts at a 64-byte boundary, whatever its offset
+    in the file, and the large ones are on huge pages where the CPU's system has them
+    (`llama.alignment.place_weight`).
     """
 
     def __init__(
@@ -201,7 +202,7 @@ class QuantizedWeight(nn.Module):
         self.layout = int4_pack.cpu_layout() if torch_packed and device.type == "cpu" else None
         if self.kernel_packed:
             codes = int4_pack.kernel_pack(parts["weight"], parts["scales"], parts["zeros"], scheme.group_size)
-            self.register_buffer("codes", alignment.aligned(codes), persistent=False)
+            self.register_buffer("codes", alignment.place_weight(codes), persistent=False)
         elif self.packed:
             rows = int4_pack.padded_rows(self.out_features)
             values = F.pad(int4_pack.unpack_plain(parts["weight"]), (0, 0, 0, rows - self.out_features))
@@ -211,14 +212,14 @@ class QuantizedWeight(nn.Module):
             else:
                 codes = int4_pack.cuda_pack(values, device)
             pairs = int4_pack.scales_and_zeros(parts["scales"], parts["zeros"], rows).to(device)
-            self.register_buffer("codes", alignment.aligned(codes), persistent=False)
-            self.register_buffer("scales_and_zeros", alignment.aligned(pairs), persistent=False)
+            self.register_buffer("codes", alignment.place_weight(codes), persistent=False)
+            self.register_buffer("scales_and_zeros", alignment.place_weight(pairs), persistent=False)
         else:
             for name, part in (
                 ("codes", parts["weight"]),
                 *((k, parts[k]) for k in QUANTIZED_PARTS if k in parts),
             ):
-                self.register_buffer(name, alignment.aligned(part.to(device)), persistent=False)
+                self.register_buffer(name, alignment.place_weight(part.to(device)), persistent=False)
 
     @property
     def shape(self) -> torch.Size:

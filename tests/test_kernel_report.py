@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llama import kernel_build, kernel_report, kernels, quantization
+from llama import alignment, kernel_build, kernel_report, kernels, quantization
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,8 @@ def test_report_names_instruction_sets_proofs_variant_and_paths():
     for operation in ("bf16 matmul (oneDNN)", "aten._weight_int8pack_mm", "round trip"):
         assert any(operation in line and line.endswith(": ran") for line in out.splitlines()), operation
     assert "aten._weight_int4pack_mm at every row count" in out  # the CUDA table
+    placement = "on transparent huge pages" if alignment.huge_pages_available() else "base pages"
+    assert any(line.startswith("weight placement: ") and placement in line for line in out.splitlines())
 
 
 def test_report_follows_the_variant_override_and_the_off_switch():
