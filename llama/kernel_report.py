@@ -232,6 +232,8 @@ def weight_placement() -> str:
             f"weights of {alignment.HUGE_PAGE >> 20} MiB or more on transparent huge pages "
             f"(madvise; system setting: {setting})"
         )
+    if os.environ.get(alignment.HUGE_PAGES_SWITCH, "1") == "0":
+        return f"64-byte aligned, base pages ({alignment.HUGE_PAGES_SWITCH}=0; system setting: {setting})"
     return f"64-byte aligned, base pages (transparent huge pages unavailable; system setting: {setting})"
 
 

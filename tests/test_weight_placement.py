@@ -95,6 +95,18 @@ def test_huge_pages_available_reads_the_system_setting(tmp_path, monkeypatch, se
     assert alignment.huge_pages_available() is False
 
 
+def test_huge_pages_can_be_turned_off(tmp_path, monkeypatch):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    monkeypatch.setattr(alignment, "THP_SETTING", path)
+    monkeypatch.setenv("CODELLAMA_HUGE_PAGES", "0")
+    assert alignment.huge_pages_available() is False
+    large = torch.randn(3 * MiB // 4)
+    assert alignment.place_weight(large) is large
+    monkeypatch.setenv("CODELLAMA_HUGE_PAGES", "1")
+    assert alignment.huge_pages_available() is True
+
+
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory, tokenizer_path):
     """One layer of dim 2048: w1/w2/w3 of 44 MiB in fp32, 11 MiB in int8, 5.5 MiB in int4 (over a
