@@ -26,6 +26,7 @@ To compare two checkouts, run this script from each in turn (same arguments) sev
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -100,14 +101,18 @@ class KernelClock:
 
 @contextlib.contextmanager
 def huge_pages(enabled: bool):
-    """With `enabled` False, weights built meanwhile are not placed on huge pages."""
-    saved = alignment.huge_pages_available
+    """With `enabled` False, weights built meanwhile are not placed on huge pages (the
+    `CODELLAMA_HUGE_PAGES=0` switch of `llama.alignment`)."""
+    saved = os.environ.get(alignment.HUGE_PAGES_SWITCH)
     if not enabled:
-        alignment.huge_pages_available = lambda: False
+        os.environ[alignment.HUGE_PAGES_SWITCH] = "0"
     try:
         yield
     finally:
-        alignment.huge_pages_available = saved
+        if saved is None:
+            os.environ.pop(alignment.HUGE_PAGES_SWITCH, None)
+        else:
+            os.environ[alignment.HUGE_PAGES_SWITCH] = saved
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import mmap
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -57,19 +58,26 @@ def aligned(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
     return out.copy_(tensor)
 
 
-def huge_pages_available() -> bool:
-    """Whether weights are placed on transparent huge pages here: Linux, with the setting
-    `always` or `madvise` in `THP_SETTING`, Python's `mmap.MADV_HUGEPAGE`, and not turned off
-    with `CODELLAMA_HUGE_PAGES=0` (which saves the copy at load, see the README)."""
+def huge_pages_refusal() -> Optional[str]:
+    """None when weights are placed on transparent huge pages here (Linux, the setting `always`
+    or `madvise` in `THP_SETTING`, Python's `mmap.MADV_HUGEPAGE`, and not turned off with
+    `CODELLAMA_HUGE_PAGES=0`, which saves the copy at load); otherwise why not, in a few words."""
     if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0":
-        return False
+        return f"{HUGE_PAGES_SWITCH}=0"
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
+        return "no transparent huge pages on this system"
     try:
         setting = THP_SETTING.read_text()
     except OSError:
-        return False
-    return "[always]" in setting or "[madvise]" in setting
+        return "no transparent huge pages on this system"
+    if "[always]" in setting or "[madvise]" in setting:
+        return None
+    return "transparent huge pages are turned off (never)"
+
+
+def huge_pages_available() -> bool:
+    """Whether weights are placed on transparent huge pages here (see `huge_pages_refusal`)."""
+    return huge_pages_refusal() is None
 
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:

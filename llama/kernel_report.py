@@ -227,14 +227,13 @@ def weight_placement() -> str:
         setting = alignment.THP_SETTING.read_text().strip()
     except OSError:
         setting = "not reported by this system"
-    if alignment.huge_pages_available():
+    refusal = alignment.huge_pages_refusal()
+    if refusal is None:
         return (
             f"weights of {alignment.HUGE_PAGE >> 20} MiB or more on transparent huge pages "
             f"(madvise; system setting: {setting})"
         )
-    if os.environ.get(alignment.HUGE_PAGES_SWITCH, "1") == "0":
-        return f"64-byte aligned, base pages ({alignment.HUGE_PAGES_SWITCH}=0; system setting: {setting})"
-    return f"64-byte aligned, base pages (transparent huge pages unavailable; system setting: {setting})"
+    return f"64-byte aligned, base pages ({refusal}; system setting: {setting})"
 
 
 def _cuda_table() -> List[str]:

@@ -708,7 +708,7 @@ def int4_dequantize(
 
 
 # Head sizes the attention kernels (decode and prefill, 16-bit, fp32 and int8 caches) are built for
-# (Code Llama: 128; the demo model: 32).
+# (Code Llama: 128; the demo model: 32); `head_dim_supported` in llama/csrc/common.h says the same.
 ATTENTION_HEAD_DIMS = (32, 64, 128)
 
 

@@ -101,6 +101,7 @@ def test_huge_pages_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setattr(alignment, "THP_SETTING", path)
     monkeypatch.setenv("CODELLAMA_HUGE_PAGES", "0")
     assert alignment.huge_pages_available() is False
+    assert alignment.huge_pages_refusal() == "CODELLAMA_HUGE_PAGES=0"
     large = torch.randn(3 * MiB // 4)
     assert alignment.place_weight(large) is large
     monkeypatch.setenv("CODELLAMA_HUGE_PAGES", "1")

@@ -76,11 +76,14 @@ static inline int check_decode_attention_layout(int64_t q_len, int64_t kv_len, i
   return STATUS_OK;
 }
 
+// Head sizes the attention kernels are instantiated for (kernels.ATTENTION_HEAD_DIMS).
+static inline bool head_dim_supported(int64_t D) { return D == 32 || D == 64 || D == 128; }
+
 static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
                                          int64_t lens_len, const int64_t* rows, int64_t rows_len,
                                          int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
                                          int64_t max_len, int64_t row_stride, int64_t head_stride) {
-  if (D != 32 && D != 64 && D != 128) return STATUS_UNSUPPORTED;
+  if (!head_dim_supported(D)) return STATUS_UNSUPPORTED;
   return check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H,
                                        KVH, D, max_len, row_stride, head_stride);
 }
@@ -94,7 +97,7 @@ static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int
                                               int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
                                               int64_t head_stride, int64_t scale_row_stride,
                                               int64_t scale_head_stride) {
-  if (D != 32 && D != 64 && D != 128) return STATUS_UNSUPPORTED;
+  if (!head_dim_supported(D)) return STATUS_UNSUPPORTED;
   const int status = check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len,
                                                    cache_rows, B, H, KVH, D, max_len, row_stride, head_stride);
   if (status != STATUS_OK) return status;
@@ -107,7 +110,7 @@ static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int
 static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t out_len, int64_t start,
                                           int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
                                           int64_t head_stride) {
-  if ((D != 32 && D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+  if (!head_dim_supported(D) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
   if (start < 0 || len < 0 || head_stride < 0 || checked_add(start, len) > max_len) return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(len, H), D);
   if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
@@ -121,7 +124,7 @@ static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t
 static inline int check_prefill_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
                                                int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D,
                                                int64_t max_len, int64_t head_stride, int64_t scale_head_stride) {
-  if ((D != 32 && D != 64 && D != 128) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+  if (!head_dim_supported(D) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
   if (start < 0 || len < 0 || head_stride < 0 || scale_head_stride < 0 || checked_add(start, len) > max_len)
     return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(len, H), D);
