@@ -66,6 +66,7 @@ class Llama:
         quantize_group_size: Optional[int] = None,
         draft_ckpt_dir: Optional[str] = None,
         kv_cache_dtype: Optional[str] = None,
+        kv_cache_tokens: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint on this process's model-parallel rank and return a ready `Llama`.
 
@@ -100,6 +101,14 @@ class Llama:
                 or "int8": int8 codes with one fp32 scale per token and kv head (`llama.kv_cache`),
                 about half the memory of a 16-bit cache, read in place by the decode-attention
                 kernel. The draft model's cache is stored the same way.
+            kv_cache_tokens: page the KV cache: a pool of this many positions (in blocks of
+                `kv_cache.KV_BLOCK_LEN`) shared by the `max_batch_size` rows, instead of
+                `max_batch_size x max_seq_len` positions. A request is admitted when the pool
+                can hold its prompt + max_tokens besides the running requests' (it waits
+                otherwise; one that could never fit is refused); memory then follows what the
+                live requests may use, e.g. `max_seq_len=100000` with 8 rows and a pool of
+                131072 positions. Not with `compile` (its decode step reads the table as it is).
+                The draft model's cache stays dense.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -108,6 +117,14 @@ class Llama:
         """
         started = time.perf_counter()
         kv_cache.check_kv_cache_dtype(kv_cache_dtype)
+        if kv_cache_tokens is not None:
+            if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
+            if compile:
+                raise ValueError(
+                    "kv_cache_tokens (a paged KV cache) does not work with compile=True yet: the compiled "
+                    "decode step cannot take blocks as rows grow; drop one of them"
+                )
         if not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -123,7 +140,7 @@ class Llama:
         tokenizer = Tokenizer(tokenizer_path)
         model = _load_model(
             ckpt_dir, params, tokenizer, max_seq_len, max_batch_size, (mp_rank, mp_size), model_dtype,
-            device, quantize, quantize_group_size, kv_cache_dtype,
+            device, quantize, quantize_group_size, kv_cache_dtype, kv_cache_tokens,
         )  # fmt: skip
         n_params = quantized_checkpoint.parameter_count(model) * mp_size
         size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
@@ -139,7 +156,8 @@ class Llama:
         print(
             f"Loaded {size}-parameter model from {ckpt_dir} (MP={mp_size}, "
             f"{str(model_dtype).removeprefix('torch.')}, {device}"
-            f"{', int8 KV cache' if kv_cache_dtype == 'int8' else ''}) in "
+            f"{', int8 KV cache' if kv_cache_dtype == 'int8' else ''}"
+            f"{_paged_summary(model)}) in "
             f"{time.perf_counter() - started:.2f} s"
         )
         return Llama(model, tokenizer, compile=compile, draft_model=draft)
@@ -212,14 +230,14 @@ class Llama:
         self.set_up_compile()
         if not distributed.is_first_model_parallel_rank():
             return self.engine.follow(until_result=True)  # rank 0 decides and sends the results
-        max_seq_len = self.model.params.max_seq_len
+        max_positions = self.engine.max_request_positions  # max_seq_len, or a smaller paged pool
         requests = []
         try:
             for prompt in prompt_tokens:
                 requests.append(
                     self.engine.submit(
                         prompt,
-                        max_tokens=min(max_gen_len, max_seq_len - len(prompt)),
+                        max_tokens=min(max_gen_len, max_positions - len(prompt)),
                         sampling=sampling,
                         default_stop=self.tokenizer.eos_id if stop_token is None else stop_token,
                         logprobs=0 if logprobs else None,
@@ -438,6 +456,12 @@ def _compiled(decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     return torch.compile(decode, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
 
+def _paged_summary(model: Transformer) -> str:
+    """The load summary's words on a paged cache (none for a dense one)."""
+    blocks = model.kv_blocks
+    return "" if blocks is None else f", paged KV cache of {blocks.blocks * blocks.block_len} positions"
+
+
 def _load_model(
     ckpt_dir: str,
     params: dict,
@@ -450,12 +474,15 @@ def _load_model(
     quantize: Optional[str],
     quantize_group_size: Optional[int],
     kv_cache_dtype: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
 ) -> Transformer:
     """This rank's slice of a checkpoint, with its KV cache allocated, after the memory check."""
     mp_rank, mp_size = mp
     args = _model_args(params, tokenizer, max_seq_len, max_batch_size, mp_size, ckpt_dir)
     group_size = quantize_group_size or memory_plan.DEFAULT_GROUP_SIZE
-    memory_plan.check_fits(args, mp_size, dtype, device, quantize, group_size, kv_cache_dtype)
+    memory_plan.check_fits(
+        args, mp_size, dtype, device, quantize, group_size, kv_cache_dtype, kv_cache_tokens
+    )
     if (
         quantize is None
         and quantize_group_size is None
@@ -471,7 +498,7 @@ def _load_model(
         model = quantized_checkpoint.load_model(
             source, params, args, mp_rank, mp_size, dtype, device, torch_ops=kernels.enabled()
         )
-    model.allocate_cache(dtype, device, kv_cache_dtype)
+    model.allocate_cache(dtype, device, kv_cache_dtype, kv_cache_tokens)
     model.eval()
     return model
 

@@ -53,24 +53,38 @@ _I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes
 ENTRY_POINTS = {
     "codellama_gemv_bf16": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_gemv_f32": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
-    "codellama_decode_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 8
-    + [_FLOAT, _INT],
-    "codellama_decode_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 8
-    + [_FLOAT, _INT],
-    "codellama_decode_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
-    + [_PTR, _I64, _PTR, _I64]
+    # The attention kernels take an optional block table (a pointer, then int64 sizes): common.h.
+    "codellama_decode_attention_bf16": [
+        _PTR,
+        _I64,
+        _PTR,
+        _PTR,
+        _I64,
+        _PTR,
+        _I64,
+        _PTR,
+        _I64,
+        _PTR,
+        _I64,
+        _PTR,
+    ]
     + [_I64] * 10
     + [_FLOAT, _INT],
-    "codellama_prefill_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 7
+    "codellama_decode_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR]
+    + [_I64] * 10
     + [_FLOAT, _INT],
-    "codellama_prefill_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 7
+    "codellama_decode_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
+    + [_PTR, _I64, _PTR, _I64, _PTR]
+    + [_I64] * 12
     + [_FLOAT, _INT],
-    "codellama_prefill_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64]
-    + [_I64] * 8
+    "codellama_prefill_attention_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR]
+    + [_I64] * 10
+    + [_FLOAT, _INT],
+    "codellama_prefill_attention_f32": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR]
+    + [_I64] * 10
+    + [_FLOAT, _INT],
+    "codellama_prefill_attention_int8": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR]
+    + [_I64] * 12
     + [_FLOAT, _INT],
     "codellama_rotary_bf16": [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_gemv_int8": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],

@@ -710,6 +710,9 @@ def int4_dequantize(
 # Head sizes the attention kernels (decode and prefill, 16-bit, fp32 and int8 caches) are built for
 # (Code Llama: 128; the demo model: 32); `head_dim_supported` in llama/csrc/common.h says the same.
 ATTENTION_HEAD_DIMS = (32, 64, 128)
+# Positions per key block of the attention kernels: a paged cache's blocks hold a multiple of it
+# (ATTENTION_KEY_BLOCK in llama/csrc/common.h).
+ATTENTION_KEY_BLOCK = 64
 
 
 def _attention_layout_ok(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -729,6 +732,45 @@ def _check_same_layout(cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
         raise ValueError("the key and value caches must have the same layout")
 
 
+def _check_int8_cache(
+    codes_k: torch.Tensor, codes_v: torch.Tensor, scales_k: torch.Tensor, scales_v: torch.Tensor
+) -> None:
+    _check_same_layout(codes_k, codes_v)
+    _check_same_layout(scales_k, scales_v)
+    if scales_k.dtype != torch.float32 or scales_k.shape != codes_k.shape[:-1] or scales_k.stride(-1) != 1:
+        raise ValueError(
+            f"the int8 cache needs fp32 scales {tuple(codes_k.shape[:-1])} with contiguous positions, "
+            f"got {scales_k.dtype} {tuple(scales_k.shape)}"
+        )
+
+
+def _block_table(
+    block_table: Optional[torch.Tensor], cache: torch.Tensor, dims: int
+) -> Tuple[Optional[torch.Tensor], int, int]:
+    """The block table argument of the attention kernels, `dims` dimensions ([rows, blocks per
+    row] for decode, one row's [blocks] for prefill): (the table as contiguous int64 or None, its
+    entries, blocks per row). `cache` is then the blocks [blocks, kv_heads, block_len, D]."""
+    if block_table is None:
+        return None, 0, 0
+    if block_table.dim() != dims or block_table.numel() == 0 or cache.dim() != 4:
+        raise ValueError(
+            f"a paged cache's blocks are [blocks, kv_heads, block_len, head_dim] and its block table "
+            f"{'[rows, blocks per row]' if dims == 2 else '[blocks]'}, got {tuple(cache.shape)} and "
+            f"{tuple(block_table.shape)}"
+        )
+    if cache.shape[-2] % ATTENTION_KEY_BLOCK:
+        raise ValueError(
+            f"blocks of a paged cache hold a multiple of {ATTENTION_KEY_BLOCK} positions, "
+            f"not {cache.shape[-2]}"
+        )
+    table = block_table.to(torch.int64).contiguous()
+    return table, table.numel(), table.shape[-1]
+
+
+def _pointer(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
 def attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `decode_attention(q, cache, ...)` would take the hand-written kernel."""
     return _attention_layout_ok(q, cache)
@@ -740,12 +782,13 @@ def _decode_attention(
     cache_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     _check_same_layout(cache_k, cache_v)
-    cache_rows = cache_k.shape[0]
+    table, table_len, blocks_per_row = _block_table(block_table, cache_k, 2)
     if rows is None:
         rows_ptr, rows_len = None, 0
     else:
@@ -765,7 +808,10 @@ def _decode_attention(
         lengths.numel(),
         rows_ptr,
         rows_len,
-        cache_rows,
+        _pointer(table),
+        table_len,
+        blocks_per_row,
+        cache_k.shape[0],
         batch,
         heads,
         cache_k.shape[1],
@@ -786,8 +832,9 @@ def _decode_attention_op(
     cache_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _decode_attention(q, cache_k, cache_v, lengths, rows)
+    return _decode_attention(q, cache_k, cache_v, lengths, rows, block_table)
 
 
 @_decode_attention_op.register_fake
@@ -797,6 +844,7 @@ def _(
     cache_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return torch.empty_like(q)
 
@@ -807,16 +855,21 @@ def decode_attention(
     cache_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of one new token per row over that row's cached keys and values, read in place.
 
     Args:
         q: queries [B, heads, head_dim], bf16 or fp32.
         cache_k, cache_v: caches [R, kv_heads, max_seq_len, head_dim], q's dtype (the query heads
-            sharing a kv head are consecutive: head h reads kv head h // (heads / kv_heads)).
+            sharing a kv head are consecutive: head h reads kv head h // (heads / kv_heads)); with
+            `block_table`, the blocks of a paged cache [blocks, kv_heads, block_len, head_dim].
         lengths: [B] number of cached positions each row attends to (its new token included).
         rows: [B] the cache row (0 .. R-1) each batch row reads; None reads rows 0 .. B-1.
             The rows are read where they are: nothing is gathered or copied.
+        block_table: [R, blocks per row] int64 for a paged cache: position s of cache row r is
+            position s % block_len of block block_table[r, s // block_len] (block_len a multiple
+            of `ATTENTION_KEY_BLOCK`); the entries of the positions read must name blocks.
 
     Returns:
         [B, heads, head_dim] in q's dtype: softmax(q k^T / sqrt(head_dim)) v over the first
@@ -824,11 +877,12 @@ def decode_attention(
 
     Raises:
         RuntimeError: if the kernel does not apply (check `attention_applies` first).
-        ValueError: if a length is outside 1 .. max_seq_len or a row outside the cache.
+        ValueError: if a length is outside 1 .. the row's positions, a row outside the cache or a
+            block table entry read outside the blocks.
     """
     if torch.compiler.is_compiling():
-        return _decode_attention_op(q, cache_k, cache_v, lengths, rows)
-    return _decode_attention(q, cache_k, cache_v, lengths, rows)
+        return _decode_attention_op(q, cache_k, cache_v, lengths, rows, block_table)
+    return _decode_attention(q, cache_k, cache_v, lengths, rows, block_table)
 
 
 def int8_attention_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -853,17 +907,13 @@ def _decode_attention_int8(
     scales_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     q = q.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    _check_same_layout(codes_k, codes_v)
-    _check_same_layout(scales_k, scales_v)
-    if scales_k.dtype != torch.float32 or scales_k.shape != codes_k.shape[:-1] or scales_k.stride(-1) != 1:
-        raise ValueError(
-            f"the int8 cache needs fp32 scales {tuple(codes_k.shape[:-1])} with contiguous positions, "
-            f"got {scales_k.dtype} {tuple(scales_k.shape)}"
-        )
+    _check_int8_cache(codes_k, codes_v, scales_k, scales_v)
+    table, table_len, blocks_per_row = _block_table(block_table, codes_k, 2)
     if rows is None:
         rows_ptr, rows_len = None, 0
     else:
@@ -886,6 +936,9 @@ def _decode_attention_int8(
         lengths.numel(),
         rows_ptr,
         rows_len,
+        _pointer(table),
+        table_len,
+        blocks_per_row,
         codes_k.shape[0],
         batch,
         heads,
@@ -911,8 +964,9 @@ def _decode_attention_int8_op(
     scales_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
+    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows, block_table)
 
 
 @_decode_attention_int8_op.register_fake
@@ -924,6 +978,7 @@ def _(
     scales_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return torch.empty_like(q)
 
@@ -936,15 +991,17 @@ def decode_attention_int8(
     scales_v: torch.Tensor,
     lengths: torch.Tensor,
     rows: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`decode_attention` over an int8 cache (`llama.kv_cache.Int8KVCache`), read in place.
 
     Args:
         q: queries [B, heads, head_dim], bf16.
-        codes_k, codes_v: int8 codes [R, kv_heads, max_seq_len, head_dim].
-        scales_k, scales_v: fp32 scales [R, kv_heads, max_seq_len]: key (value) element d of
-            position s is codes[..., s, d] * scales[..., s].
-        lengths, rows: as for `decode_attention`.
+        codes_k, codes_v: int8 codes [R, kv_heads, max_seq_len, head_dim] (with `block_table`: the
+            blocks [blocks, kv_heads, block_len, head_dim]).
+        scales_k, scales_v: fp32 scales [R, kv_heads, max_seq_len] (blocks: [blocks, kv_heads,
+            block_len]): key (value) element d of position s is codes[..., s, d] * scales[..., s].
+        lengths, rows, block_table: as for `decode_attention`.
 
     Returns:
         [B, heads, head_dim] bf16: softmax(q k^T / sqrt(head_dim)) v over the dequantized keys and
@@ -958,8 +1015,8 @@ def decode_attention_int8(
             scales do not fit the codes.
     """
     if torch.compiler.is_compiling():
-        return _decode_attention_int8_op(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
-    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows)
+        return _decode_attention_int8_op(q, codes_k, codes_v, scales_k, scales_v, lengths, rows, block_table)
+    return _decode_attention_int8(q, codes_k, codes_v, scales_k, scales_v, lengths, rows, block_table)
 
 
 def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -975,7 +1032,11 @@ def prefill_attention_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def prefill_attention(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of a chunk of one sequence over its cache row.
 
@@ -983,8 +1044,11 @@ def prefill_attention(
         q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16 or
             fp32.
         cache_k, cache_v: the sequence's cache row [kv_heads, max_seq_len, head_dim], q's dtype, filled
-            up to position start + L - 1 (head h reads kv head h // (heads / kv_heads)).
+            up to position start + L - 1 (head h reads kv head h // (heads / kv_heads)); with
+            `block_table`, the blocks of a paged cache [blocks, kv_heads, block_len, head_dim].
         start: position of the first query.
+        block_table: [blocks per row] int64, the row's blocks in a paged cache: position s is
+            position s % block_len of block block_table[s // block_len].
 
     Returns:
         [L, heads, head_dim] in q's dtype: for the token at position p, softmax(q k^T / sqrt(head_dim)) v
@@ -997,8 +1061,7 @@ def prefill_attention(
     """
     length, heads, head_dim = q.shape
     _check_same_layout(cache_k, cache_v)
-    if start + length > cache_k.shape[1]:
-        raise ValueError(f"positions up to {start + length} do not fit a cache of {cache_k.shape[1]}")
+    table, blocks = _check_prefill_fits(cache_k, start + length, block_table)
     q = q.contiguous()
     out = torch.empty_like(q)
     _run(
@@ -1010,17 +1073,33 @@ def prefill_attention(
         min(_elements(cache_k), _elements(cache_v)),
         out.data_ptr(),
         _elements(out),
+        _pointer(table),
+        0 if table is None else table.numel(),
+        blocks,
+        cache_k.stride(0) if table is not None else 0,
         start,
         length,
         heads,
-        cache_k.shape[0],
+        cache_k.shape[-3],
         head_dim,
-        cache_k.shape[1],
-        cache_k.stride(0),
+        cache_k.shape[-2],
+        cache_k.stride(-3),
         head_dim**-0.5,
         unsupported=f"{heads} heads of size {head_dim}",
     )
     return out
+
+
+def _check_prefill_fits(
+    cache: torch.Tensor, end: int, block_table: Optional[torch.Tensor]
+) -> Tuple[Optional[torch.Tensor], int]:
+    """The row's block table for the prefill kernels (None for a cache row) and the blocks of the
+    cache (1 for a row); raises ValueError if positions up to `end` do not fit the row."""
+    table, entries, _ = _block_table(block_table, cache, 1)
+    positions = cache.shape[1] if table is None else entries * cache.shape[-2]
+    if end > positions:
+        raise ValueError(f"positions up to {end} do not fit a cache row of {positions}")
+    return table, 1 if table is None else cache.shape[0]
 
 
 def prefill_attention_int8_applies(q: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -1042,6 +1121,7 @@ def prefill_attention_int8(
     scales_k: torch.Tensor,
     scales_v: torch.Tensor,
     start: int,
+    block_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`prefill_attention` over one row of an int8 cache, read in place (keys and values are
     code x scale, dequantized to fp32 one block at a time inside the kernel).
@@ -1049,9 +1129,12 @@ def prefill_attention_int8(
     Args:
         q: queries [L, heads, head_dim] of the tokens at positions start .. start + L - 1, bf16.
         codes_k, codes_v: the row's codes [kv_heads, max_seq_len, head_dim], int8, filled up to
-            position start + L - 1.
-        scales_k, scales_v: their scales [kv_heads, max_seq_len], fp32, positions contiguous.
+            position start + L - 1 (with `block_table`: the blocks [blocks, kv_heads, block_len,
+            head_dim]).
+        scales_k, scales_v: their scales [kv_heads, max_seq_len] (blocks: [blocks, kv_heads,
+            block_len]), fp32, positions contiguous.
         start: position of the first query.
+        block_table: as for `prefill_attention`.
 
     Returns:
         [L, heads, head_dim] bf16, as `prefill_attention` on the dequantized cache.
@@ -1062,15 +1145,8 @@ def prefill_attention_int8(
         MemoryError: if its scratch space cannot be allocated.
     """
     length, heads, head_dim = q.shape
-    _check_same_layout(codes_k, codes_v)
-    _check_same_layout(scales_k, scales_v)
-    if scales_k.dtype != torch.float32 or scales_k.shape != codes_k.shape[:-1] or scales_k.stride(-1) != 1:
-        raise ValueError(
-            f"the int8 cache needs fp32 scales {tuple(codes_k.shape[:-1])} with contiguous positions, "
-            f"got {scales_k.dtype} {tuple(scales_k.shape)}"
-        )
-    if start + length > codes_k.shape[1]:
-        raise ValueError(f"positions up to {start + length} do not fit a cache of {codes_k.shape[1]}")
+    _check_int8_cache(codes_k, codes_v, scales_k, scales_v)
+    table, blocks = _check_prefill_fits(codes_k, start + length, block_table)
     q = q.contiguous()
     out = torch.empty_like(q)
     _run(
@@ -1085,14 +1161,19 @@ def prefill_attention_int8(
         min(_elements(scales_k), _elements(scales_v)),
         out.data_ptr(),
         _elements(out),
+        _pointer(table),
+        0 if table is None else table.numel(),
+        blocks,
+        codes_k.stride(0) if table is not None else 0,
         start,
         length,
         heads,
-        codes_k.shape[0],
+        codes_k.shape[-3],
         head_dim,
-        codes_k.shape[1],
-        codes_k.stride(0),
-        scales_k.stride(0),
+        codes_k.shape[-2],
+        codes_k.stride(-3),
+        scales_k.stride(0) if table is not None else 0,
+        scales_k.stride(-2),
         head_dim**-0.5,
         unsupported=f"{heads} heads of size {head_dim}",
     )

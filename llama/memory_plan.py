@@ -11,8 +11,9 @@ One arithmetic for `codellama plan` and for the refusal in `Llama.build` before 
   take 2 bytes (bf16). Embeddings
   and norms stay in the model dtype.
 - **KV cache**: keys and values of every layer for `max_batch_size` rows of `max_seq_len` positions
-  (the rank's share of the kv heads), in the model dtype, or with `kv_cache_dtype="int8"` as int8
-  codes plus one fp32 scale per position and kv head (`llama.kv_cache.bytes_per_position`).
+  (the rank's share of the kv heads), or for the `kv_cache_tokens` positions of a paged cache, in
+  the model dtype, or with `kv_cache_dtype="int8"` as int8 codes plus one fp32 scale per position
+  and kv head (`llama.kv_cache.bytes_per_position`).
 - **activations**: the largest buffers alive during one prefill step, whose tokens number at most
   the engine's `prefill_chunk` (and `max_seq_len`): the residual stream and layer output
   (2 x tokens x dim) plus the larger of the feed-forward intermediates (w1 x, w3 x and their product:
@@ -78,6 +79,7 @@ class Settings:
     max_batch_size: int = 1
     prefill_chunk: int = PREFILL_CHUNK
     kv_cache_dtype: Optional[str] = None  # None: the model dtype; "int8"
+    kv_cache_tokens: Optional[int] = None  # a paged cache's pool (None: every row holds max_seq_len)
 
     def describe(self) -> str:
         """The settings as the command-line flags that select them."""
@@ -89,6 +91,8 @@ class Settings:
         if self.kv_cache_dtype is not None:
             flags.append(f"--kv_cache_dtype {self.kv_cache_dtype}")
         flags += [f"--max_seq_len {self.max_seq_len}", f"--max_batch_size {self.max_batch_size}"]
+        if self.kv_cache_tokens is not None:
+            flags.append(f"--kv_cache_tokens {self.kv_cache_tokens}")
         return " ".join(flags)
 
 
@@ -185,14 +189,22 @@ def weight_bytes(settings: Settings) -> int:
     return args.n_layers * per_layer + embeddings + output + args.dim * size
 
 
+def kv_cache_positions(settings: Settings) -> int:
+    """Positions one rank's KV cache holds: max_batch_size x max_seq_len, or a paged cache's pool
+    (`kv_cache_tokens` rounded up to whole blocks)."""
+    if settings.kv_cache_tokens is None:
+        return settings.max_batch_size * settings.max_seq_len
+    return -(-settings.kv_cache_tokens // kv_cache.KV_BLOCK_LEN) * kv_cache.KV_BLOCK_LEN
+
+
 def kv_cache_bytes(settings: Settings) -> int:
     """Bytes of one rank's KV cache (keys and values of every layer; int8 codes and their scales
-    with `kv_cache_dtype="int8"`).
+    with `kv_cache_dtype="int8"`), for `kv_cache_positions` positions.
 
     Raises:
         ValueError: for an unknown `kv_cache_dtype`.
     """
-    return kv_cache_bytes_per_token(settings) * settings.max_batch_size * settings.max_seq_len
+    return kv_cache_bytes_per_token(settings) * kv_cache_positions(settings)
 
 
 def kv_cache_bytes_per_token(settings: Settings) -> int:
@@ -344,6 +356,7 @@ def check_fits(
     quantization: Optional[str] = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     kv_cache_dtype: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
 ) -> None:
     """Refuse, before loading, settings whose weights, KV cache and buffers do not fit `device`.
 
@@ -367,15 +380,21 @@ def check_fits(
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
         kv_cache_dtype=kv_cache_dtype,
+        kv_cache_tokens=kv_cache_tokens,
     )
     need = rank_bytes(settings, check=False)  # loading names a tensor that cannot be split
     ranks_here = distributed.local_world_size() if device.type == "cpu" else 1
     if need.total * ranks_here > available:
         sharing = f" shared by {ranks_here} ranks" if ranks_here > 1 else ""
+        sized = (
+            f"max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len}"
+            if kv_cache_tokens is None
+            else f"kv_cache_tokens={kv_cache_tokens}"
+        )
         raise ValueError(
             f"one rank needs {need.total / GIB:.1f} GiB on {device} (weights {need.weights / GIB:.1f}, "
-            f"KV cache {need.kv_cache / GIB:.1f} GiB for max_batch_size={args.max_batch_size} x "
-            f"max_seq_len={args.max_seq_len}, activations {need.activations / GIB:.1f}, logits "
+            f"KV cache {need.kv_cache / GIB:.1f} GiB for {sized}, activations "
+            f"{need.activations / GIB:.1f}, logits "
             f"{need.logits / GIB:.1f}) but only {available / GIB:.1f} GiB is free{sharing}: lower "
             "max_seq_len or max_batch_size, quantize, store the KV cache in int8 (kv_cache_dtype), or "
             "use more model-parallel ranks "

@@ -273,16 +273,17 @@ class Attention(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         kv_cache_dtype: Optional[str] = None,
+        blocks: Optional[kv_cache.BlockTable] = None,
     ) -> None:
         """(Re)allocate this layer's KV cache (`llama.kv_cache`), zeroed: reads in `dtype`, stored
-        as `kv_cache_dtype` (None: in `dtype`; "int8").
+        as `kv_cache_dtype` (None: in `dtype`; "int8"), in the blocks of `blocks` when given.
 
         Raises:
             ValueError: for an unknown `kv_cache_dtype`.
         """
         # Layout [batch, kv_heads, seq, head_dim]: what scaled_dot_product_attention reads.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.kv_cache = kv_cache.allocate(kv_cache_dtype, shape, dtype, device)
+        self.kv_cache = kv_cache.allocate(kv_cache_dtype, shape, dtype, device, blocks)
 
     @property
     def cache_k(self) -> Optional[torch.Tensor]:
@@ -428,27 +429,47 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
+        self.kv_blocks: Optional[kv_cache.BlockTable] = None  # a paged cache's block table
         if torch.empty(0).device.type != "meta":
             self.allocate_cache(torch.get_default_dtype(), torch.empty(0).device)
 
     def allocate_cache(
-        self, dtype: torch.dtype, device: Union[str, torch.device], kv_cache_dtype: Optional[str] = None
+        self,
+        dtype: torch.dtype,
+        device: Union[str, torch.device],
+        kv_cache_dtype: Optional[str] = None,
+        kv_cache_tokens: Optional[int] = None,
     ) -> None:
         """(Re)allocate every layer's KV cache, zeroed, on `device`: read in `dtype`, stored in
         `dtype` (kv_cache_dtype None) or as int8 codes and scales ("int8", `llama.kv_cache`).
+        With `kv_cache_tokens`, the cache is paged: a pool of that many positions (in blocks of
+        `kv_cache.KV_BLOCK_LEN`) shared by the rows through `kv_blocks`, instead of
+        max_batch_size x max_seq_len positions.
 
         Raises:
-            ValueError: for an unknown `kv_cache_dtype`.
+            ValueError: for an unknown `kv_cache_dtype` or a `kv_cache_tokens` below 1.
         """
         kv_cache.check_kv_cache_dtype(kv_cache_dtype)
+        device = torch.device(device)
+        rows, max_seq_len = self.params.max_batch_size, self.params.max_seq_len
+        self.kv_blocks = None
+        if kv_cache_tokens is not None:
+            self.kv_blocks = kv_cache.BlockTable(rows, max_seq_len, kv_cache_tokens, device)
         for layer in self.layers:
-            layer.attention.allocate_cache(
-                self.params.max_batch_size,
-                self.params.max_seq_len,
-                dtype,
-                torch.device(device),
-                kv_cache_dtype,
-            )
+            layer.attention.allocate_cache(rows, max_seq_len, dtype, device, kv_cache_dtype, self.kv_blocks)
+
+    def _fit_blocks(self, row: int, end: int, shrink: bool) -> None:
+        """A paged cache's row `row` holds the blocks of positions < end (`BlockTable.fit`)."""
+        if self.kv_blocks is not None:
+            self.kv_blocks.fit(row, end, shrink)
+
+    def trim_cache_rows(self, kept: Sequence[Tuple[int, int]]) -> None:
+        """For each (row, positions) of `kept`, a paged cache's row keeps the blocks of its first
+        `positions` positions only and gives the others back (their positions are never read
+        again); a dense cache is left as it is."""
+        if self.kv_blocks is not None:
+            for row, positions in kept:
+                self.kv_blocks.fit(row, positions)
 
     def _check_fits(self, rows: range, first_pos: int, end_pos: int) -> None:
         max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size
@@ -479,6 +500,8 @@ class Transformer(nn.Module):
             if len(starts) != bsz:
                 raise ValueError(f"start_pos has {len(starts)} entries for a batch of {bsz} rows")
         self._check_fits(range(row_offset, row_offset + bsz), min(starts), max(starts) + seqlen)
+        for b, start in enumerate(starts):
+            self._fit_blocks(row_offset + b, start + seqlen, shrink=seqlen > 1)
         uniform = all(s == starts[0] for s in starts)
         if not uniform and seqlen != 1:
             raise ValueError("per-row start positions are supported for one token per row only")
@@ -583,6 +606,8 @@ class Transformer(nn.Module):
         """
         for seg in segments:
             self._check_fits(range(seg.row, seg.row + 1), seg.start, seg.start + seg.length)
+        for seg in segments:  # what a chunk writes ends its row: later positions are a previous sequence's
+            self._fit_blocks(seg.row, seg.start + seg.length, shrink=True)
         device = tokens.device
         positions = torch.cat(
             [torch.arange(seg.start, seg.start + seg.length, device=device) for seg in segments]
@@ -620,6 +645,8 @@ class Transformer(nn.Module):
             host_rows, host_lengths = rows.tolist(), lengths.tolist()
             for row, length in zip(host_rows, host_lengths):
                 self._check_fits(range(row, row + 1), length - 1, length)
+            for row, length in zip(host_rows, host_lengths):
+                self._fit_blocks(row, length, shrink=False)
             kv_len = max(host_lengths)
             plan = DECODE_ATTENTION.get(tokens.device.type, DEFAULT_DECODE_ATTENTION)
             first = host_rows[0] if host_rows else 0

@@ -61,6 +61,21 @@ def main(job_path: str) -> None:
         job["prompts"], max_gen_len=12, temperature=0.0, speculation=Speculation("lookup", num_tokens=3)
     )[0]
 
+    # A paged cache of one block for three rows: the requests run one at a time, each rank keeping
+    # the same block table from the plans rank 0 sends.
+    paged = Llama.build(
+        job["ckpt_dir"],
+        job["tokenizer"],
+        max_seq_len=64,
+        max_batch_size=3,
+        dtype="float32",
+        kv_cache_tokens=1,
+    )
+    result["paged_greedy"] = paged.generate(job["prompts"], max_gen_len=12, temperature=0.0)[0]
+    result["paged_free_blocks"] = paged.model.kv_blocks.free_blocks + sum(
+        paged.model.kv_blocks.held(row) for row in range(3)
+    )
+
     # compile=True compiles the decode step on every rank, not only on rank 0.
     compiled = Llama.build(
         job["ckpt_dir"], job["tokenizer"], max_seq_len=64, max_batch_size=3, dtype="float32", compile=True

@@ -643,7 +643,7 @@ def test_entry_points_refuse_buffers_shorter_than_the_sizes(variant):
         kernels._run(
             "codellama_prefill_attention_bf16",
             q.data_ptr(), q.numel(), cache.data_ptr(), cache.data_ptr(), cache.numel(),
-            q.data_ptr(), q.numel(), 6, 4, 2, 1, 64, 8, 8 * 64, 0.125, unsupported="",
+            q.data_ptr(), q.numel(), None, 0, 1, 0, 6, 4, 2, 1, 64, 8, 8 * 64, 0.125, unsupported="",
         )  # fmt: skip
     x = torch.zeros(3, 2, 64, dtype=torch.bfloat16)
     angles = torch.zeros(2, 32)

@@ -150,8 +150,8 @@ def test_only_rank_zero_prints(mp_run):
     assert "stdout of rank 0" in out
     assert "stdout of rank 1" not in out
     summaries = [line for line in mp_run["proc"].stdout.splitlines() if line.startswith("Loaded ")]
-    # Three builds (eager, with a draft, compiled), each summarised by rank 0 alone.
-    assert len(summaries) == 3 and all("MP=2" in line for line in summaries), mp_run["proc"].stdout
+    # Four builds (eager, with a draft, paged, compiled), each summarised by rank 0 alone.
+    assert len(summaries) == 4 and all("MP=2" in line for line in summaries), mp_run["proc"].stdout
 
 
 def test_heads_not_divisible_by_model_parallel_size(mp_run):
@@ -176,6 +176,12 @@ def test_compiled_mp2_runs_compiled_on_every_rank(mp_run):
     for rank in mp_run["ranks"]:
         assert rank["compiled_graphs"] > 0  # this rank traced and ran the compiled decode step
         assert rank["compiled_greedy"] == [tokens[:6] for tokens in rank["greedy"][0]]
+
+
+def test_mp2_paged_cache_gives_the_greedy_tokens_on_every_rank(mp_run, mp1):
+    for rank in mp_run["ranks"]:
+        assert rank["paged_greedy"] == mp1["greedy"][0]
+        assert rank["paged_free_blocks"] == 1  # the one block, held or free, never lost
 
 
 def test_mp2_speculation_with_a_draft_and_lookup_gives_the_greedy_tokens(mp_run):

@@ -73,6 +73,7 @@ def load_model(args: argparse.Namespace) -> Llama:
             dtype=args.dtype,
             draft_ckpt_dir=draft,
             kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+            kv_cache_tokens=getattr(args, "kv_cache_tokens", None),
         )
 
 

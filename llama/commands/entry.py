@@ -55,6 +55,15 @@ def _model_options() -> argparse.ArgumentParser:
         "memory of a 16-bit cache (default: the --dtype)",
     )
     group.add_argument(
+        "--kv_cache_tokens",
+        "--kv-cache-tokens",
+        type=int,
+        metavar="N",
+        help="page the KV cache: a pool of N positions shared by the rows (in blocks of "
+        f"{kv_cache.KV_BLOCK_LEN}), instead of max_batch_size x max_seq_len; requests wait for room "
+        "(default: no pool, every row holds max_seq_len)",
+    )
+    group.add_argument(
         "--draft",
         metavar="DIR",
         help="a smaller checkpoint with the same tokenizer that proposes tokens for the model to "

@@ -58,11 +58,12 @@ def submit(
     Raises:
         UsageError: if the prompt leaves no room to generate, or an option is out of range.
     """
-    room = generator.model.params.max_seq_len - len(prompt_tokens)
+    limit = generator.engine.max_request_positions  # --max_seq_len, or a smaller --kv_cache_tokens
+    room = limit - len(prompt_tokens)
     if room < 1:
         raise UsageError(
             f"the prompt is {len(prompt_tokens)} tokens long, which leaves no room to generate within "
-            f"--max_seq_len {generator.model.params.max_seq_len}: raise it or shorten the prompt"
+            f"{limit} positions (--max_seq_len, --kv_cache_tokens): raise them or shorten the prompt"
         )
     if args.max_gen_len < 1:
         raise UsageError(f"--max_gen_len must be at least 1, got {args.max_gen_len}")

@@ -69,6 +69,8 @@ def run_plan(args: argparse.Namespace) -> int:
     asked settings do not fit)."""
     if args.max_seq_len < 1 or args.max_batch_size < 1:
         raise UsageError("--max_seq_len and --max_batch_size must be positive integers")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise UsageError(f"--kv_cache_tokens must be a positive integer, got {args.kv_cache_tokens}")
     model_args, name, released_mp = _model_args(args.model, args.ckpt_dir)
     mp_size = args.model_parallel_size if args.model_parallel_size is not None else released_mp
     settings = memory_plan.Settings(
@@ -80,6 +82,7 @@ def run_plan(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         max_batch_size=args.max_batch_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_tokens=args.kv_cache_tokens,
     )
     need = memory_plan.rank_bytes(settings)
     devices = _devices(args)

@@ -53,87 +53,114 @@ static inline int64_t cache_extent(int64_t rows, int64_t kv_heads, int64_t max_l
                      checked_mul(max_len, D));
 }
 
-// Checks shared by the decode-attention entry points of every variant; STATUS_OK when the call
-// only reads and writes inside its buffers.
-// `rows` (may be NULL: batch row b reads cache row b) gives the cache row each batch row reads, in
-// place, out of `cache_rows` rows.
-static inline int check_decode_attention_layout(int64_t q_len, int64_t kv_len, int64_t out_len,
-                                                const int64_t* lens, int64_t lens_len, const int64_t* rows,
-                                                int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,
-                                                int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
-                                                int64_t head_stride) {
-  if (KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
-  if (B < 0 || lens_len < B || max_len < 1 || row_stride < 0 || head_stride < 0) return STATUS_BAD_SIZES;
-  if (rows ? rows_len < B : cache_rows < B) return STATUS_BAD_SIZES;
-  const int64_t qn = checked_mul(checked_mul(B, H), D);
-  if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
-  const int64_t extent = cache_extent(cache_rows, KVH, max_len, D, row_stride, head_stride);
-  if (extent < 0 || !fits(extent, kv_len)) return STATUS_BAD_SIZES;
-  for (int64_t b = 0; b < B; ++b) {
-    if (lens[b] < 1 || lens[b] > max_len) return STATUS_BAD_SIZES;
-    if (rows && (rows[b] < 0 || rows[b] >= cache_rows)) return STATUS_BAD_SIZES;
-  }
-  return STATUS_OK;
-}
+// Positions per block of the attention tiles (tiled_attention.h's kKeyBlock): a paged cache's
+// blocks hold a whole number of them.
+#define ATTENTION_KEY_BLOCK 64
 
 // Head sizes the attention kernels are instantiated for (kernels.ATTENTION_HEAD_DIMS).
 static inline bool head_dim_supported(int64_t D) { return D == 32 || D == 64 || D == 128; }
 
-static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
-                                         int64_t lens_len, const int64_t* rows, int64_t rows_len,
-                                         int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                                         int64_t max_len, int64_t row_stride, int64_t head_stride) {
-  if (!head_dim_supported(D)) return STATUS_UNSUPPORTED;
-  return check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H,
-                                       KVH, D, max_len, row_stride, head_stride);
-}
-
-// The int8 cache: codes laid out as the bf16 cache (kv_len elements from each of k and v) and
-// one fp32 scale per (row, kv head, position) at row * scale_row_stride + head * scale_head_stride
-// + position (scales_len elements from each of the key and value scales).
-static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
-                                              const int64_t* lens, int64_t lens_len, const int64_t* rows,
-                                              int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,
-                                              int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
-                                              int64_t head_stride, int64_t scale_row_stride,
-                                              int64_t scale_head_stride) {
-  if (!head_dim_supported(D)) return STATUS_UNSUPPORTED;
-  const int status = check_decode_attention_layout(q_len, kv_len, out_len, lens, lens_len, rows, rows_len,
-                                                   cache_rows, B, H, KVH, D, max_len, row_stride, head_stride);
-  if (status != STATUS_OK) return status;
-  if (scale_row_stride < 0 || scale_head_stride < 0) return STATUS_BAD_SIZES;
-  const int64_t extent = cache_extent(cache_rows, KVH, max_len, 1, scale_row_stride, scale_head_stride);
-  if (extent < 0 || !fits(extent, scales_len)) return STATUS_BAD_SIZES;
+// The attention caches: `blocks` blocks of `block_len` positions; element (g, s, d) of block i (kv
+// head g, position s) sits at i * block_stride + g * head_stride + s * D + d, kv_len elements
+// from k and from v (a dense cache: one block per cache row). A block table (may be NULL) maps
+// the positions of a cache row to blocks: position s of row r is position s % block_len of block
+// table[r * blocks_per_row + s / block_len]. The table entries a call reads (those of the
+// positions it attends to) must name one of the blocks; block_len is then a multiple of
+// ATTENTION_KEY_BLOCK.
+static inline int check_table_row(const int64_t* entries, int64_t length, int64_t block_len, int64_t blocks) {
+  for (int64_t i = 0; i * block_len < length; ++i)
+    if (entries[i] < 0 || entries[i] >= blocks) return STATUS_BAD_SIZES;
   return STATUS_OK;
 }
 
-static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t out_len, int64_t start,
+static inline int check_cache_blocks(int64_t kv_len, int64_t blocks, int64_t KVH, int64_t block_len, int64_t D,
+                                     int64_t block_stride, int64_t head_stride) {
+  if (blocks < 1 || block_len < 1 || block_stride < 0 || head_stride < 0) return STATUS_BAD_SIZES;
+  const int64_t extent = cache_extent(blocks, KVH, block_len, D, block_stride, head_stride);
+  return extent < 0 || !fits(extent, kv_len) ? STATUS_BAD_SIZES : STATUS_OK;
+}
+
+// Checks shared by the decode-attention entry points of every variant; STATUS_OK when the call
+// only reads and writes inside its buffers.
+// `rows` (may be NULL: batch row b reads cache row b) gives the cache row each batch row reads, in
+// place: a block without a table (`blocks` rows), a row of the table with one.
+static inline int check_decode_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* lens,
+                                         int64_t lens_len, const int64_t* rows, int64_t rows_len,
+                                         const int64_t* table, int64_t table_len, int64_t blocks_per_row,
+                                         int64_t blocks, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                                         int64_t block_len, int64_t block_stride, int64_t head_stride) {
+  if (!head_dim_supported(D) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
+  if (B < 0 || lens_len < B) return STATUS_BAD_SIZES;
+  if (check_cache_blocks(kv_len, blocks, KVH, block_len, D, block_stride, head_stride) != STATUS_OK)
+    return STATUS_BAD_SIZES;
+  if (table && (blocks_per_row < 1 || table_len < 0 || block_len % ATTENTION_KEY_BLOCK != 0))
+    return STATUS_BAD_SIZES;
+  const int64_t cache_rows = table ? table_len / blocks_per_row : blocks;
+  const int64_t row_len = table ? checked_mul(blocks_per_row, block_len) : block_len;
+  if (row_len < 0 || (rows ? rows_len < B : cache_rows < B)) return STATUS_BAD_SIZES;
+  const int64_t qn = checked_mul(checked_mul(B, H), D);
+  if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = rows ? rows[b] : b;
+    if (lens[b] < 1 || lens[b] > row_len || row < 0 || row >= cache_rows) return STATUS_BAD_SIZES;
+    if (table && check_table_row(table + row * blocks_per_row, lens[b], block_len, blocks) != STATUS_OK)
+      return STATUS_BAD_SIZES;
+  }
+  return STATUS_OK;
+}
+
+// The int8 cache: codes laid out as the bf16 cache and one fp32 scale per (block, kv head,
+// position) at block * scale_block_stride + head * scale_head_stride + position (scales_len
+// elements from each of the key and value scales).
+static inline int check_decode_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
+                                              const int64_t* lens, int64_t lens_len, const int64_t* rows,
+                                              int64_t rows_len, const int64_t* table, int64_t table_len,
+                                              int64_t blocks_per_row, int64_t blocks, int64_t B, int64_t H,
+                                              int64_t KVH, int64_t D, int64_t block_len, int64_t block_stride,
+                                              int64_t head_stride, int64_t scale_block_stride,
+                                              int64_t scale_head_stride) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, table, table_len,
+                                            blocks_per_row, blocks, B, H, KVH, D, block_len, block_stride,
+                                            head_stride);
+  if (status != STATUS_OK) return status;
+  return check_cache_blocks(scales_len, blocks, KVH, block_len, 1, scale_block_stride, scale_head_stride);
+}
+
+// Prefill of one cache row: without a table, k/v are the row (one block of max_len positions; blocks
+// and block_stride unused); with one, k/v are the blocks (of max_len positions) and the row's
+// positions are those of its table, table_len entries.
+static inline int check_prefill_attention(int64_t q_len, int64_t kv_len, int64_t out_len, const int64_t* table,
+                                          int64_t table_len, int64_t blocks, int64_t block_stride, int64_t start,
                                           int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
                                           int64_t head_stride) {
   if (!head_dim_supported(D) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
-  if (start < 0 || len < 0 || head_stride < 0 || checked_add(start, len) > max_len) return STATUS_BAD_SIZES;
+  if (start < 0 || len < 0) return STATUS_BAD_SIZES;
   const int64_t qn = checked_mul(checked_mul(len, H), D);
   if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
-  const int64_t extent = cache_extent(1, KVH, max_len, D, 0, head_stride);
-  if (extent < 0 || !fits(extent, kv_len)) return STATUS_BAD_SIZES;
-  return STATUS_OK;
+  if (!table) {
+    if (check_cache_blocks(kv_len, 1, KVH, max_len, D, 0, head_stride) != STATUS_OK) return STATUS_BAD_SIZES;
+    return checked_add(start, len) > max_len ? STATUS_BAD_SIZES : STATUS_OK;
+  }
+  if (check_cache_blocks(kv_len, blocks, KVH, max_len, D, block_stride, head_stride) != STATUS_OK)
+    return STATUS_BAD_SIZES;
+  if (table_len < 1 || max_len % ATTENTION_KEY_BLOCK != 0) return STATUS_BAD_SIZES;
+  const int64_t row_len = checked_mul(table_len, max_len);
+  if (row_len < 0 || checked_add(start, len) > row_len) return STATUS_BAD_SIZES;
+  return check_table_row(table, start + len, max_len, blocks);
 }
 
-// check_prefill_attention for an int8 cache: codes [KVH, max_len, D] at head_stride and fp32
-// scales [KVH, max_len] at scale_head_stride; head sizes 32, 64 and 128.
+// check_prefill_attention for an int8 cache: scales laid out as for the decode kernel (one block
+// without a table: scale_block_stride unused).
 static inline int check_prefill_attention_int8(int64_t q_len, int64_t kv_len, int64_t scales_len, int64_t out_len,
-                                               int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D,
-                                               int64_t max_len, int64_t head_stride, int64_t scale_head_stride) {
-  if (!head_dim_supported(D) || KVH <= 0 || H <= 0 || H % KVH != 0) return STATUS_UNSUPPORTED;
-  if (start < 0 || len < 0 || head_stride < 0 || scale_head_stride < 0 || checked_add(start, len) > max_len)
-    return STATUS_BAD_SIZES;
-  const int64_t qn = checked_mul(checked_mul(len, H), D);
-  if (qn < 0 || !fits(qn, q_len) || !fits(qn, out_len)) return STATUS_BAD_SIZES;
-  const int64_t extent = cache_extent(1, KVH, max_len, D, 0, head_stride);
-  if (extent < 0 || !fits(extent, kv_len)) return STATUS_BAD_SIZES;
-  const int64_t scale_extent = cache_extent(1, KVH, max_len, 1, 0, scale_head_stride);
-  if (scale_extent < 0 || !fits(scale_extent, scales_len)) return STATUS_BAD_SIZES;
-  return STATUS_OK;
+                                               const int64_t* table, int64_t table_len, int64_t blocks,
+                                               int64_t block_stride, int64_t start, int64_t len, int64_t H,
+                                               int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
+                                               int64_t scale_block_stride, int64_t scale_head_stride) {
+  const int status = check_prefill_attention(q_len, kv_len, out_len, table, table_len, blocks, block_stride, start,
+                                             len, H, KVH, D, max_len, head_stride);
+  if (status != STATUS_OK) return status;
+  if (!table) return check_cache_blocks(scales_len, 1, KVH, max_len, 1, 0, scale_head_stride);
+  return check_cache_blocks(scales_len, blocks, KVH, max_len, 1, scale_block_stride, scale_head_stride);
 }
 
 static inline int check_rotary(int64_t x_len, int64_t angle_len, int64_t out_len, int64_t tokens,

@@ -293,9 +293,9 @@ struct Avx2Ops {
 
 #include "tiled_attention.h"
 
-// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
-// token per row (tiled_attention.h); the layout, checks and status codes are those of the
-// AVX512-BF16 variant.
+// out[b, h] = softmax(q[b, h] . K[r, h / rep, :lens[b]] * scale) V[r, h / rep, :lens[b]] for one new
+// token per batch row b, r its cache row, over a dense or paged cache (tiled_attention.h); the
+// layout, checks and status codes are those of the AVX512-BF16 variant.
 extern "C" int codellama_decode_attention_bf16(DECODE_ATTENTION_ARGS(uint16_t)) {
   return tiled::decode_entry<Avx2Ops, uint16_t>(DECODE_ATTENTION_CALL);
 }
@@ -304,9 +304,9 @@ extern "C" int codellama_decode_attention_f32(DECODE_ATTENTION_ARGS(float)) {
   return tiled::decode_entry<Avx2Ops, float>(DECODE_ATTENTION_CALL);
 }
 
-// codellama_decode_attention_bf16 over an int8 cache read in place: codes [R, KVH, max_len, D] at
-// row_stride/head_stride, fp32 scales [R, KVH, max_len] at scale_row_stride/scale_head_stride (one
-// per position and kv head, value = code * scale), bf16 queries and output; head sizes 32, 64, 128.
+// codellama_decode_attention_bf16 over an int8 cache read in place: codes and fp32 scales (one per
+// position and kv head, value = code * scale) laid out as in the AVX512-BF16 variant, bf16 queries
+// and output; head sizes 32, 64, 128.
 extern "C" int codellama_decode_attention_int8(DECODE_ATTENTION_INT8_ARGS) {
   return tiled::decode_int8_entry<Avx2Ops>(DECODE_ATTENTION_INT8_CALL);
 }
@@ -321,8 +321,8 @@ extern "C" int codellama_prefill_attention_f32(PREFILL_ATTENTION_ARGS(float)) {
   return tiled::prefill_entry<Avx2Ops, float>(PREFILL_ATTENTION_CALL);
 }
 
-// codellama_prefill_attention_bf16 over an int8 cache row read in place: codes [KVH, max_len, D] at
-// head_stride, fp32 scales [KVH, max_len] at scale_head_stride; head sizes 32, 64, 128.
+// codellama_prefill_attention_bf16 over an int8 cache read in place (codes and scales laid out as in
+// the AVX512-BF16 variant); head sizes 32, 64, 128.
 extern "C" int codellama_prefill_attention_int8(PREFILL_ATTENTION_INT8_ARGS) {
   return tiled::prefill_int8_entry<Avx2Ops>(PREFILL_ATTENTION_INT8_CALL);
 }

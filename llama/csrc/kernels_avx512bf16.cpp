@@ -248,13 +248,16 @@ struct Avx512Ops {
 
 #include "tiled_attention.h"
 
-// out[b, h] = softmax(q[b, h] . K[b, h / rep, :lens[b]] * scale) V[b, h / rep, :lens[b]] for one new
-// token per row. q/out [B, H, D] contiguous bf16; key/value element (b, g, s, d) sits at
-// b * row_stride + g * head_stride + s * D + d, s < max_len (both caches have this layout and
-// kv_len elements from k and from v). Returns STATUS_OK, STATUS_UNSUPPORTED for a head size or
-// grouping it is not built for, STATUS_BAD_SIZES when the sizes, strides or a length (1 ..
-// max_len) do not fit the buffers, or STATUS_NO_MEMORY when the scratch space cannot be allocated.
-// fp32 scores, softmax and weighted sum, in tiles (tiled_attention.h).
+// out[b, h] = softmax(q[b, h] . K[r, h / rep, :lens[b]] * scale) V[r, h / rep, :lens[b]] for one new
+// token per batch row b, r = rows[b] (b when rows is NULL). q/out [B, H, D] contiguous bf16. The
+// caches (common.h): `blocks` blocks of block_len positions, element (g, s, d) of block i at
+// i * block_stride + g * head_stride + s * D + d (kv_len elements from k and from v, the same
+// layout for both); without a block table (NULL) cache row r is block r (a dense cache), with one
+// its position s is in block table[r * blocks_per_row + s / block_len] (a paged cache; block_len a
+// multiple of 64). Returns STATUS_OK, STATUS_UNSUPPORTED for a head size or grouping it is not
+// built for, STATUS_BAD_SIZES when the sizes, strides, a length (1 .. the row's positions), a row or
+// a table entry the call would read do not fit the buffers, or STATUS_NO_MEMORY when the scratch
+// space cannot be allocated. fp32 scores, softmax and weighted sum, in tiles (tiled_attention.h).
 extern "C" int codellama_decode_attention_bf16(DECODE_ATTENTION_ARGS(uint16_t)) {
   return tiled::decode_entry<Avx512Ops, uint16_t>(DECODE_ATTENTION_CALL);
 }
@@ -263,20 +266,21 @@ extern "C" int codellama_decode_attention_f32(DECODE_ATTENTION_ARGS(float)) {
   return tiled::decode_entry<Avx512Ops, float>(DECODE_ATTENTION_CALL);
 }
 
-// codellama_decode_attention_bf16 over an int8 cache read in place: codes [R, KVH, max_len, D] at
-// row_stride/head_stride, fp32 scales [R, KVH, max_len] at scale_row_stride/scale_head_stride (one
-// per position and kv head, value = code * scale), bf16 queries and output; head sizes 32, 64, 128.
+// codellama_decode_attention_bf16 over an int8 cache read in place: codes laid out as the bf16
+// cache, fp32 scales at block * scale_block_stride + g * scale_head_stride + s (one per position and
+// kv head, value = code * scale), bf16 queries and output; head sizes 32, 64, 128.
 extern "C" int codellama_decode_attention_int8(DECODE_ATTENTION_INT8_ARGS) {
   return tiled::decode_int8_entry<Avx512Ops>(DECODE_ATTENTION_INT8_CALL);
 }
 
 // Causal attention of a prompt chunk of one cache row: the query of token i (position start + i)
 // and head h attends to positions 0 .. start + i of kv head h / rep. q/out [len, H, D] contiguous
-// bf16; key/value element (g, s, d) sits at g * head_stride + s * D + d and positions up to
-// start + len - 1 are filled. fp32 scores, softmax and weighted sum, in tiles
-// (tiled_attention.h). The cache row holds max_len positions per head (kv_len elements from k
-// and from v). Returns STATUS_OK, STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the
-// decode kernel does.
+// bf16. Without a block table (NULL), k/v are the row: element (g, s, d) at g * head_stride + s * D
+// + d, max_len positions (kv_len elements from each; blocks and block_stride unused). With one,
+// k/v are `blocks` blocks of max_len positions laid out as for the decode kernel and position s of
+// the row is in block table[s / max_len] (table_len entries). Positions up to start + len - 1 are
+// filled. fp32 scores, softmax and weighted sum, in tiles (tiled_attention.h). Returns STATUS_OK,
+// STATUS_UNSUPPORTED, STATUS_BAD_SIZES or STATUS_NO_MEMORY as the decode kernel does.
 extern "C" int codellama_prefill_attention_bf16(PREFILL_ATTENTION_ARGS(uint16_t)) {
   return tiled::prefill_entry<Avx512Ops, uint16_t>(PREFILL_ATTENTION_CALL);
 }
@@ -285,8 +289,9 @@ extern "C" int codellama_prefill_attention_f32(PREFILL_ATTENTION_ARGS(float)) {
   return tiled::prefill_entry<Avx512Ops, float>(PREFILL_ATTENTION_CALL);
 }
 
-// codellama_prefill_attention_bf16 over an int8 cache row read in place: codes [KVH, max_len, D] at
-// head_stride, fp32 scales [KVH, max_len] at scale_head_stride; head sizes 32, 64, 128.
+// codellama_prefill_attention_bf16 over an int8 cache read in place: codes laid out as the bf16
+// cache, fp32 scales at g * scale_head_stride + s (the row), or block * scale_block_stride + g *
+// scale_head_stride + s (blocks); head sizes 32, 64, 128.
 extern "C" int codellama_prefill_attention_int8(PREFILL_ATTENTION_INT8_ARGS) {
   return tiled::prefill_int8_entry<Avx512Ops>(PREFILL_ATTENTION_INT8_CALL);
 }

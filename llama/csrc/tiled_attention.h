@@ -45,9 +45,11 @@
 
 #include <type_traits>
 
+#include "common.h"
+
 namespace tiled {
 
-constexpr int64_t kKeyBlock = 64;
+constexpr int64_t kKeyBlock = ATTENTION_KEY_BLOCK;
 constexpr int64_t kTileRows = 64;
 // Blocks ahead whose keys and values a tile asks the CPU to fetch while it works on the current one
 // (a long cache row comes from memory: without it the tile waits on every block's first reads).
@@ -247,6 +249,9 @@ struct PlainRows {  // bf16 or fp32 keys and values [positions, D]
     prefetch_bytes(k + first * D, keys * D * (int64_t)sizeof(T));
     prefetch_bytes(v + first * D, keys * D * (int64_t)sizeof(T));
   }
+  // The same positions from position `s` on; the same layout `elements` further on (`scales` unused).
+  PlainRows at(int64_t s) const { return {k + s * D, v + s * D}; }
+  PlainRows shifted(int64_t elements, int64_t) const { return {k + elements, v + elements}; }
 };
 
 template <int D>
@@ -270,7 +275,34 @@ struct Int8Rows {  // int8 codes [positions, D] with one fp32 scale per position
     prefetch_bytes(k_scale + first, keys * 4);
     prefetch_bytes(v_scale + first, keys * 4);
   }
+  Int8Rows at(int64_t s) const { return {k + s * D, v + s * D, k_scale + s, v_scale + s}; }
+  Int8Rows shifted(int64_t elements, int64_t scales) const {
+    return {k + elements, v + elements, k_scale + scales, v_scale + scales};
+  }
 };
+
+// A (cache row, kv head)'s positions, `Rows` (PlainRows or Int8Rows) at a time: without a block
+// table, contiguous from `origin`; with one, position s is position s % block_len of block
+// table[s / block_len], block i lying i * block_stride elements (i * scale_block_stride scales)
+// after `origin` (block 0). A block holds whole kKeyBlock-key blocks of the tiles (block_len is a
+// multiple of kKeyBlock), so a tile block is contiguous either way.
+template <class Rows>
+struct BlockRows {
+  using Inner = Rows;
+  Rows origin;
+  const int64_t* table;
+  int64_t block_len, block_stride, scale_block_stride;
+  // Positions first .. of the tile block starting at `first` (a multiple of kKeyBlock), contiguous.
+  Rows at(int64_t first) const {
+    if (!table) return origin.at(first);
+    const int64_t i = first / block_len;
+    return origin.shifted(table[i] * block_stride, table[i] * scale_block_stride).at(first - i * block_len);
+  }
+};
+template <class Rows>
+inline BlockRows<Rows> contiguous(Rows rows) {
+  return {rows, nullptr, 0, 0, 0};
+}
 
 // kt[d * kKeyBlock + j] = element d of key first + j (fp32) for the block's first `keys` keys; 0 for
 // the others. Groups of 8 keys by 8 elements are transposed in registers.
@@ -424,8 +456,8 @@ inline void load_queries(const T* q, int64_t start, int64_t t0, int64_t rows, in
 // sum, maximum and sum left in s.o, s.m, s.l (a row that sees none of them keeps 0, -inf, 0). Keys up
 // to `limit` may be fetched ahead.
 template <class Ops, int D, class T, class Rows>
-inline void attend_segment(const Rows& cache, int64_t rows, float scale, int64_t begin, int64_t end, int64_t limit,
-                           const Scratch<D>& s) {
+inline void attend_segment(const BlockRows<Rows>& cache, int64_t rows, float scale, int64_t begin, int64_t end,
+                           int64_t limit, const Scratch<D>& s) {
   constexpr int W = Ops::W;
   constexpr bool pairs = kPairs<Ops, D, T, Rows>;
   uint32_t* const qp = (uint32_t*)s.q;   // with pairs: the bf16 queries as stored, [rows, D / 2]
@@ -439,11 +471,12 @@ inline void attend_segment(const Rows& cache, int64_t rows, float scale, int64_t
   for (int64_t first = begin; first < end; first += kKeyBlock) {
     const int64_t keys = end - first < kKeyBlock ? end - first : kKeyBlock;
     const int64_t ahead = first + kPrefetchBlocks * kKeyBlock;
-    if (ahead <= limit) cache.prefetch(ahead, limit + 1 - ahead < kKeyBlock ? limit + 1 - ahead : kKeyBlock);
+    if (ahead <= limit) cache.at(ahead).prefetch(0, limit + 1 - ahead < kKeyBlock ? limit + 1 - ahead : kKeyBlock);
+    const Rows block = cache.at(first);  // keys and values first .. first + keys - 1 as 0 .. keys - 1
     if constexpr (pairs) {
-      pair_scores<Ops, D>(s, qp, kt, rows, scale, key_pair_block<Ops, D>(cache, first, keys, kt, s));
+      pair_scores<Ops, D>(s, qp, kt, rows, scale, key_pair_block<Ops, D>(block, 0, keys, kt, s));
     } else {
-      transpose_keys<D>(cache, first, keys, s.kt);
+      transpose_keys<D>(block, 0, keys, s.kt);
       scores<Ops, D>(s, rows);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -454,7 +487,7 @@ inline void attend_segment(const Rows& cache, int64_t rows, float scale, int64_t
       }
       softmax_step<Ops, D>(s, r, seen < kKeyBlock ? seen : kKeyBlock);
     }
-    weighted_values<Ops, D>(s, cache, first, rows, keys);
+    weighted_values<Ops, D>(s, block, 0, rows, keys);
   }
 }
 
@@ -488,7 +521,7 @@ inline void store_rows(T* out, int64_t t0, int64_t rows, int64_t rep, int64_t g,
 
 // One tile (rows as in load_queries): its keys segment by segment, each combined in order.
 template <class Ops, int D, class T, class Rows>
-inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start, int64_t t0, int64_t rows, int64_t rep,
+inline void attend_tile(const T* q, const BlockRows<Rows>& cache, T* out, int64_t start, int64_t t0, int64_t rows, int64_t rep,
                         int64_t g, int64_t H, float scale, const Scratch<D>& s) {
   load_queries<Ops, D, T, Rows>(q, start, t0, rows, rep, g, H, scale, s);
   const int64_t last = s.position[rows - 1];  // the tile's last (and largest) position
@@ -502,7 +535,7 @@ inline void attend_tile(const T* q, const Rows& cache, T* out, int64_t start, in
 }
 
 // Causal attention of tokens start .. start + len - 1 of one sequence: q and out [len, H, D], kv
-// head g's keys and values `rows_of(g)` (a PlainRows or Int8Rows). Returns STATUS_OK or
+// head g's keys and values `rows_of(g)` (a BlockRows). Returns STATUS_OK or
 // STATUS_NO_MEMORY.
 template <class Ops, int D, class T, class RowsOf>
 int prefill(const T* q, T* out, int64_t start, int64_t len, int64_t H, int64_t KVH, float scale, int threads,
@@ -567,7 +600,7 @@ int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t
       const int64_t segments = (lens[b] + kSegment - 1) / kSegment;
       const int64_t g = (task - first[b]) / segments, k = (task - first[b]) % segments;
       const auto cache = rows_of(rows ? rows[b] : b, g);
-      load_queries<Ops, D, T, std::remove_cv_t<decltype(cache)>>(q + b * H * D, lens[b] - 1, 0, rep, rep, g, H, scale, scratch);
+      load_queries<Ops, D, T, typename decltype(cache)::Inner>(q + b * H * D, lens[b] - 1, 0, rep, rep, g, H, scale, scratch);
       const int64_t begin = k * kSegment, end = begin + kSegment < lens[b] ? begin + kSegment : lens[b];
       attend_segment<Ops, D, T>(cache, rep, scale, begin, end, end - 1, scratch);
       float* o = partial + task * rep * (D + 2);
@@ -595,40 +628,53 @@ int decode(const T* q, T* out, const int64_t* lens, const int64_t* rows, int64_t
 }
 
 // The entry points' bodies (see kernels_avx512bf16.cpp for the layouts and status codes): the
-// checks of common.h, then the head size's instance.
+// checks of common.h, then the head size's instance. A cache row's kv head g: contiguous from its
+// row's block without a block table, else the row's blocks.
+template <class Rows>
+inline BlockRows<Rows> cache_row(Rows blocks_at_head, const int64_t* table, int64_t row, int64_t blocks_per_row,
+                                 int64_t block_len, int64_t block_stride, int64_t scale_block_stride) {
+  if (!table) return contiguous(blocks_at_head.shifted(row * block_stride, row * scale_block_stride));
+  return {blocks_at_head, table + row * blocks_per_row, block_len, block_stride, scale_block_stride};
+}
+
 template <class Ops, int D, class T>
-int decode_plain(const T* q, const T* k, const T* v, T* out, const int64_t* lens, const int64_t* rows, int64_t B,
-                 int64_t H, int64_t KVH, int64_t row_stride, int64_t head_stride, float scale, int threads) {
+int decode_plain(const T* q, const T* k, const T* v, T* out, const int64_t* lens, const int64_t* rows,
+                 const int64_t* table, int64_t blocks_per_row, int64_t B, int64_t H, int64_t KVH, int64_t block_len,
+                 int64_t block_stride, int64_t head_stride, float scale, int threads) {
   return decode<Ops, D>(q, out, lens, rows, B, H, KVH, scale, threads, [=](int64_t row, int64_t g) {
-    const int64_t offset = row * row_stride + g * head_stride;
-    return PlainRows<T, D>{k + offset, v + offset};
+    const PlainRows<T, D> at_head{k + g * head_stride, v + g * head_stride};
+    return cache_row(at_head, table, row, blocks_per_row, block_len, block_stride, 0);
   });
 }
 
 template <class Ops, class T>
 int decode_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_len, T* out, int64_t out_len,
-                 const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len, int64_t cache_rows,
-                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride,
-                 int64_t head_stride, float scale, int threads) {
-  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, cache_rows,
-                                            B, H, KVH, D, max_len, row_stride, head_stride);
+                 const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len, const int64_t* table,
+                 int64_t table_len, int64_t blocks_per_row, int64_t blocks, int64_t B, int64_t H, int64_t KVH,
+                 int64_t D, int64_t block_len, int64_t block_stride, int64_t head_stride, float scale, int threads) {
+  const int status = check_decode_attention(q_len, kv_len, out_len, lens, lens_len, rows, rows_len, table, table_len,
+                                            blocks_per_row, blocks, B, H, KVH, D, block_len, block_stride,
+                                            head_stride);
   if (status != STATUS_OK) return status;
   if (D == 32)
-    return decode_plain<Ops, 32>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+    return decode_plain<Ops, 32>(q, k, v, out, lens, rows, table, blocks_per_row, B, H, KVH, block_len,
+                                 block_stride, head_stride, scale, threads);
   if (D == 64)
-    return decode_plain<Ops, 64>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
-  return decode_plain<Ops, 128>(q, k, v, out, lens, rows, B, H, KVH, row_stride, head_stride, scale, threads);
+    return decode_plain<Ops, 64>(q, k, v, out, lens, rows, table, blocks_per_row, B, H, KVH, block_len,
+                                 block_stride, head_stride, scale, threads);
+  return decode_plain<Ops, 128>(q, k, v, out, lens, rows, table, blocks_per_row, B, H, KVH, block_len, block_stride,
+                                head_stride, scale, threads);
 }
 
 template <class Ops, int D>
 int decode_int8(const uint16_t* q, const int8_t* k, const int8_t* v, const float* k_scales, const float* v_scales,
-                uint16_t* out, const int64_t* lens, const int64_t* rows, int64_t B, int64_t H, int64_t KVH,
-                int64_t row_stride, int64_t head_stride, int64_t scale_row_stride, int64_t scale_head_stride,
-                float scale, int threads) {
+                uint16_t* out, const int64_t* lens, const int64_t* rows, const int64_t* table, int64_t blocks_per_row,
+                int64_t B, int64_t H, int64_t KVH, int64_t block_len, int64_t block_stride, int64_t head_stride,
+                int64_t scale_block_stride, int64_t scale_head_stride, float scale, int threads) {
   return decode<Ops, D>(q, out, lens, rows, B, H, KVH, scale, threads, [=](int64_t row, int64_t g) {
-    const int64_t offset = row * row_stride + g * head_stride;
-    const int64_t scales = row * scale_row_stride + g * scale_head_stride;
-    return Int8Rows<D>{k + offset, v + offset, k_scales + scales, v_scales + scales};
+    const int64_t offset = g * head_stride, scales = g * scale_head_stride;
+    const Int8Rows<D> at_head{k + offset, v + offset, k_scales + scales, v_scales + scales};
+    return cache_row(at_head, table, row, blocks_per_row, block_len, block_stride, scale_block_stride);
   });
 }
 
@@ -636,106 +682,126 @@ template <class Ops>
 int decode_int8_entry(const uint16_t* q, int64_t q_len, const int8_t* k, const int8_t* v, int64_t kv_len,
                       const float* k_scales, const float* v_scales, int64_t scales_len, uint16_t* out,
                       int64_t out_len, const int64_t* lens, int64_t lens_len, const int64_t* rows, int64_t rows_len,
-                      int64_t cache_rows, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
-                      int64_t row_stride, int64_t head_stride, int64_t scale_row_stride, int64_t scale_head_stride,
-                      float scale, int threads) {
+                      const int64_t* table, int64_t table_len, int64_t blocks_per_row, int64_t blocks, int64_t B,
+                      int64_t H, int64_t KVH, int64_t D, int64_t block_len, int64_t block_stride,
+                      int64_t head_stride, int64_t scale_block_stride, int64_t scale_head_stride, float scale,
+                      int threads) {
   const int status = check_decode_attention_int8(q_len, kv_len, scales_len, out_len, lens, lens_len, rows, rows_len,
-                                                 cache_rows, B, H, KVH, D, max_len, row_stride, head_stride,
-                                                 scale_row_stride, scale_head_stride);
+                                                 table, table_len, blocks_per_row, blocks, B, H, KVH, D, block_len,
+                                                 block_stride, head_stride, scale_block_stride, scale_head_stride);
   if (status != STATUS_OK) return status;
   if (D == 32)
-    return decode_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
-                                scale_row_stride, scale_head_stride, scale, threads);
+    return decode_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, lens, rows, table, blocks_per_row, B, H, KVH,
+                                block_len, block_stride, head_stride, scale_block_stride, scale_head_stride, scale,
+                                threads);
   if (D == 64)
-    return decode_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
-                                scale_row_stride, scale_head_stride, scale, threads);
-  return decode_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, lens, rows, B, H, KVH, row_stride, head_stride,
-                               scale_row_stride, scale_head_stride, scale, threads);
+    return decode_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, lens, rows, table, blocks_per_row, B, H, KVH,
+                                block_len, block_stride, head_stride, scale_block_stride, scale_head_stride, scale,
+                                threads);
+  return decode_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, lens, rows, table, blocks_per_row, B, H, KVH,
+                               block_len, block_stride, head_stride, scale_block_stride, scale_head_stride, scale,
+                               threads);
 }
 
 template <class Ops, int D, class T>
-int prefill_plain(const T* q, const T* k, const T* v, T* out, int64_t start, int64_t len, int64_t H, int64_t KVH,
-                  int64_t head_stride, float scale, int threads) {
+int prefill_plain(const T* q, const T* k, const T* v, T* out, const int64_t* table, int64_t block_stride,
+                  int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t max_len, int64_t head_stride,
+                  float scale, int threads) {
   return prefill<Ops, D>(q, out, start, len, H, KVH, scale, threads, [=](int64_t g) {
-    return PlainRows<T, D>{k + g * head_stride, v + g * head_stride};
+    const PlainRows<T, D> at_head{k + g * head_stride, v + g * head_stride};
+    return cache_row(at_head, table, 0, 0, max_len, block_stride, 0);
   });
 }
 
 template <class Ops, class T>
 int prefill_entry(const T* q, int64_t q_len, const T* k, const T* v, int64_t kv_len, T* out, int64_t out_len,
-                  int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride,
-                  float scale, int threads) {
-  const int status = check_prefill_attention(q_len, kv_len, out_len, start, len, H, KVH, D, max_len,
-                                             head_stride);
+                  const int64_t* table, int64_t table_len, int64_t blocks, int64_t block_stride, int64_t start,
+                  int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, float scale,
+                  int threads) {
+  const int status = check_prefill_attention(q_len, kv_len, out_len, table, table_len, blocks, block_stride, start,
+                                             len, H, KVH, D, max_len, head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
-  if (D == 32) return prefill_plain<Ops, 32>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
-  if (D == 64) return prefill_plain<Ops, 64>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
-  return prefill_plain<Ops, 128>(q, k, v, out, start, len, H, KVH, head_stride, scale, threads);
+  if (D == 32)
+    return prefill_plain<Ops, 32>(q, k, v, out, table, block_stride, start, len, H, KVH, max_len, head_stride, scale,
+                                  threads);
+  if (D == 64)
+    return prefill_plain<Ops, 64>(q, k, v, out, table, block_stride, start, len, H, KVH, max_len, head_stride, scale,
+                                  threads);
+  return prefill_plain<Ops, 128>(q, k, v, out, table, block_stride, start, len, H, KVH, max_len, head_stride, scale,
+                                 threads);
 }
 
 template <class Ops, int D>
 int prefill_int8(const uint16_t* q, const int8_t* k, const int8_t* v, const float* k_scales, const float* v_scales,
-                 uint16_t* out, int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t head_stride,
+                 uint16_t* out, const int64_t* table, int64_t block_stride, int64_t start, int64_t len, int64_t H,
+                 int64_t KVH, int64_t max_len, int64_t head_stride, int64_t scale_block_stride,
                  int64_t scale_head_stride, float scale, int threads) {
   return prefill<Ops, D>(q, out, start, len, H, KVH, scale, threads, [=](int64_t g) {
-    return Int8Rows<D>{k + g * head_stride, v + g * head_stride, k_scales + g * scale_head_stride,
-                       v_scales + g * scale_head_stride};
+    const int64_t offset = g * head_stride, scales = g * scale_head_stride;
+    const Int8Rows<D> at_head{k + offset, v + offset, k_scales + scales, v_scales + scales};
+    return cache_row(at_head, table, 0, 0, max_len, block_stride, scale_block_stride);
   });
 }
 
 template <class Ops>
 int prefill_int8_entry(const uint16_t* q, int64_t q_len, const int8_t* k, const int8_t* v, int64_t kv_len,
                        const float* k_scales, const float* v_scales, int64_t scales_len, uint16_t* out,
-                       int64_t out_len, int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D,
-                       int64_t max_len, int64_t head_stride, int64_t scale_head_stride, float scale, int threads) {
-  const int status = check_prefill_attention_int8(q_len, kv_len, scales_len, out_len, start, len, H, KVH, D,
-                                                  max_len, head_stride, scale_head_stride);
+                       int64_t out_len, const int64_t* table, int64_t table_len, int64_t blocks, int64_t block_stride,
+                       int64_t start, int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len,
+                       int64_t head_stride, int64_t scale_block_stride, int64_t scale_head_stride, float scale,
+                       int threads) {
+  const int status = check_prefill_attention_int8(q_len, kv_len, scales_len, out_len, table, table_len, blocks,
+                                                  block_stride, start, len, H, KVH, D, max_len, head_stride,
+                                                  scale_block_stride, scale_head_stride);
   if (status != STATUS_OK) return status;
   if (len == 0) return STATUS_OK;
   if (D == 32)
-    return prefill_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
-                                 scale_head_stride, scale, threads);
+    return prefill_int8<Ops, 32>(q, k, v, k_scales, v_scales, out, table, block_stride, start, len, H, KVH, max_len,
+                                 head_stride, scale_block_stride, scale_head_stride, scale, threads);
   if (D == 64)
-    return prefill_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
-                                 scale_head_stride, scale, threads);
-  return prefill_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, start, len, H, KVH, head_stride,
-                                scale_head_stride, scale, threads);
+    return prefill_int8<Ops, 64>(q, k, v, k_scales, v_scales, out, table, block_stride, start, len, H, KVH, max_len,
+                                 head_stride, scale_block_stride, scale_head_stride, scale, threads);
+  return prefill_int8<Ops, 128>(q, k, v, k_scales, v_scales, out, table, block_stride, start, len, H, KVH, max_len,
+                                head_stride, scale_block_stride, scale_head_stride, scale, threads);
 }
 
 }  // namespace tiled
 
 // The parameters of the attention entry points, and the call forwarding them, for T = uint16_t
 // (bf16) and T = float: each variant defines the four entry points with these.
-#define DECODE_ATTENTION_ARGS(T)                                                                        \
-  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len,                \
-      const int64_t *lens, int64_t lens_len, const int64_t *rows, int64_t rows_len, int64_t cache_rows,      \
-      int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride, int64_t head_stride, \
-      float scale, int threads
-#define DECODE_ATTENTION_CALL \
-  q, q_len, k, v, kv_len, out, out_len, lens, lens_len, rows, rows_len, cache_rows, B, H, KVH, D, max_len, \
-      row_stride, head_stride, scale, threads
-#define PREFILL_ATTENTION_ARGS(T)                                                                      \
-  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len, int64_t start, \
-      int64_t len, int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, float scale,      \
-      int threads
-#define PREFILL_ATTENTION_CALL \
-  q, q_len, k, v, kv_len, out, out_len, start, len, H, KVH, D, max_len, head_stride, scale, threads
+#define DECODE_ATTENTION_ARGS(T)                                                                           \
+  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len,                   \
+      const int64_t *lens, int64_t lens_len, const int64_t *rows, int64_t rows_len, const int64_t *table,       \
+      int64_t table_len, int64_t blocks_per_row, int64_t blocks, int64_t B, int64_t H, int64_t KVH, int64_t D, \
+      int64_t block_len, int64_t block_stride, int64_t head_stride, float scale, int threads
+#define DECODE_ATTENTION_CALL                                                                                \
+  q, q_len, k, v, kv_len, out, out_len, lens, lens_len, rows, rows_len, table, table_len, blocks_per_row, blocks, \
+      B, H, KVH, D, block_len, block_stride, head_stride, scale, threads
+#define PREFILL_ATTENTION_ARGS(T)                                                                            \
+  const T *q, int64_t q_len, const T *k, const T *v, int64_t kv_len, T *out, int64_t out_len,                     \
+      const int64_t *table, int64_t table_len, int64_t blocks, int64_t block_stride, int64_t start, int64_t len, \
+      int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, float scale, int threads
+#define PREFILL_ATTENTION_CALL                                                                                   \
+  q, q_len, k, v, kv_len, out, out_len, table, table_len, blocks, block_stride, start, len, H, KVH, D, max_len, \
+      head_stride, scale, threads
 #define DECODE_ATTENTION_INT8_ARGS                                                                          \
   const uint16_t *q, int64_t q_len, const int8_t *k, const int8_t *v, int64_t kv_len, const float *k_scales,   \
       const float *v_scales, int64_t scales_len, uint16_t *out, int64_t out_len, const int64_t *lens,          \
-      int64_t lens_len, const int64_t *rows, int64_t rows_len, int64_t cache_rows, int64_t B, int64_t H,       \
-      int64_t KVH, int64_t D, int64_t max_len, int64_t row_stride, int64_t head_stride,                        \
-      int64_t scale_row_stride, int64_t scale_head_stride, float scale, int threads
-#define DECODE_ATTENTION_INT8_CALL                                                                      \
-  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, lens, lens_len, rows, rows_len,    \
-      cache_rows, B, H, KVH, D, max_len, row_stride, head_stride, scale_row_stride, scale_head_stride, scale, \
-      threads
-#define PREFILL_ATTENTION_INT8_ARGS                                                                         \
-  const uint16_t *q, int64_t q_len, const int8_t *k, const int8_t *v, int64_t kv_len, const float *k_scales,   \
-      const float *v_scales, int64_t scales_len, uint16_t *out, int64_t out_len, int64_t start, int64_t len,   \
-      int64_t H, int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, int64_t scale_head_stride,      \
+      int64_t lens_len, const int64_t *rows, int64_t rows_len, const int64_t *table, int64_t table_len,        \
+      int64_t blocks_per_row, int64_t blocks, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_len, \
+      int64_t block_stride, int64_t head_stride, int64_t scale_block_stride, int64_t scale_head_stride,        \
       float scale, int threads
-#define PREFILL_ATTENTION_INT8_CALL                                                                          \
-  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, start, len, H, KVH, D, max_len,         \
-      head_stride, scale_head_stride, scale, threads
+#define DECODE_ATTENTION_INT8_CALL                                                                             \
+  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, lens, lens_len, rows, rows_len, table,    \
+      table_len, blocks_per_row, blocks, B, H, KVH, D, block_len, block_stride, head_stride, scale_block_stride, \
+      scale_head_stride, scale, threads
+#define PREFILL_ATTENTION_INT8_ARGS                                                                          \
+  const uint16_t *q, int64_t q_len, const int8_t *k, const int8_t *v, int64_t kv_len, const float *k_scales,    \
+      const float *v_scales, int64_t scales_len, uint16_t *out, int64_t out_len, const int64_t *table,          \
+      int64_t table_len, int64_t blocks, int64_t block_stride, int64_t start, int64_t len, int64_t H,           \
+      int64_t KVH, int64_t D, int64_t max_len, int64_t head_stride, int64_t scale_block_stride,                 \
+      int64_t scale_head_stride, float scale, int threads
+#define PREFILL_ATTENTION_INT8_CALL                                                                             \
+  q, q_len, k, v, kv_len, k_scales, v_scales, scales_len, out, out_len, table, table_len, blocks, block_stride,  \
+      start, len, H, KVH, D, max_len, head_stride, scale_block_stride, scale_head_stride, scale, threads

@@ -20,7 +20,7 @@ import torch
 from llama import distributed, limits
 from llama.engine.executor import Executor
 from llama.engine.request import Request, check_options, check_prompt
-from llama.engine.scheduler import Plan, Scheduler, Step
+from llama.engine.scheduler import BlockBudget, Plan, Scheduler, Step
 from llama.engine.stream import Event
 from llama.model import Transformer
 from llama.sampling import RowSampler, SamplingParams, sample_rows, sampling_probabilities, token_logprobs
@@ -59,7 +59,9 @@ class Engine:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(model.params.max_batch_size, prefill_chunk, prefix_reuse)
+        blocks = getattr(model, "kv_blocks", None)  # a paged cache's block table
+        budget = None if blocks is None else BlockBudget(blocks.blocks, blocks.block_len)
+        self.scheduler = Scheduler(model.params.max_batch_size, prefill_chunk, prefix_reuse, budget)
         self.executor = Executor(model, decode_fn)
         self.draft: Optional[Executor] = None
         if draft_model is not None:
@@ -118,6 +120,13 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.executor.device
+
+    @property
+    def max_request_positions(self) -> int:
+        """Most positions one request may take (prompt + max_tokens): max_seq_len, or the positions
+        of a paged cache's pool when it holds fewer."""
+        budget = self.scheduler.budget
+        return self.max_seq_len if budget is None else min(self.max_seq_len, budget.blocks * budget.block_len)
 
     @property
     def thread_running(self) -> bool:
@@ -179,6 +188,7 @@ class Engine:
         stop = [stop] if isinstance(stop, str) else list(stop)
         stop_ids = list(stop_token_ids)
         check_options(max_tokens, len(prompt), self.max_seq_len, stop, stop_ids, self.vocab_size, logprobs)
+        self._check_fits_the_pool(len(prompt), max_tokens)
         sampling = SamplingParams() if sampling is None else sampling
         sampler = RowSampler(sampling, prompt, self.vocab_size, self.device)  # validates `sampling`
         if speculation is not None:
@@ -213,16 +223,36 @@ class Engine:
             self._work.notify_all()
         return request
 
+    def _check_fits_the_pool(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse a request a paged cache could never hold: it would wait forever."""
+        limit, needed = self.max_request_positions, prompt_len + max_tokens
+        if needed <= limit:
+            return
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) needs {needed} cache "
+            f"positions, more than the paged KV cache holds ({limit}, kv_cache_tokens): lower "
+            "max_tokens or shorten the prompt"
+        )
+
     def forget_prefixes(self) -> None:
         """Drop what the free slots remember, so no later request reuses their cached prefixes."""
         with self._step_lock, self._lock:
             self.scheduler.forget_prefixes()
 
     def stats(self) -> Dict[str, int]:
-        """Counts for monitoring: running and waiting requests, free slots, the batch size."""
+        """Counts for monitoring: running and waiting requests, free slots, the batch size, and with a
+        paged cache its blocks and the blocks neither reserved by a running request nor caching a prefix."""
         with self._lock:
             running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
             free = self.scheduler.free_slots()
+            paged = {}
+            if (
+                self.scheduler.budget is not None
+            ):  # a paged cache: blocks neither reserved nor caching a prefix
+                paged = {
+                    "kv_cache_blocks": self.scheduler.budget.blocks,
+                    "kv_cache_blocks_free": self.scheduler.free_blocks(),
+                }
         return {
             "running": running,
             "waiting": waiting,
@@ -230,6 +260,7 @@ class Engine:
             "max_batch_size": len(self.scheduler.slots),
             "speculative_proposed": self.speculative_proposed,
             "speculative_accepted": self.speculative_accepted,
+            **paged,
         }
 
     # ------------------------------------------------------------------ running

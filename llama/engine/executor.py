@@ -48,6 +48,8 @@ class Executor:
         """
         device = self.device
         decode_logits = prefill_logits = None
+        if plan.trim:  # a paged cache's rows give back the blocks past what the scheduler keeps
+            self.model.trim_cache_rows(plan.trim)
         if plan.decode:
             slots, positions, tokens = (torch.tensor(column, device=device) for column in zip(*plan.decode))
             decode = self.decode_fn or self.model.forward_decode

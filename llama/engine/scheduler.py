@@ -5,6 +5,13 @@ admits waiting ones into free slots (the slot holding the longest cached prefix 
 else the least recently used one) and chooses the step's work: one decode position for every
 running sequence with a token to feed, and prompt chunks of at most `prefill_chunk` tokens in
 all, oldest request first. The caller serialises access (the engine holds its lock).
+
+With a paged cache (`BlockBudget`), a request is admitted only when the pool has room for every
+position it may reach (prompt + max_tokens) besides what the running requests may reach: it never
+runs out of blocks mid-way, it waits instead. Prefixes kept by free slots count as held until a
+request needs their room; then the least recently used are forgotten. The plan tells the model
+which rows to trim (a finished request's row keeps the blocks of its cached ids; a forgotten one
+none), so the model's table matches this count.
 """
 
 import itertools
@@ -51,6 +58,19 @@ class Plan:
     decode: List[Tuple[int, int, int]]  # (slot, position, token); a slot's proposals follow its token
     prefill: List[Tuple[int, int, List[int]]]  # (slot, start position, tokens)
     all_logits: bool = False  # prefill logits at every position (prompt log-probabilities)
+    trim: List[Tuple[int, int]] = field(default_factory=list)  # (slot, positions kept), before the passes
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    """A paged cache's pool as the scheduler counts it: `blocks` blocks of `block_len` positions."""
+
+    blocks: int
+    block_len: int
+
+    def blocks_for(self, positions: int) -> int:
+        """Blocks that hold `positions` positions."""
+        return -(-positions // self.block_len)
 
 
 @dataclass
@@ -71,17 +91,26 @@ class Scheduler:
         num_slots: cache rows (the model's max_batch_size).
         prefill_chunk: most prompt tokens prefilled in one step.
         prefix_reuse: admit a prompt into the free slot that caches its longest prefix.
+        budget: the pool of a paged cache (None: every slot holds max_seq_len positions).
     """
 
-    def __init__(self, num_slots: int, prefill_chunk: int, prefix_reuse: bool = True):
+    def __init__(
+        self,
+        num_slots: int,
+        prefill_chunk: int,
+        prefix_reuse: bool = True,
+        budget: Optional[BlockBudget] = None,
+    ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.slots = [Slot(i) for i in range(num_slots)]
         self.prefill_chunk = prefill_chunk
         self.prefix_reuse = prefix_reuse
+        self.budget = budget
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []  # in admission order
         self._clock = itertools.count(1)
+        self._trim: List[Tuple[int, int]] = []  # for the next plan
 
     def has_work(self) -> bool:
         """True while any sequence waits or runs."""
@@ -100,12 +129,13 @@ class Scheduler:
         for sequence in cancelled_running:
             self.release(sequence)
         retired += cancelled_running
-        while self.waiting and len(self.running) < len(self.slots):
-            self._admit(self.waiting.popleft())
+        while self.waiting and len(self.running) < len(self.slots) and self._admit(self.waiting[0]):
+            self.waiting.popleft()
         if not self.running:
             return Step(retired)
         decoding = [s for s in self.running if s.pending is not None]
-        plan = Plan(decode=[], prefill=[])
+        plan = Plan(decode=[], prefill=[], trim=self._trim)
+        self._trim = []
         for s in decoding:  # the fed token, then any proposals at the positions after it
             position = len(s.prompt_tokens) + len(s.generated) - 1
             for i, token in enumerate([s.pending] + s.proposals):
@@ -124,7 +154,37 @@ class Scheduler:
             prefilling.append(sequence)
         return Step(retired, plan, decoding, prefilling)
 
-    def _admit(self, sequence: Sequence) -> None:
+    def reserved_blocks(self, sequence: Sequence) -> int:
+        """Blocks of a paged cache every position `sequence` may reach takes (0 without a budget)."""
+        if self.budget is None:
+            return 0
+        return self.budget.blocks_for(len(sequence.prompt_tokens) + sequence.max_tokens)
+
+    def free_blocks(self) -> int:
+        """Blocks of a paged cache neither reserved by a running sequence nor holding a free slot's
+        prefix (0 without a budget)."""
+        if self.budget is None:
+            return 0
+        used = sum(self.reserved_blocks(s) for s in self.running)
+        used += sum(self.budget.blocks_for(len(slot.tokens)) for slot in self.slots if slot.sequence is None)
+        return self.budget.blocks - used
+
+    def _make_room(self, needed: int, keep: Slot) -> bool:
+        """Forget free slots' prefixes (least recently used first, never `keep`'s) until `needed`
+        blocks beyond `keep`'s are free. Returns whether they are."""
+        free = self.free_blocks() + self.budget.blocks_for(len(keep.tokens))
+        for slot in sorted(self.slots, key=lambda slot: slot.last_used):
+            if free >= needed:
+                break
+            if slot.sequence is None and slot is not keep and slot.tokens:
+                free += self.budget.blocks_for(len(slot.tokens))
+                slot.tokens.clear()
+                self._trim.append((slot.index, 0))
+        return free >= needed
+
+    def _admit(self, sequence: Sequence) -> bool:
+        """Put `sequence` in a free slot; False (nothing changes but forgotten prefixes) when a
+        paged cache cannot reserve its blocks yet."""
         free = [slot for slot in self.slots if slot.sequence is None]
         prompt = sequence.prompt_tokens
         reuse = self.prefix_reuse and not sequence.prompt_logprobs
@@ -140,12 +200,15 @@ class Scheduler:
             return min(n, len(prompt) - 1)  # the last prompt token is always computed: its logits
 
         best = max(free, key=lambda slot: (cached_prefix(slot), -slot.last_used))
+        if self.budget is not None and not self._make_room(self.reserved_blocks(sequence), best):
+            return False
         sequence.cached = sequence.computed = cached_prefix(best)
         del best.tokens[sequence.computed :]
         best.sequence = sequence
         best.last_used = next(self._clock)
         sequence.slot = best.index
         self.running.append(sequence)
+        return True
 
     def prefilled(self, sequence: Sequence, chunk: List[int]) -> None:
         """Record that `chunk` (the next prompt tokens of `sequence`) is now cached."""
@@ -165,6 +228,8 @@ class Scheduler:
             slot.sequence = None
             slot.last_used = next(self._clock)
             sequence.slot = None
+            if self.budget is not None:  # positions past the cached ids (e.g. rejected proposals)
+                self._trim.append((slot.index, len(slot.tokens)))
         sequence.pending = None
         sequence.proposals = []
         if sequence in self.running:
@@ -184,6 +249,8 @@ class Scheduler:
         for slot in self.slots:
             if slot.sequence is None:
                 slot.tokens.clear()
+                if self.budget is not None:
+                    self._trim.append((slot.index, 0))
 
     def free_slots(self) -> int:
         """Slots without a running sequence."""

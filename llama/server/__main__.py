@@ -18,7 +18,7 @@ import uvicorn
 
 from llama import limits
 from llama.cli import model_paths
-from llama.kv_cache import KV_CACHE_DTYPES
+from llama.kv_cache import KV_BLOCK_LEN, KV_CACHE_DTYPES
 from llama.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 from llama.server.state import ServerState
 from llama.speculation import Speculation
@@ -54,6 +54,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help="store the KV cache as int8 codes with one scale per token and head: about half the "
         "memory of a 16-bit cache (default: the --dtype)",
+    )
+    parser.add_argument(
+        "--kv_cache_tokens",
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="page the KV cache: a pool of N positions shared by the slots (in blocks of "
+        f"{KV_BLOCK_LEN}), instead of max_batch_size x max_seq_len; requests wait for room, one that "
+        "could never fit gets 400 (default: no pool)",
     )
     parser.add_argument(
         "--api_key",
@@ -129,6 +139,7 @@ def _build(args: argparse.Namespace, ckpt_dir: str, tokenizer_path: str):
         compile=args.compile,
         draft_ckpt_dir=args.draft,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_tokens=args.kv_cache_tokens,
     )
     # `generate` sets up the compiled decode step on first use; the server drives the engine
     # directly, so it sets it up here (a no-op without --compile).

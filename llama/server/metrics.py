@@ -11,6 +11,10 @@ ENGINE_GAUGES = {
     "codellama_requests_running": ("running", "Requests generating in an engine slot"),
     "codellama_requests_waiting": ("waiting", "Requests queued for a slot"),
     "codellama_free_slots": ("free_slots", "Engine slots free"),
+    "codellama_kv_cache_blocks_free": (
+        "kv_cache_blocks_free",
+        "Blocks of a paged KV cache neither reserved by a running request nor caching a prefix (0 unpaged)",
+    ),
 }
 # Counter name (without `_total`) -> (key of `Engine.stats()`, help): totals the engine keeps
 # since it started, so they only grow.

@@ -108,7 +108,7 @@ class Generation:
         try:
             for choice in range(self._count):
                 prompt = job.prompts[choice // job.n]
-                room = max(engine.max_seq_len - len(prompt), 0)
+                room = max(engine.max_request_positions - len(prompt), 0)
                 max_tokens = job.max_tokens
                 if max_tokens is None:
                     max_tokens = room
@@ -131,7 +131,11 @@ class Generation:
             self.cancel()
             self._release()
             message = str(error)
-            code = "context_length_exceeded" if "context" in message or "max_seq_len" in message else None
+            code = (
+                "context_length_exceeded"
+                if "context" in message or "max_seq_len" in message or "kv_cache_tokens" in message
+                else None
+            )
             param = "max_tokens" if code else None
             if message.startswith("speculative method"):
                 param = "speculative.method"
