@@ -107,8 +107,7 @@ class Llama:
                 can hold its prompt + max_tokens besides the running requests' (it waits
                 otherwise; one that could never fit is refused); memory then follows what the
                 live requests may use, e.g. `max_seq_len=100000` with 8 rows and a pool of
-                131072 positions. Not with `compile` (its decode step reads the table as it is).
-                The draft model's cache stays dense.
+                131072 positions. The draft model's cache stays dense.
 
         Raises:
             FileNotFoundError: missing directory, params.json, shards or tokenizer.
@@ -117,14 +116,8 @@ class Llama:
         """
         started = time.perf_counter()
         kv_cache.check_kv_cache_dtype(kv_cache_dtype)
-        if kv_cache_tokens is not None:
-            if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1:
-                raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
-            if compile:
-                raise ValueError(
-                    "kv_cache_tokens (a paged KV cache) does not work with compile=True yet: the compiled "
-                    "decode step cannot take blocks as rows grow; drop one of them"
-                )
+        if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1):
+            raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
         if not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:

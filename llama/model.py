@@ -463,6 +463,18 @@ class Transformer(nn.Module):
         if self.kv_blocks is not None:
             self.kv_blocks.fit(row, end, shrink)
 
+    def fit_decode_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Before a decode pass: each row of a paged cache holds the blocks of its first `lengths`
+        positions (taking blocks, never giving any back; nothing happens to a dense cache). The
+        eager `forward_decode` does it itself; a compiled one cannot, so its caller does.
+
+        Raises:
+            kv_cache.CacheFull: if the pool has no free block for a row that needs one.
+        """
+        if self.kv_blocks is not None:
+            for row, length in zip(rows, lengths):
+                self.kv_blocks.fit(row, length, shrink=False)
+
     def trim_cache_rows(self, kept: Sequence[Tuple[int, int]]) -> None:
         """For each (row, positions) of `kept`, a paged cache's row keeps the blocks of its first
         `positions` positions only and gives the others back (their positions are never read
@@ -645,8 +657,7 @@ class Transformer(nn.Module):
             host_rows, host_lengths = rows.tolist(), lengths.tolist()
             for row, length in zip(host_rows, host_lengths):
                 self._check_fits(range(row, row + 1), length - 1, length)
-            for row, length in zip(host_rows, host_lengths):
-                self._fit_blocks(row, length, shrink=False)
+            self.fit_decode_rows(host_rows, host_lengths)
             kv_len = max(host_lengths)
             plan = DECODE_ATTENTION.get(tokens.device.type, DEFAULT_DECODE_ATTENTION)
             first = host_rows[0] if host_rows else 0

@@ -329,8 +329,6 @@ def test_a_request_the_pool_can_never_hold_is_refused_and_the_others_run(kernel_
 def test_build_options_of_the_paged_cache(kernel_checkpoint, tokenizer_path):
     with pytest.raises(ValueError, match="positive integer"):
         build(kernel_checkpoint, tokenizer_path, 0)
-    with pytest.raises(ValueError, match="compile"):
-        build(kernel_checkpoint, tokenizer_path, 1024, compile=True)
     llama = build(kernel_checkpoint, tokenizer_path, 1000)  # rounded up to 4 blocks
     assert llama.model.kv_blocks.blocks == 4
     assert llama.model.layers[0].attention.cache_k.shape[:3] == (4, 2, kv_cache.KV_BLOCK_LEN)
@@ -380,3 +378,55 @@ def test_generation_defaults_stay_within_a_pool_smaller_than_max_seq_len(kernel_
     assert paged.engine.max_request_positions == kv_cache.KV_BLOCK_LEN
     tokens, _ = paged.generate([[1, 5, 9, 11]], max_gen_len=1000, temperature=0.0)
     assert len(tokens[0]) <= kv_cache.KV_BLOCK_LEN - 4
+
+
+def test_compiled_decode_over_a_paged_cache_gives_the_eager_dense_tokens(kernel_checkpoint, tokenizer_path):
+    """compile=True with a pool of 2 blocks for 3 rows: the engine takes each step's blocks before
+    the compiled decode pass, which reads them in place; uneven prompts, some waiting for blocks."""
+    prompts = [[1, 5, 9, 12, 40, 7, 3], [1, 22, 8], [1, 30, 31, 32, 33]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as tests/test_compile.py: one thread's sums in both runs
+    try:
+        want, _ = build(kernel_checkpoint, tokenizer_path, None).generate(
+            prompts, max_gen_len=6, temperature=0.0
+        )
+        compiled = build(kernel_checkpoint, tokenizer_path, 2 * kv_cache.KV_BLOCK_LEN, compile=True)
+        got, _ = compiled.generate(prompts, max_gen_len=6, temperature=0.0)
+        assert compiled._compiled_model is not None and got == want
+        held_as_scheduled(compiled)
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+
+
+def test_server_over_a_paged_cache(kernel_checkpoint, tokenizer_path):
+    """The server: a request the pool can never hold gets a 400 context error naming the pool, one
+    without a limit is capped to the pool, and /health and /metrics count the blocks."""
+    from starlette.testclient import TestClient
+
+    from llama.server.app import create_app
+    from llama.server.state import ServerState
+    from llama.tokenizer import Tokenizer
+    from tests.servers import assert_error
+
+    llama = build(kernel_checkpoint, tokenizer_path, kv_cache.KV_BLOCK_LEN)  # 256 positions, max_seq_len 512
+    llama.engine.start()
+    state = ServerState("tiny", max_queue=4)
+    state.set_ready(llama.engine, Tokenizer(str(tokenizer_path)))
+    try:
+        with TestClient(create_app(state), raise_server_exceptions=False) as client:
+            too_long = client.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "def f(x):", "max_tokens": 400}
+            )
+            error = assert_error(too_long, 400, param="max_tokens", code="context_length_exceeded")
+            assert "kv_cache_tokens" in error["message"]
+            until_full = client.post(
+                "/completion", json={"prompt": "def f(x):", "n_predict": -1, "temperature": 0}
+            )
+            assert until_full.status_code == 200, until_full.text
+            assert until_full.json()["tokens_predicted"] <= kv_cache.KV_BLOCK_LEN
+            health = client.get("/health").json()
+            assert health["kv_cache_blocks"] == 1 and health["kv_cache_blocks_free"] in (0, 1)
+            assert "codellama_kv_cache_blocks_free" in client.get("/metrics").text
+    finally:
+        llama.engine.shutdown()

@@ -51,6 +51,10 @@ class Executor:
         if plan.trim:  # a paged cache's rows give back the blocks past what the scheduler keeps
             self.model.trim_cache_rows(plan.trim)
         if plan.decode:
+            if self.decode_fn is not None:  # compiled: the step reads the block table as it finds it
+                self.model.fit_decode_rows(
+                    [slot for slot, _, _ in plan.decode], [p + 1 for _, p, _ in plan.decode]
+                )
             slots, positions, tokens = (torch.tensor(column, device=device) for column in zip(*plan.decode))
             decode = self.decode_fn or self.model.forward_decode
             decode_logits = decode(tokens, slots, positions)
