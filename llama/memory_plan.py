@@ -308,7 +308,9 @@ def smallest_fitting(settings: Settings, devices: Devices, max_mp: int = 64) -> 
 
     In order: the fewest model-parallel ranks at the asked precision; the lightest quantization at
     the asked model-parallel size (int8, then int4); the longest `max_seq_len` and the largest
-    `max_batch_size` that fit with the rest unchanged. Empty if none of these fits.
+    `max_batch_size` that fit with the rest unchanged; the largest paged cache (`kv_cache_tokens`,
+    whole blocks, at least one `max_seq_len` request) that keeps `max_seq_len` and
+    `max_batch_size`. Empty if none of these fits.
     """
     found: List[Tuple[str, Settings]] = []
     limit = max_mp if devices.count is None else min(max_mp, devices.count)
@@ -330,6 +332,15 @@ def smallest_fitting(settings: Settings, devices: Devices, max_mp: int = 64) -> 
     batch = _largest(1, settings.max_batch_size, lambda n: fits(replace(settings, max_batch_size=n), devices))
     if batch is not None and batch < settings.max_batch_size:
         found.append(("largest max_batch_size", replace(settings, max_batch_size=batch)))
+    block = kv_cache.KV_BLOCK_LEN
+    positions = kv_cache_positions(settings)
+    blocks = _largest(
+        -(-settings.max_seq_len // block),  # the pool holds one request of max_seq_len at least
+        -(-positions // block),
+        lambda n: fits(replace(settings, kv_cache_tokens=n * block), devices),
+    )
+    if blocks is not None and blocks * block < positions:
+        found.append(("largest paged KV cache", replace(settings, kv_cache_tokens=blocks * block)))
     return found
 
 

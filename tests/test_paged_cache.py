@@ -348,6 +348,10 @@ def test_plan_counts_the_pool_and_the_flags_take_it(capsys):
     assert "fits" in capsys.readouterr().out
     assert codellama_main(["plan", "--model", "7b", "--max_seq_len", "100000", "--max_batch_size", "8",
                            "--gpu_memory", "80GiB"]) == 1  # fmt: skip
+    # What does fit, keeping the 8 rows of 100k: a pool of 533 blocks (weights 12.6 GiB + 66.6 GiB).
+    assert (
+        "largest paged KV cache: " in (out := capsys.readouterr().out) and "--kv_cache_tokens 136448" in out
+    )
     capsys.readouterr()
     assert codellama_main(["plan", "--model", "7b", "--kv_cache_tokens", "0"]) == 2
     assert "--kv_cache_tokens must be a positive integer" in capsys.readouterr().err
