@@ -434,3 +434,33 @@ def test_server_over_a_paged_cache(kernel_checkpoint, tokenizer_path):
             assert "codellama_kv_cache_blocks_free" in client.get("/metrics").text
     finally:
         llama.engine.shutdown()
+
+
+def test_random_requests_and_cancellations_on_a_small_pool(kernel_checkpoint, tokenizer_path):
+    """12 requests of random lengths (some sharing a prefix, some cancelled after their first
+    token) on a pool of 3 blocks for 3 rows: each finished one gets the tokens it gets alone on a
+    dense cache, and afterwards the table holds exactly what the scheduler counts."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 250, (200,), generator=g).tolist()
+    jobs = []
+    for i in range(12):
+        length = int(torch.randint(1, 300, (1,), generator=g))
+        prompt = (
+            (shared + [i + 3])[: max(length, 1)]
+            if i % 3 == 0
+            else torch.randint(3, 250, (length,), generator=g).tolist()
+        )
+        jobs.append((prompt, int(torch.randint(1, 40, (1,), generator=g)), i % 4 == 1))
+    dense = build(kernel_checkpoint, tokenizer_path, None)
+    want = [run_all(dense, [prompt], max_tokens)[0] for prompt, max_tokens, _ in jobs]
+    paged = build(kernel_checkpoint, tokenizer_path, 3 * kv_cache.KV_BLOCK_LEN)
+    requests = [paged.engine.submit(p, max_tokens=m, default_stop=None) for p, m, _ in jobs]
+    for request, (_, _, cancel) in zip(requests, jobs):
+        if cancel:
+            next(iter(request))
+            request.cancel()
+    for request, expected, (_, _, cancel) in zip(requests, want, jobs):
+        got = request.result().token_ids
+        assert got == expected[: len(got)] if cancel else got == expected
+    paged.engine.step()  # retire the last cancellations
+    held_as_scheduled(paged)
