@@ -464,3 +464,28 @@ def test_random_requests_and_cancellations_on_a_small_pool(kernel_checkpoint, to
         assert got == expected[: len(got)] if cancel else got == expected
     paged.engine.step()  # retire the last cancellations
     held_as_scheduled(paged)
+
+
+def test_a_waiting_request_forgets_no_prefix_it_cannot_use():
+    """The scheduler forgets free slots' prefixes for a request only when that makes room: while the
+    running requests hold the pool, the prefixes stay for reuse."""
+    from llama.engine.scheduler import BlockBudget, Scheduler, Sequence
+
+    scheduler = Scheduler(3, 512, budget=BlockBudget(blocks=4, block_len=64))
+    kept = Sequence(list(range(100)), max_tokens=10)  # 2 blocks
+    scheduler.add(kept)
+    scheduler.schedule()
+    scheduler.prefilled(kept, kept.prompt_tokens)
+    scheduler.release(kept)  # slot 0 keeps 100 ids: 2 blocks
+    running = Sequence(list(range(200, 260)), max_tokens=60)  # 2 blocks, admitted beside the prefix
+    scheduler.add(running)
+    scheduler.schedule()
+    assert running.slot is not None and scheduler.free_blocks() == 0
+    big = Sequence(list(range(300, 400)), max_tokens=100)  # 4 blocks: only once `running` is done
+    scheduler.add(big)
+    step = scheduler.schedule()
+    assert big.slot is None and len(scheduler.slots[0].tokens) == 100  # waiting, the prefix kept
+    assert step.plan.trim == []  # nothing forgotten (the release trimmed slot 0 in the step before)
+    scheduler.release(running)
+    step = scheduler.schedule()
+    assert big.slot is not None and (0, 0) in step.plan.trim  # now forgotten for room

@@ -171,20 +171,23 @@ class Scheduler:
 
     def _make_room(self, needed: int, keep: Slot) -> bool:
         """Forget free slots' prefixes (least recently used first, never `keep`'s) until `needed`
-        blocks beyond `keep`'s are free. Returns whether they are."""
+        blocks beyond `keep`'s are free. Returns whether they are; forgets nothing when even all of
+        them would not make room (the running sequences hold the rest)."""
         free = self.free_blocks() + self.budget.blocks_for(len(keep.tokens))
-        for slot in sorted(self.slots, key=lambda slot: slot.last_used):
+        spare = [s for s in self.slots if s.sequence is None and s is not keep and s.tokens]
+        if free + sum(self.budget.blocks_for(len(s.tokens)) for s in spare) < needed:
+            return False
+        for slot in sorted(spare, key=lambda slot: slot.last_used):
             if free >= needed:
                 break
-            if slot.sequence is None and slot is not keep and slot.tokens:
-                free += self.budget.blocks_for(len(slot.tokens))
-                slot.tokens.clear()
-                self._trim.append((slot.index, 0))
-        return free >= needed
+            free += self.budget.blocks_for(len(slot.tokens))
+            slot.tokens.clear()
+            self._trim.append((slot.index, 0))
+        return True
 
     def _admit(self, sequence: Sequence) -> bool:
-        """Put `sequence` in a free slot; False (nothing changes but forgotten prefixes) when a
-        paged cache cannot reserve its blocks yet."""
+        """Put `sequence` in a free slot; False (nothing changes) when a paged cache cannot reserve
+        its blocks yet."""
         free = [slot for slot in self.slots if slot.sequence is None]
         prompt = sequence.prompt_tokens
         reuse = self.prefix_reuse and not sequence.prompt_logprobs
