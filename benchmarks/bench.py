@@ -10,7 +10,7 @@ engines in one run, alternating them case by case, and reports medians:
   percentage of the bound they imply;
 - with `--context`, prefill and decode tokens/s at batch 1 after prompts of the given lengths.
 
-Engines: this one (bf16, compiled, int8/int4), Hugging Face transformers, and llama.cpp
+Engines: this one (bf16, compiled, over a paged cache, int8/int4), Hugging Face transformers, and llama.cpp
 through `llama-cpp-python` on a GGUF conversion of the same checkpoint (bf16, and q8_0/q4_0
 quantized by llama.cpp; see `llama_cpp_peer.py`), skipped with a message when not installed.
 
@@ -185,7 +185,8 @@ class Engine:
 
 class CodeLlamaEngine(Engine):
     """This engine on the bf16 weights, or (`quantize`) on int8/int4 weights quantized while loading,
-    then with the device's default activation dtype (fp32 on CPUs without bf16 instructions)."""
+    then with the device's default activation dtype (fp32 on CPUs without bf16 instructions); with
+    `kv_cache_tokens`, over a paged KV cache of that many positions."""
 
     def __init__(
         self,
@@ -195,11 +196,14 @@ class CodeLlamaEngine(Engine):
         quantize: Optional[str] = None,
         max_seq_len: int = MAX_SEQ_LEN,
         max_batch: int = MAX_BATCH,
+        kv_cache_tokens: Optional[int] = None,
     ):
         from llama import Llama
 
         self.name = name
         kwargs = {"compile": True} if compile else {}
+        if kv_cache_tokens is not None:
+            kwargs["kv_cache_tokens"] = kv_cache_tokens
         if quantize is not None:
             kwargs.update(quantize=quantize, dtype=None)
         else:
@@ -363,6 +367,7 @@ LLAMA_CPP = "llama.cpp"
 ENGINES = (
     "codellama",
     "codellama-compile",
+    "codellama-paged",
     "codellama-int8",
     "codellama-int4",
     "transformers",
@@ -396,7 +401,9 @@ def make_engine(name: str, ckpt: Path, max_seq_len: int = MAX_SEQ_LEN, max_batch
         return LlamaCppEngine(ckpt, kind, max_seq_len, max_batch)
     compile = name == "codellama-compile"
     quantize = name.removeprefix("codellama-") if name.startswith("codellama-int") else None
-    return CodeLlamaEngine(ckpt, name, compile, quantize, max_seq_len, max_batch)
+    # A paged cache of half the dense positions (at least one max_seq_len request).
+    pool = max_seq_len * max(1, max_batch // 2) if name == "codellama-paged" else None
+    return CodeLlamaEngine(ckpt, name, compile, quantize, max_seq_len, max_batch, kv_cache_tokens=pool)
 
 
 # ---------------------------------------------------------------------------------------------
