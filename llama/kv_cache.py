@@ -298,6 +298,19 @@ class _Addressing:
             return rows
         return torch.arange(rows.start or 0, (rows.start or 0) + batch, device=device)
 
+    def _copy_positions(self, tensors: Sequence[torch.Tensor], source: int, row: int, count: int) -> None:
+        """Positions 0 .. count - 1 of row `source` of each of `tensors` into row `row` (from
+        blocks: whole blocks, the last one's later positions too, which `row` writes before it
+        reads them)."""
+        if self.blocks is None:
+            for tensor in tensors:
+                tensor[row, :, :count] = tensor[source, :, :count]
+            return
+        blocks = -(-count // self.blocks.block_len)
+        copied, into = self.blocks.table[source, :blocks], self.blocks.table[row, :blocks]
+        for tensor in tensors:
+            tensor[into] = tensor[copied]
+
     def _table(self, row: Optional[int] = None) -> Optional[torch.Tensor]:
         """The kernels' block table (of one row for prefill), None without blocks."""
         if self.blocks is None:
@@ -347,6 +360,11 @@ class DenseKVCache(_Addressing):
         index = self._rows_index(rows, positions, k.shape[0], k.device)
         self.keys[index] = self._rows_value(k, positions)
         self.values[index] = self._rows_value(v, positions)
+
+    def copy_positions(self, source: int, row: int, count: int) -> None:
+        """Copy the keys and values of positions 0 .. count - 1 of row `source` into row `row`
+        (a paged cache's table holds `row`'s blocks for them already)."""
+        self._copy_positions((self.keys, self.values), source, row, count)
 
     def read(self, rows: Rows, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions 0 .. length - 1 of `rows` (views; copies from blocks):
@@ -433,6 +451,12 @@ class Int8KVCache(_Addressing):
         `DenseKVCache.write_rows`)."""
         index = self._rows_index(rows, positions, k.shape[0], k.device)
         self._store(index, self._rows_value(k, positions), self._rows_value(v, positions))
+
+    def copy_positions(self, source: int, row: int, count: int) -> None:
+        """Copy the codes and scales of positions 0 .. count - 1 of row `source` into row `row`
+        (see `DenseKVCache.copy_positions`)."""
+        tensors = (self.keys, self.values, self.key_scales, self.value_scales)
+        self._copy_positions(tensors, source, row, count)
 
     def read(self, rows: Rows, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 .. length - 1 of `rows`, dequantized into new tensors in the activation

@@ -475,6 +475,18 @@ class Transformer(nn.Module):
             for row, length in zip(rows, lengths):
                 self.kv_blocks.fit(row, length, shrink=False)
 
+    def copy_cache_positions(self, source: int, row: int, positions: int) -> None:
+        """Copy the keys and values of positions 0 .. positions - 1 of cache row `source` into row
+        `row` in every layer (a prefix `row`'s sequence shares with `source`'s), instead of
+        computing them again.
+
+        Raises:
+            kv_cache.CacheFull: if a paged cache has no free blocks for `row`.
+        """
+        self._fit_blocks(row, positions, shrink=True)
+        for layer in self.layers:
+            layer.attention.kv_cache.copy_positions(source, row, positions)
+
     def trim_cache_rows(self, kept: Sequence[Tuple[int, int]]) -> None:
         """For each (row, positions) of `kept`, a paged cache's row keeps the blocks of its first
         `positions` positions only and gives the others back (their positions are never read

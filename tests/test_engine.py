@@ -396,3 +396,53 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_the_next(engine
         assert engine.submit(ps[0], max_tokens=5, default_stop=None).result().token_ids == expected
     finally:
         engine.shutdown()
+
+
+def counting_prefill(engine: Engine, monkeypatch) -> List[int]:
+    """Make `engine`'s model count the prompt tokens its prefill passes compute (the list's sum)."""
+    counted: List[int] = []
+    original = engine.model.forward_segments
+
+    def forward_segments(tokens, segments, **kwargs):
+        counted.append(int(tokens.numel()))
+        return original(tokens, segments, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward_segments", forward_segments)
+    return counted
+
+
+def test_requests_sharing_a_prompt_prefill_it_once(engine, sp, monkeypatch):
+    """Three requests with one prompt submitted together (a request's n choices): the first
+    prefills it, the others wait for it, then copy its keys and values (all but the last prompt
+    token) from its slot; each gets the tokens it gets alone."""
+    prompt = prompts(sp)[1] + prompts(sp)[3][1:]
+    assert len(prompt) > 16 + 1
+    expected = alone(engine, prompt, 6)
+    engine.forget_prefixes()
+    counted = counting_prefill(engine, monkeypatch)
+    requests = [engine.submit(prompt, max_tokens=6, default_stop=None) for _ in range(3)]
+    done = [r.result() for r in requests]
+    assert [d.token_ids for d in done] == [expected] * 3
+    assert [d.usage.cached_tokens for d in done] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert sum(counted) == len(prompt) + 2  # once, and the last token of each copy
+
+
+def test_a_running_request_lends_its_prefix_and_others_go_first_meanwhile(engine, sp, monkeypatch):
+    """A request sharing 20+ ids with one that is decoding copies them from its slot; a request
+    sharing a prefix still being prefilled waits, while an unrelated one behind it is admitted."""
+    engine.prefill_chunk = 8
+    ps = prompts(sp)
+    long_prompt = ps[1] + ps[3][1:] + ps[0][1:]
+    sharing = long_prompt[:20] + ps[2][1:]
+    expected = {tuple(p): alone(engine, p, 6) for p in (long_prompt, sharing, ps[4])}
+    engine.forget_prefixes()
+    first = engine.submit(long_prompt, max_tokens=6, default_stop=None)
+    engine.step()  # 8 of its ids computed
+    waiting = engine.submit(sharing, max_tokens=6, default_stop=None)
+    other = engine.submit(ps[4], max_tokens=6, default_stop=None)
+    engine.step()
+    assert waiting.slot is None and other.slot is not None  # waits for the 20 shared ids; the other goes
+    for request, prompt in ((first, long_prompt), (waiting, sharing), (other, ps[4])):
+        assert request.result().token_ids == expected[tuple(prompt)]
+    shared = common_prefix(sharing, long_prompt)
+    assert shared >= 20 and waiting.result().usage.cached_tokens == shared

@@ -489,3 +489,26 @@ def test_a_waiting_request_forgets_no_prefix_it_cannot_use():
     scheduler.release(running)
     step = scheduler.schedule()
     assert big.slot is not None and (0, 0) in step.plan.trim  # now forgotten for room
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_shared_prompt_is_copied_between_rows_of_either_cache(
+    kernel_checkpoint, tokenizer_path, paged, kv_cache_dtype
+):
+    """Three requests with one 300-token prompt at once: one prefill, two copies of its rows
+    (dense rows, or blocks of a paged cache; bf16 or int8 codes and scales), the solo tokens."""
+    prompt = torch.randint(3, 250, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    llama = Llama.build(
+        str(kernel_checkpoint), str(tokenizer_path), 512, 3, dtype="bfloat16",
+        kv_cache_dtype=kv_cache_dtype, kv_cache_tokens=6 * kv_cache.KV_BLOCK_LEN if paged else None,
+    )  # fmt: skip
+    llama.engine.prefix_reuse = False
+    expected = run_all(llama, [prompt], 8)[0]
+    llama.engine.prefix_reuse = True
+    llama.engine.forget_prefixes()
+    requests = [llama.engine.submit(prompt, max_tokens=8, default_stop=None) for _ in range(3)]
+    assert [r.result().token_ids for r in requests] == [expected] * 3
+    assert [r.usage().cached_tokens for r in requests] == [0, 299, 299]
+    if paged:
+        held_as_scheduled(llama)

@@ -20,7 +20,7 @@ import torch
 from llama import distributed, limits
 from llama.engine.executor import Executor
 from llama.engine.request import Request, check_options, check_prompt
-from llama.engine.scheduler import BlockBudget, Plan, Scheduler, Step
+from llama.engine.scheduler import BlockBudget, Plan, Scheduler, Step, common_prefix
 from llama.engine.stream import Event
 from llama.model import Transformer
 from llama.sampling import RowSampler, SamplingParams, sample_rows, sampling_probabilities, token_logprobs
@@ -379,7 +379,7 @@ class Engine:
         for request, _ in drafting:
             target = self.scheduler.slots[request.slot].tokens
             held = self._draft_tokens[request.slot]
-            n = _common_prefix(held, target)
+            n = common_prefix(held, target)
             missing = list(target[n:])
             if len(missing) >= limits.SPECULATION_ROWS:
                 catch_up.append((request.slot, n, missing))
@@ -600,15 +600,3 @@ class Engine:
         with self._lock:
             self.scheduler.release(request)
         request.stream.publish(event)
-
-
-def _common_prefix(a: List[int], b: List[int]) -> int:
-    """How many leading ids `a` and `b` share. The draft's record usually differs from the main
-    model's only in its last few ids, so the long equal head is compared at C speed first."""
-    n = min(len(a), len(b))
-    tail = max(n - 2 * limits.SPECULATION_ROWS, 0)
-    if a[:tail] != b[:tail]:
-        tail = 0
-    while tail < n and a[tail] == b[tail]:
-        tail += 1
-    return tail

@@ -50,6 +50,8 @@ class Executor:
         decode_logits = prefill_logits = None
         if plan.trim:  # a paged cache's rows give back the blocks past what the scheduler keeps
             self.model.trim_cache_rows(plan.trim)
+        for source, row, positions in plan.copy:  # prefixes other slots computed
+            self.model.copy_cache_positions(source, row, positions)
         if plan.decode:
             if self.decode_fn is not None:  # compiled: the step reads the block table as it finds it
                 self.model.fit_decode_rows(

@@ -12,12 +12,24 @@ runs out of blocks mid-way, it waits instead. Prefixes kept by free slots count 
 request needs their room; then the least recently used are forgotten. The plan tells the model
 which rows to trim (a finished request's row keeps the blocks of its cached ids; a forgotten one
 none), so the model's table matches this count.
+
+Prefixes computed by running requests are shared too: a prompt that starts with at least
+`COPY_MIN_TOKENS` more ids than a free slot caches, computed in a running request's slot, has them
+copied into its own slot (the plan's `copy`) instead of recomputed; and a prompt sharing such a
+prefix with a request still prefilling it waits until that prefix is computed (later requests may
+go first meanwhile). Several choices of one prompt (`n`) thus prefill it once.
 """
 
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional, Tuple
+
+# Fewest shared ids worth copying from another slot (or waiting for) instead of recomputing.
+COPY_MIN_TOKENS = 16
+# What `Scheduler._admit` did: admitted, waiting for a paged cache's blocks (first come, first
+# served), or waiting for a running request to compute a shared prefix (others may go first).
+ADMITTED, WAIT_BLOCKS, WAIT_PREFIX = "admitted", "wait_blocks", "wait_prefix"
 
 
 @dataclass(eq=False)
@@ -59,6 +71,7 @@ class Plan:
     prefill: List[Tuple[int, int, List[int]]]  # (slot, start position, tokens)
     all_logits: bool = False  # prefill logits at every position (prompt log-probabilities)
     trim: List[Tuple[int, int]] = field(default_factory=list)  # (slot, positions kept), before the passes
+    copy: List[Tuple[int, int, int]] = field(default_factory=list)  # (from slot, to slot, positions), then
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ class Scheduler:
         self.running: List[Sequence] = []  # in admission order
         self._clock = itertools.count(1)
         self._trim: List[Tuple[int, int]] = []  # for the next plan
+        self._copy: List[Tuple[int, int, int]] = []  # for the next plan
 
     def has_work(self) -> bool:
         """True while any sequence waits or runs."""
@@ -129,13 +143,19 @@ class Scheduler:
         for sequence in cancelled_running:
             self.release(sequence)
         retired += cancelled_running
-        while self.waiting and len(self.running) < len(self.slots) and self._admit(self.waiting[0]):
-            self.waiting.popleft()
+        for sequence in list(self.waiting):
+            if len(self.running) == len(self.slots):
+                break
+            outcome = self._admit(sequence)
+            if outcome == ADMITTED:
+                self.waiting.remove(sequence)
+            elif outcome == WAIT_BLOCKS:
+                break
         if not self.running:
             return Step(retired)
         decoding = [s for s in self.running if s.pending is not None]
-        plan = Plan(decode=[], prefill=[], trim=self._trim)
-        self._trim = []
+        plan = Plan(decode=[], prefill=[], trim=self._trim, copy=self._copy)
+        self._trim, self._copy = [], []
         for s in decoding:  # the fed token, then any proposals at the positions after it
             position = len(s.prompt_tokens) + len(s.generated) - 1
             for i, token in enumerate([s.pending] + s.proposals):
@@ -169,12 +189,12 @@ class Scheduler:
         used += sum(self.budget.blocks_for(len(slot.tokens)) for slot in self.slots if slot.sequence is None)
         return self.budget.blocks - used
 
-    def _make_room(self, needed: int, keep: Slot) -> bool:
-        """Forget free slots' prefixes (least recently used first, never `keep`'s) until `needed`
-        blocks beyond `keep`'s are free. Returns whether they are; forgets nothing when even all of
-        them would not make room (the running sequences hold the rest)."""
+    def _make_room(self, needed: int, keep: Slot, source: Optional[Slot]) -> bool:
+        """Forget free slots' prefixes (least recently used first, never `keep`'s or `source`'s)
+        until `needed` blocks beyond `keep`'s are free. Returns whether they are; forgets nothing
+        when even all of them would not make room (the running sequences hold the rest)."""
         free = self.free_blocks() + self.budget.blocks_for(len(keep.tokens))
-        spare = [s for s in self.slots if s.sequence is None and s is not keep and s.tokens]
+        spare = [s for s in self.slots if s.sequence is None and s not in (keep, source) and s.tokens]
         if free + sum(self.budget.blocks_for(len(s.tokens)) for s in spare) < needed:
             return False
         for slot in sorted(spare, key=lambda slot: slot.last_used):
@@ -185,33 +205,42 @@ class Scheduler:
             self._trim.append((slot.index, 0))
         return True
 
-    def _admit(self, sequence: Sequence) -> bool:
-        """Put `sequence` in a free slot; False (nothing changes) when a paged cache cannot reserve
-        its blocks yet."""
+    def _admit(self, sequence: Sequence) -> str:
+        """Put `sequence` in a free slot (ADMITTED), reusing the longest prefix it shares with a
+        free slot's ids or, copied, with a running request's; or leave everything as it is and
+        say why it waits (WAIT_BLOCKS, WAIT_PREFIX)."""
         free = [slot for slot in self.slots if slot.sequence is None]
         prompt = sequence.prompt_tokens
         reuse = self.prefix_reuse and not sequence.prompt_logprobs
 
-        def cached_prefix(slot: Slot) -> int:
+        def shared_prefix(ids: List[int]) -> int:
             if not reuse:
                 return 0
-            n = 0
-            for cached, wanted in zip(slot.tokens, prompt):
-                if cached != wanted:
-                    break
-                n += 1
-            return min(n, len(prompt) - 1)  # the last prompt token is always computed: its logits
+            # The last prompt token is always computed: its logits.
+            return min(common_prefix(ids, prompt), len(prompt) - 1)
 
-        best = max(free, key=lambda slot: (cached_prefix(slot), -slot.last_used))
-        if self.budget is not None and not self._make_room(self.reserved_blocks(sequence), best):
-            return False
-        sequence.cached = sequence.computed = cached_prefix(best)
-        del best.tokens[sequence.computed :]
+        best = max(free, key=lambda slot: (shared_prefix(slot.tokens), -slot.last_used))
+        cached, source = shared_prefix(best.tokens), None
+        for other in self.running:
+            computing = shared_prefix(other.prompt_tokens)
+            if computing >= cached + COPY_MIN_TOKENS and other.computed < computing:
+                return WAIT_PREFIX  # it is computing a longer shared prefix: copy it once done
+            slot = self.slots[other.slot]
+            if shared_prefix(slot.tokens) >= cached + COPY_MIN_TOKENS:
+                cached, source = shared_prefix(slot.tokens), slot
+        if self.budget is not None and not self._make_room(self.reserved_blocks(sequence), best, source):
+            return WAIT_BLOCKS
+        sequence.cached = sequence.computed = cached
+        if source is None:
+            del best.tokens[cached:]
+        else:
+            best.tokens = source.tokens[:cached]
+            self._copy.append((source.index, best.index, cached))
         best.sequence = sequence
         best.last_used = next(self._clock)
         sequence.slot = best.index
         self.running.append(sequence)
-        return True
+        return ADMITTED
 
     def prefilled(self, sequence: Sequence, chunk: List[int]) -> None:
         """Record that `chunk` (the next prompt tokens of `sequence`) is now cached."""
@@ -258,3 +287,15 @@ class Scheduler:
     def free_slots(self) -> int:
         """Slots without a running sequence."""
         return sum(slot.sequence is None for slot in self.slots)
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    """How many leading ids `a` and `b` share. Records that share a long head (a slot's ids and a
+    prompt, the draft's and the main model's) are compared at C speed first, a block at a time."""
+    n, same = min(len(a), len(b)), 0
+    step = 256
+    while same + step <= n and a[same : same + step] == b[same : same + step]:
+        same += step
+    while same < n and a[same] == b[same]:
+        same += 1
+    return same
