@@ -58,17 +58,23 @@ def aligned(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
     return out.copy_(tensor)
 
 
+def thp_setting() -> Optional[str]:
+    """The system's transparent huge page setting as `THP_SETTING` reads (e.g. "always [madvise]
+    never"), or None where there is none."""
+    try:
+        return THP_SETTING.read_text().strip()
+    except OSError:
+        return None
+
+
 def huge_pages_refusal() -> Optional[str]:
     """None when weights are placed on transparent huge pages here (Linux, the setting `always`
     or `madvise` in `THP_SETTING`, Python's `mmap.MADV_HUGEPAGE`, and not turned off with
     `CODELLAMA_HUGE_PAGES=0`, which saves the copy at load); otherwise why not, in a few words."""
     if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0":
         return f"{HUGE_PAGES_SWITCH}=0"
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return "no transparent huge pages on this system"
-    try:
-        setting = THP_SETTING.read_text()
-    except OSError:
+    setting = thp_setting()
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE") or setting is None:
         return "no transparent huge pages on this system"
     if "[always]" in setting or "[madvise]" in setting:
         return None

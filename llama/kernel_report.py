@@ -223,10 +223,7 @@ def report(prove_torch: bool = True) -> str:
 
 def weight_placement() -> str:
     """Where loading puts the linear layers' weights on the CPU (`alignment.place_weight`)."""
-    try:
-        setting = alignment.THP_SETTING.read_text().strip()
-    except OSError:
-        setting = "not reported by this system"
+    setting = alignment.thp_setting() or "not reported by this system"
     refusal = alignment.huge_pages_refusal()
     if refusal is None:
         return (

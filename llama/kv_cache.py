@@ -236,8 +236,7 @@ class BlockTable:
         if isinstance(rows, int):
             where = torch.arange(start, start + count, device=device)
             return self.table[rows, where // self.block_len], where % self.block_len
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start or 0, (rows.start or 0) + count, device=device)
+        rows = _row_indices(rows, count, device)
         where = start if isinstance(start, torch.Tensor) else torch.full((count,), start, device=device)
         return self.table[rows, where // self.block_len], where % self.block_len
 
@@ -294,9 +293,7 @@ class _Addressing:
 
     def _kernel_rows(self, rows: Union[slice, torch.Tensor], batch: int, device: torch.device):
         """The rows argument of the decode kernels: a slice stays a view of the rows without a table."""
-        if self.blocks is None or not isinstance(rows, slice):
-            return rows
-        return torch.arange(rows.start or 0, (rows.start or 0) + batch, device=device)
+        return rows if self.blocks is None else _row_indices(rows, batch, device)
 
     def _copy_positions(self, tensors: Sequence[torch.Tensor], source: int, row: int, count: int) -> None:
         """Positions 0 .. count - 1 of row `source` of each of `tensors` into row `row` (from
@@ -544,9 +541,14 @@ def _row_position_index(rows: Rows, positions: Positions, batch: int, device: to
     """The cache index of one token for each of `batch` rows (see `write_rows`)."""
     if isinstance(positions, int):  # a slice, not an index: compiles once for all positions
         return (rows, slice(None), slice(positions, positions + 1))
-    if isinstance(rows, slice):  # one position per row of a contiguous range
-        rows = torch.arange(rows.start or 0, (rows.start or 0) + batch, device=device)
-    return (rows, slice(None), positions)
+    return (_row_indices(rows, batch, device), slice(None), positions)  # one position per row
+
+
+def _row_indices(rows: Union[slice, torch.Tensor], count: int, device: torch.device) -> torch.Tensor:
+    """`rows` as a [count] index tensor (a slice names `count` consecutive rows from its start)."""
+    if isinstance(rows, slice):
+        return torch.arange(rows.start or 0, (rows.start or 0) + count, device=device)
+    return rows
 
 
 def _at_position(x: torch.Tensor, positions: Positions) -> torch.Tensor:

@@ -471,9 +471,8 @@ class Transformer(nn.Module):
         Raises:
             kv_cache.CacheFull: if the pool has no free block for a row that needs one.
         """
-        if self.kv_blocks is not None:
-            for row, length in zip(rows, lengths):
-                self.kv_blocks.fit(row, length, shrink=False)
+        for row, length in zip(rows, lengths):
+            self._fit_blocks(row, length, shrink=False)
 
     def copy_cache_positions(self, source: int, row: int, positions: int) -> None:
         """Copy the keys and values of positions 0 .. positions - 1 of cache row `source` into row
@@ -491,9 +490,8 @@ class Transformer(nn.Module):
         """For each (row, positions) of `kept`, a paged cache's row keeps the blocks of its first
         `positions` positions only and gives the others back (their positions are never read
         again); a dense cache is left as it is."""
-        if self.kv_blocks is not None:
-            for row, positions in kept:
-                self.kv_blocks.fit(row, positions)
+        for row, positions in kept:
+            self._fit_blocks(row, positions, shrink=True)
 
     def _check_fits(self, rows: range, first_pos: int, end_pos: int) -> None:
         max_seq_len, max_batch = self.params.max_seq_len, self.params.max_batch_size

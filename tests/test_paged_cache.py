@@ -12,7 +12,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama import Llama, distributed, kernels, kv_cache, memory_plan
 from llama.commands.entry import main as codellama_main
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, pack_segments
 from llama.server.__main__ import parse_args as server_args
 from tests.test_kernels import variant  # noqa: F401  (the fixture: each kernel variant this CPU runs)
 from tests.test_kv_cache import linux_only, resident_bytes
@@ -220,14 +220,16 @@ def test_paged_model_logits_equal_the_dense_cache(kv_cache_dtype, use_kernels):
         for model in (dense, paged):
             with torch.inference_mode():
                 segments = [(0, 0, 200), (2, 0, 40)]
-                first = model.forward_segments(torch.cat([prompt[:200], prompt[:40]]), _segments(segments))
-                second = model.forward_segments(prompt[200:300], _segments([(0, 200, 100)]))
+                first = model.forward_segments(
+                    torch.cat([prompt[:200], prompt[:40]]), pack_segments(segments)
+                )
+                second = model.forward_segments(prompt[200:300], pack_segments([(0, 200, 100)]))
                 steps = [
                     model.forward_decode(torch.tensor([5, 9]), torch.tensor([0, 2]), torch.tensor([300, 40])),
                     model.forward_decode(torch.tensor([7]), torch.tensor([2]), torch.tensor([41])),
                 ]
                 reused = model.forward_segments(
-                    prompt[20:30], _segments([(0, 20, 10)])
+                    prompt[20:30], pack_segments([(0, 20, 10)])
                 )  # row 0 restarts at 20
                 step = model.forward_decode(torch.tensor([3]), torch.tensor([0]), torch.tensor([30]))
             outputs.append([first, second, *steps, reused, step])
@@ -236,12 +238,6 @@ def test_paged_model_logits_equal_the_dense_cache(kv_cache_dtype, use_kernels):
         assert paged.kv_blocks.held(0) == 1 and paged.kv_blocks.held(2) == 1  # row 0 gave one back
     finally:
         kernels.set_enabled(True)
-
-
-def _segments(chunks):
-    from llama.model import pack_segments
-
-    return pack_segments(chunks)
 
 
 # ---------------------------------------------------------------------------------------------

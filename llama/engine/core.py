@@ -245,12 +245,10 @@ class Engine:
         with self._lock:
             running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
             free = self.scheduler.free_slots()
-            paged = {}
-            if (
-                self.scheduler.budget is not None
-            ):  # a paged cache: blocks neither reserved nor caching a prefix
+            budget, paged = self.scheduler.budget, {}
+            if budget is not None:
                 paged = {
-                    "kv_cache_blocks": self.scheduler.budget.blocks,
+                    "kv_cache_blocks": budget.blocks,
                     "kv_cache_blocks_free": self.scheduler.free_blocks(),
                 }
         return {

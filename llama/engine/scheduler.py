@@ -226,8 +226,9 @@ class Scheduler:
             if computing >= cached + COPY_MIN_TOKENS and other.computed < computing:
                 return WAIT_PREFIX  # it is computing a longer shared prefix: copy it once done
             slot = self.slots[other.slot]
-            if shared_prefix(slot.tokens) >= cached + COPY_MIN_TOKENS:
-                cached, source = shared_prefix(slot.tokens), slot
+            computed = shared_prefix(slot.tokens)
+            if computed >= cached + COPY_MIN_TOKENS:
+                cached, source = computed, slot
         if self.budget is not None and not self._make_room(self.reserved_blocks(sequence), best, source):
             return WAIT_BLOCKS
         sequence.cached = sequence.computed = cached
