@@ -15,6 +15,10 @@ context, free of the drift between processes.
 `--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
 off (one call per weight, torch's norm operations), alternating with the default in the same
 process: the before/after of those two changes, free of the drift between processes.
+`--layer-by-layer` also times every weight kind with the decode step run layer by layer from Python
+(`Transformer.fuse_decode_layers` off) instead of in one kernel call per layer (`llama.fused_decode`),
+alternating in the same way: what the one-call step saves. Inside the one-call step the kernels
+are not timed apart: its time shows as "one call per layer".
 `--placement` also times every weight kind with its weights left where torch allocated them
 (base pages) instead of placed on huge pages as loading places them (`llama.alignment`),
 alternating in the same way.
@@ -49,6 +53,7 @@ from llama.model import Transformer  # noqa: E402
 TIMED = {
     "gemv": ("_gemv", "_gemv_int8", "_gemv_int4", "_fused_gemv", "_gemv_int8_fused", "_gemv_int4_fused"),
     "attention+rotary": ("_decode_attention", "rotary"),
+    "one call per layer": ("decode_layer",),
 }
 
 
@@ -193,6 +198,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
     parser.add_argument("--separate", action="store_true", help="also time without fusing (see above)")
     parser.add_argument(
+        "--layer-by-layer", action="store_true", help="also time the step layer by layer (see above)"
+    )
+    parser.add_argument(
         "--placement", action="store_true", help="also time with weights off huge pages (see above)"
     )
     parser.add_argument(
@@ -212,11 +220,13 @@ def main(argv: List[str] = None) -> None:
     runs = [(kind, "default") for kind in kinds]
     runs += [(kind, "separate") for kind in kinds if opts.separate]
     runs += [(kind, "base pages") for kind in kinds if opts.placement]
+    runs += [(kind, "layer by layer") for kind in kinds if opts.layer_by_layer]
     models = {}
     for kind, setting in runs:
         with huge_pages(setting != "base pages"):
             model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
             models[kind, setting] = model if kind == "bf16" else quantize_linears(model, kind)
+            model.fuse_decode_layers = setting != "layer by layer"
     clock = KernelClock()
     samples: Dict[tuple, List[Dict[str, float]]] = {run: [] for run in runs}
     with torch.inference_mode():
@@ -233,8 +243,8 @@ def main(argv: List[str] = None) -> None:
                         )
         finally:
             clock.uninstall()
-        print("| weights | step ms | GEMV ms | attention+rotary ms | rest ms |")
-        print("|---|---|---|---|---|")
+        print("| weights | step ms | GEMV ms | attention+rotary ms | one call per layer ms | rest ms |")
+        print("|---|---|---|---|---|---|")
         for kind, setting in runs:
             cells = median_ms(samples[kind, setting])
             label = kind if setting == "default" else f"{kind}, {setting}"
@@ -267,9 +277,10 @@ def compare_contexts(opts: argparse.Namespace) -> None:
         finally:
             clock.uninstall()
     print(
-        "| context | step ms | GEMV ms | attention+rotary ms | rest ms | tokens/s vs the shortest context |"
+        "| context | step ms | GEMV ms | attention+rotary ms | one call per layer ms | rest ms "
+        "| tokens/s vs the shortest context |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     shortest = statistics.median(s["step"] for s in samples[contexts[0]])
     for context in contexts:
         cells = median_ms(samples[context])

@@ -96,6 +96,8 @@ ENTRY_POINTS = {
     "codellama_gemv_int8_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "codellama_gemv_int4_fused": [_PTR, _I64, _INT, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _INT],
     "codellama_rms_norm_bf16": [_PTR, _I64] * 4 + [_I64, _I64, _FLOAT, _INT, _INT],
+    # A decoder layer of a decode step: the tables of decode_layer.h.
+    "codellama_decode_layer": [_PTR, _PTR, _PTR, _INT, _INT],
 }
 
 

@@ -143,6 +143,22 @@ def _rotary_path(dtype: torch.dtype) -> str:
     return f"codellama rotary kernel ({kernels.variant()})" if used else "torch elementwise operations"
 
 
+def _decode_step_path(dtype: torch.dtype) -> str:
+    """How an eager decode step on one rank with a cache in `dtype` runs its layers (`llama.fused_decode`)."""
+    x, weight = torch.zeros(1, 1, 128, dtype=dtype), torch.zeros(128, 128, dtype=dtype)
+    queries, cache = torch.zeros(1, 1, 2, 64, dtype=dtype), torch.zeros(1, 1, 64, 64, dtype=dtype)
+    one_call = (
+        dtype == torch.bfloat16
+        and kernels.kernel_applies(x, weight)
+        and kernels.rms_norm_applies(x, weight[0])
+        and kernels.rotary_applies(queries, torch.zeros(1, 1, 1, 32))
+        and kernels.attention_applies(queries[:, 0], cache)
+    )
+    if one_call:
+        return f"one codellama decode-layer call per layer ({kernels.variant()}), silu(gate) * up by torch"
+    return "layer by layer: one call per operation above"
+
+
 def _quantized_path(mode: str, rows: int, dtype: torch.dtype) -> str:
     scheme = quantization.make_scheme(mode, 32 if mode == "int4" else None)
     parts = quantization.quantize(torch.zeros(64, 64), scheme)
@@ -165,6 +181,7 @@ def operation_paths() -> List[Tuple[str, str, str]]:
         paths.append(("decode attention", label, _attention_path(dtype, prefill=False)))
         paths.append(("prefill attention", label, _attention_path(dtype, prefill=True)))
         paths.append(("rotary", label, _rotary_path(dtype)))
+        paths.append(("decode step (1-8 rows, one rank)", label, _decode_step_path(dtype)))
         paths.append(("int8 KV cache: decode attention", label, _int8_cache_attention_path(dtype, False)))
         paths.append(("int8 KV cache: prefill attention", label, _int8_cache_attention_path(dtype, True)))
     for mode in ("int8", "int4"):

@@ -334,9 +334,12 @@ MAX_FUSED = 4
 _FUSED_FIELDS = 5  # int64 per weight in a call's table (FUSED_FIELDS in common.h)
 
 
-def _fused_table(weights: List[torch.Tensor], rows: List[int], scales: Optional[List[torch.Tensor]] = None):
+def fused_table(
+    weights: Sequence[torch.Tensor], rows: Sequence[int], scales: Optional[Sequence[torch.Tensor]] = None
+) -> ctypes.Array:
     """The table the fused entry points read (llama/csrc/common.h): per weight its address, the
-    elements its storage holds from there, its output rows, and its scales' address and elements."""
+    elements its storage holds from there, its output rows, and its scales' address and elements.
+    The caller keeps the tensors alive as long as the table is used."""
     values: List[int] = []
     for i, weight in enumerate(weights):
         scale = scales[i] if scales is not None else None
@@ -360,7 +363,7 @@ def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
         f"codellama_gemv_{_KERNEL_DTYPES[x.dtype]}_fused",
         x.data_ptr(),
         _elements(x),
-        _fused_table(weights, sizes),
+        fused_table(weights, sizes),
         len(weights),
         out.data_ptr(),
         _elements(out),
@@ -558,7 +561,7 @@ def _gemv_int8_fused(x: torch.Tensor, codes: List[torch.Tensor], scales: List[to
         x.data_ptr(),
         _elements(x),
         int(x.dtype == torch.bfloat16),
-        _fused_table(codes, sizes, scales),
+        fused_table(codes, sizes, scales),
         len(codes),
         out.data_ptr(),
         _elements(out),
@@ -591,7 +594,7 @@ def _gemv_int4_fused(
         x.data_ptr(),
         _elements(x),
         int(x.dtype == torch.bfloat16),
-        _fused_table(packed, out_features),
+        fused_table(packed, out_features),
         len(packed),
         out.data_ptr(),
         _elements(out),
@@ -1305,6 +1308,31 @@ def rms_norm(
         unsupported=f"torch vectors of {lanes} lanes",
     )
     return out
+
+
+# The int64 fields of a decode layer's and a decode step's tables (llama/csrc/decode_layer.h).
+DECODE_LAYER_FIELDS = 36
+DECODE_STEP_FIELDS = 14
+
+
+def decode_layer(finish: Optional[ctypes.Array], layer: Optional[ctypes.Array], step: ctypes.Array) -> None:
+    """One call of the decode-layer kernel (`llama.fused_decode` builds the tables): with `finish`
+    (a layer's table), h += w2(activated) of that layer; then, with `layer`, that layer up to its
+    feed-forward's gate and up projections. The step's buffers are updated in place.
+
+    Raises:
+        ValueError: if a table's sizes do not fit its buffers or a position is outside the cache
+            (for a position: nothing of that layer's cache written).
+        RuntimeError: for more than `MAX_ROWS` rows or a shape the kernels are not built for.
+    """
+    _run(
+        "codellama_decode_layer",
+        finish,
+        layer,
+        step,
+        torch_fp32_lanes() or 0,
+        unsupported="these rows or shapes",
+    )
 
 
 if __name__ == "__main__":  # `python -m llama.kernels`: what this machine runs (llama.kernel_report)

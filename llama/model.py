@@ -21,7 +21,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import distributed, kernels, kv_cache, quantization
+from llama import distributed, fused_decode, kernels, kv_cache, quantization
 
 # A position (or one position per batch row) where a forward chunk starts in the KV cache.
 StartPos = Union[int, Sequence[int]]
@@ -430,6 +430,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
         self.kv_blocks: Optional[kv_cache.BlockTable] = None  # a paged cache's block table
+        self._decode_layers: Optional[fused_decode.DecodeLayers] = None
         if torch.empty(0).device.type != "meta":
             self.allocate_cache(torch.get_default_dtype(), torch.empty(0).device)
 
@@ -453,6 +454,7 @@ class Transformer(nn.Module):
         device = torch.device(device)
         rows, max_seq_len = self.params.max_batch_size, self.params.max_seq_len
         self.kv_blocks = None
+        self._decode_layers = None  # its tables point at the caches being replaced
         if kv_cache_tokens is not None:
             self.kv_blocks = kv_cache.BlockTable(rows, max_seq_len, kv_cache_tokens, device)
         for layer in self.layers:
@@ -673,6 +675,11 @@ class Transformer(nn.Module):
             first = host_rows[0] if host_rows else 0
             if plan == "range" and host_rows == list(range(first, first + len(host_rows))):
                 row_range = slice(first, first + len(host_rows))
+            decode_layers = self._fused_decode_layers(len(host_rows))
+            if decode_layers is not None:
+                cos, sin = (angles.view(len(host_rows), -1) for angles in self._rotary(positions[:, None]))
+                h = decode_layers.run(self.tok_embeddings(tokens), rows.to(torch.int64), lengths, cos, sin)
+                return self.output(self.norm(h[:, None])).float()[:, 0]
         mask = None  # each row attends over exactly its own positions: no mask needed
         if host_lengths is None or row_range is not None:
             keys = torch.arange(kv_len, device=tokens.device)
@@ -690,6 +697,18 @@ class Transformer(nn.Module):
         )
         h = self._layers(self.tok_embeddings(tokens[:, None]), inputs)
         return self.output(self.norm(h)).float()[:, 0]
+
+    # Whether an eager decode step may run each layer in one kernel call (`llama.fused_decode`):
+    # the same logits bit for bit; False runs the layers one by one (to compare the two).
+    fuse_decode_layers: bool = True
+
+    def _fused_decode_layers(self, rows: int) -> Optional[fused_decode.DecodeLayers]:
+        """The layer tables of `llama.fused_decode` when a decode step of `rows` rows may use them."""
+        if not self.fuse_decode_layers:
+            return None
+        if self._decode_layers is None:
+            self._decode_layers = fused_decode.DecodeLayers(self)
+        return self._decode_layers if self._decode_layers.applies(rows) else None
 
     def _layers(self, h: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         for layer in self.layers:

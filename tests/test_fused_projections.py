@@ -109,7 +109,7 @@ def test_fused_entry_points_refuse_tables_that_do_not_fit(variant):  # noqa: F81
     out = torch.empty(2, 24, dtype=torch.bfloat16)
 
     def call(table_weights, sizes, out_len=None, count=None):
-        table = kernels._fused_table(table_weights, sizes)
+        table = kernels.fused_table(table_weights, sizes)
         count = len(table_weights) if count is None else count
         out_len = out.numel() if out_len is None else out_len
         kernels._run(

@@ -343,6 +343,7 @@ def test_model_attention_kernels_match_torch_path(monkeypatch, variant):
         model = Transformer(args)
     model.load_state_dict(random_state_dict(args, 5))
     model.to(torch.bfloat16).eval()
+    model.fuse_decode_layers = False  # the layer-by-layer step (tests/test_fused_decode.py: the same logits)
     prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 20, 9)]
     steps = torch.randint(3, 300, (3, 5), generator=torch.Generator().manual_seed(7))
 

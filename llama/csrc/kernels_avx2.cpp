@@ -554,3 +554,5 @@ extern "C" int codellama_rms_norm_bf16(const uint16_t* x, int64_t x_len, const u
                                        int64_t n, float eps, int lanes, int threads) {
   return rms_norm_bf16(x, x_len, weight, weight_len, out, out_len, normed, normed_len, M, n, eps, lanes, threads);
 }
+
+#include "decode_layer.h"
