@@ -15,10 +15,12 @@ context, free of the drift between processes.
 `--separate` also times every weight kind with the fused projections and the RMSNorm kernel turned
 off (one call per weight, torch's norm operations), alternating with the default in the same
 process: the before/after of those two changes, free of the drift between processes.
-`--layer-by-layer` also times every weight kind with the decode step run layer by layer from Python
-(`Transformer.fuse_decode_layers` off) instead of in one kernel call per layer (`llama.fused_decode`),
-alternating in the same way: what the one-call step saves. Inside the one-call step the kernels
-are not timed apart: its time shows as "one call per layer".
+Inside the one-kernel-call-per-layer step (`llama.fused_decode`) the kernels are not timed apart: its
+time shows as "one call per layer".
+`--layer-by-layer` instead times every weight kind's steps with the layers in one kernel call each and
+run one by one from Python (`Transformer.fuse_decode_layers` off), alternating step by step on the same
+model (the order flipped every other step), and prints the medians and the median ratio of the pairs:
+what the one-call step saves, free of the machine's drift.
 `--placement` also times every weight kind with its weights left where torch allocated them
 (base pages) instead of placed on huge pages as loading places them (`llama.alignment`),
 alternating in the same way.
@@ -211,22 +213,27 @@ def main(argv: List[str] = None) -> None:
     opts = parser.parse_args(argv)
     if opts.contexts:
         return compare_contexts(opts)
+    if opts.layer_by_layer:
+        return compare_layer_by_layer(opts)
     kinds = opts.weights.split(",")
     if not set(kinds) <= {"bf16", "int8", "int4"}:
         parser.error("--weights takes bf16, int8 and int4")
     set_up(opts)
     # (weight kind, setting): "default" as loading builds it, "separate" without fusing, "base
     # pages" with the weights off huge pages.
-    runs = [(kind, "default") for kind in kinds]
-    runs += [(kind, "separate") for kind in kinds if opts.separate]
-    runs += [(kind, "base pages") for kind in kinds if opts.placement]
-    runs += [(kind, "layer by layer") for kind in kinds if opts.layer_by_layer]
+    # Each kind's settings run one after another, so a drift of the machine hits them alike; the
+    # settings other than "base pages" time the same model (the same memory) as "default".
+    settings = ["default"]
+    settings += ["separate"] * opts.separate + ["base pages"] * opts.placement
+    runs = [(kind, setting) for kind in kinds for setting in settings]
     models = {}
     for kind, setting in runs:
+        if setting == "separate":
+            models[kind, setting] = models[kind, "default"]
+            continue
         with huge_pages(setting != "base pages"):
             model = build(opts.layers, opts.prompt + opts.steps + 1, torch.bfloat16)
             models[kind, setting] = model if kind == "bf16" else quantize_linears(model, kind)
-            model.fuse_decode_layers = setting != "layer by layer"
     clock = KernelClock()
     samples: Dict[tuple, List[Dict[str, float]]] = {run: [] for run in runs}
     with torch.inference_mode():
@@ -289,6 +296,40 @@ def compare_contexts(opts: argparse.Namespace) -> None:
             + " | ".join(f"{c:.2f}" for c in cells)
             + f" | {shortest / (cells[0] / 1e3):.0%} |"
         )
+
+
+def compare_layer_by_layer(opts: argparse.Namespace) -> None:
+    """Decode steps of each weight kind with the layers in one kernel call each and layer by layer,
+    alternating step by step on the same model: the median step of each and the median ratio of
+    the pairs (layer by layer / one call)."""
+    kinds = opts.weights.split(",")
+    set_up(opts)
+    models = {}
+    for kind in kinds:
+        model = build(opts.layers, opts.prompt + opts.steps * opts.repeats + 1, torch.bfloat16)
+        models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
+    rows = torch.zeros(1, dtype=torch.int64)
+    seconds: Dict[tuple, List[float]] = {(kind, fused): [] for kind in kinds for fused in (True, False)}
+    with torch.inference_mode():
+        for kind in kinds:
+            prompt = torch.randint(3, 32000, (1, opts.prompt), generator=torch.Generator().manual_seed(1))
+            models[kind](prompt, 0, last_only=True)
+        for step in range(opts.steps * opts.repeats + 1):
+            position = torch.tensor([opts.prompt + step])
+            for kind in kinds:
+                for fused in (True, False) if step % 2 == 0 else (False, True):
+                    models[kind].fuse_decode_layers = fused
+                    start = time.perf_counter()
+                    models[kind].forward_decode(torch.tensor([5]), rows, position)
+                    if step:  # the first is a warm-up
+                        seconds[kind, fused].append(time.perf_counter() - start)
+    print("| weights | one call per layer, step ms | layer by layer, step ms | median ratio of the pairs |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        one, each = seconds[kind, True], seconds[kind, False]
+        ratio = statistics.median(b / a for a, b in zip(one, each))
+        medians = f"{statistics.median(one) * 1e3:.2f} | {statistics.median(each) * 1e3:.2f}"
+        print(f"| {kind} | {medians} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
