@@ -7,7 +7,9 @@ engines in one run, alternating them case by case, and reports medians:
   prompt and its time to first token, an uneven batch (prompts 16, 64, 256, 512) end to end;
 - load time and peak RSS, each engine in a fresh process;
 - the machine's memory-read bandwidth and bf16 matmul throughput, and each result as a
-  percentage of the bound they imply;
+  percentage of the bound they imply (the best bandwidth seen in the run); and, as the machine's
+  speed drifts, batch-1 decode as a share of the read rate measured right before and after it
+  (median of the rounds);
 - with `--context`, prefill and decode tokens/s at batch 1 after prompts of the given lengths.
 
 Engines: this one (bf16, compiled, over a paged cache, int8/int4), Hugging Face transformers, and llama.cpp
@@ -517,8 +519,14 @@ def measure_round(engine: Engine, cases: Sequence[str], new_tokens: int, seed: i
                 continue
             prompts = random_prompts([DECODE_PROMPT] * batch, seed)
             first = run_case(engine, prompts, 1)
+            read_before = memory_read_bandwidth(1) if batch == 1 else None
             total = run_case(engine, prompts, new_tokens)
             r[f"decode{batch}"] = batch * (new_tokens - 1) / max(total - first, 1e-9)
+            if read_before is not None:
+                # Tokens per byte the machine read per second right before and after: times the
+                # bytes of a step, the share of the read rate of that moment (the machine drifts).
+                beside = (read_before + memory_read_bandwidth(1)) / 2
+                r["decode1_per_read"] = r["decode1"] / beside
     if "prefill" in cases:
         ttft = run_case(engine, random_prompts([PREFILL_LEN], seed), 1)
         r["ttft"] = ttft
@@ -794,6 +802,13 @@ def report(
             cells += [pct(bound, v) for v in values]
         else:
             cells += [pct(v, bound) for v in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any("decode1_per_read" in results.get(e, {}) for e in engines):
+        step_bytes = work.decode_bytes(1, avg_context)
+        shares = [results.get(e, {}).get("decode1_per_read") for e in engines]
+        cells = ["decode batch 1: bf16 bytes per step x tok/s / memory read measured right before and after"]
+        cells += [pct(v * step_bytes, 1) if v is not None else "-" for v in shares]
+        cells += ["-"] * (len(peers) + 1 + len(engines))
         lines.append("| " + " | ".join(cells) + " |")
     if loads:
         gib = 2**30

@@ -20,7 +20,9 @@ time shows as "one call per layer".
 `--layer-by-layer` instead times every weight kind's steps with the layers in one kernel call each and
 run one by one from Python (`Transformer.fuse_decode_layers` off), alternating step by step on the same
 model (the order flipped every other step), and prints the medians and the median ratio of the pairs:
-what the one-call step saves, free of the machine's drift.
+what the one-call step saves, free of the machine's drift. Between the steps it also times a plain
+read (the sum of a 1 GiB fp32 tensor, as `bench.py` measures the bound), so each one-call step's
+weight bytes per second are set against the read rate of the same moment.
 `--placement` also times every weight kind with its weights left where torch allocated them
 (base pages) instead of placed on huge pages as loading places them (`llama.alignment`),
 alternating in the same way.
@@ -308,8 +310,11 @@ def compare_layer_by_layer(opts: argparse.Namespace) -> None:
     for kind in kinds:
         model = build(opts.layers, opts.prompt + opts.steps * opts.repeats + 1, torch.bfloat16)
         models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
+    weight_bytes = {kind: streamed_bytes(model) for kind, model in models.items()}
+    plain = torch.ones(2**28, dtype=torch.float32)
     rows = torch.zeros(1, dtype=torch.int64)
     seconds: Dict[tuple, List[float]] = {(kind, fused): [] for kind in kinds for fused in (True, False)}
+    shares: Dict[str, List[float]] = {kind: [] for kind in kinds}
     with torch.inference_mode():
         for kind in kinds:
             prompt = torch.randint(3, 32000, (1, opts.prompt), generator=torch.Generator().manual_seed(1))
@@ -323,13 +328,32 @@ def compare_layer_by_layer(opts: argparse.Namespace) -> None:
                     models[kind].forward_decode(torch.tensor([5]), rows, position)
                     if step:  # the first is a warm-up
                         seconds[kind, fused].append(time.perf_counter() - start)
-    print("| weights | one call per layer, step ms | layer by layer, step ms | median ratio of the pairs |")
-    print("|---|---|---|---|")
+                start = time.perf_counter()
+                plain.sum()
+                read_rate = plain.numel() * 4 / (time.perf_counter() - start)
+                if step:
+                    shares[kind].append(weight_bytes[kind] / seconds[kind, True][-1] / read_rate)
+    print(
+        "| weights | one call per layer, step ms | layer by layer, step ms | median ratio of the pairs "
+        "| weight MB per step | one-call steps' weight read rate / the plain read beside them (median) |"
+    )
+    print("|---|---|---|---|---|---|")
     for kind in kinds:
         one, each = seconds[kind, True], seconds[kind, False]
         ratio = statistics.median(b / a for a, b in zip(one, each))
         medians = f"{statistics.median(one) * 1e3:.2f} | {statistics.median(each) * 1e3:.2f}"
-        print(f"| {kind} | {medians} | {ratio:.2f}x |")
+        share = statistics.median(shares[kind])
+        print(f"| {kind} | {medians} | {ratio:.2f}x | {weight_bytes[kind] / 1e6:.0f} | {share:.0%} |")
+
+
+def streamed_bytes(model: Transformer) -> int:
+    """Bytes of weights a decode step reads: every parameter and weight buffer but the token
+    embeddings (one row each) and the KV cache (not a module tensor)."""
+    total = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith("tok_embeddings"):
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 if __name__ == "__main__":
