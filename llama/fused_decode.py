@@ -70,8 +70,9 @@ class DecodeLayers:
     """The tables of a model's layers for `kernels.decode_layer`, built once (`for_model`); `run`
     takes a decode step's hidden states through every layer.
 
-    The tables hold the addresses of the weights and caches: the model drops them when it
-    reallocates its cache (`Transformer.allocate_cache`).
+    The tables hold the addresses of the weights and caches (and keep those tensors alive): the
+    model drops them when it reallocates its cache (`Transformer.allocate_cache`) or moves or
+    converts its tensors (`Module.to` and the like).
     """
 
     def __init__(self, model: "Transformer"):
@@ -83,6 +84,9 @@ class DecodeLayers:
         self._kinds: Dict[int, List[Tuple[str, int]]] = {}
         self.tables: List[ctypes.Array] = []
         self._projections: List[ctypes.Array] = []  # the fused tables the layer tables point at
+        # Every tensor whose address a table holds: kept alive while the tables are, so a table
+        # never points at freed memory, even if the model's tensors were replaced.
+        self._held: List[object] = []
 
     @staticmethod
     def _groups(layer) -> List[Tuple[Sequence[object], int]]:
@@ -156,7 +160,9 @@ class DecodeLayers:
             fields += [layer.attention_norm.weight.data_ptr(), _float_bits(layer.attention_norm.eps)]
             fields += [layer.ffn_norm.weight.data_ptr(), _float_bits(layer.ffn_norm.eps)]
             fields += [_float_bits(self.head_dim**-0.5)]
+            self._held += [layer.attention_norm.weight, layer.ffn_norm.weight, keys, values, table]
             for weights, _ in self._groups(layer):
+                self._held += list(weights)
                 kind, group = next(kinds_left)
                 projection = _projection_table(weights, kind)
                 self._projections.append(projection)

@@ -702,6 +702,11 @@ class Transformer(nn.Module):
     # the same logits bit for bit; False runs the layers one by one (to compare the two).
     fuse_decode_layers: bool = True
 
+    def _apply(self, fn, *args, **kwargs):
+        # `to`, `half`, `cuda` and the like replace the tensors the decode-layer tables point at.
+        self._decode_layers = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _fused_decode_layers(self, rows: int) -> Optional[fused_decode.DecodeLayers]:
         """The layer tables of `llama.fused_decode` when a decode step of `rows` rows may use them."""
         if not self.fuse_decode_layers:

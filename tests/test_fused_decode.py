@@ -164,3 +164,18 @@ def test_the_kernel_report_names_the_path_a_decode_step_takes(variant):  # noqa:
         assert reported().startswith("layer by layer")
     finally:
         kernels.set_enabled(True)
+
+
+def test_converting_the_model_drops_the_tables():
+    """`Module.to` replaces every tensor the tables point at: the step after it builds new tables
+    and gives the logits of a model converted the same way, decoded layer by layer."""
+    model, reference = model_of("bf16", None, fused=True), model_of("bf16", None, fused=False)
+    args = (torch.tensor([3]), torch.tensor([0]), torch.tensor([0]))
+    with torch.inference_mode():
+        model.forward_decode(*args)
+        old_tables = model._decode_layers
+        for m in (model, reference):
+            m.to(torch.float32).to(torch.bfloat16)
+        assert model._decode_layers is None
+        assert torch.equal(model.forward_decode(*args), reference.forward_decode(*args))
+        assert model._decode_layers is not None and model._decode_layers is not old_tables
