@@ -146,6 +146,11 @@ class DecodeLayers:
                 kinds.append(kind)
         if not self.tables:
             self._build(kinds)
+            self._step_fields = kernels.decode_table_fields()[1]
+            if self._step_fields != 6 + 8:  # what `run` fills: see DecodeStepField
+                raise RuntimeError(
+                    "llama/csrc/decode_layer.h and llama.fused_decode disagree on the step table"
+                )
         return kinds == self._built_kinds
 
     def _build(self, kinds: List[Tuple[str, int]]) -> None:
@@ -177,7 +182,10 @@ class DecodeLayers:
                 fields += [0, 0, 0]
             else:
                 fields += [table.data_ptr(), table.numel(), table.shape[1]]
-            assert len(fields) == kernels.DECODE_LAYER_FIELDS
+            if len(fields) != kernels.decode_table_fields()[0]:
+                raise RuntimeError(
+                    "llama/csrc/decode_layer.h and llama.fused_decode disagree on the layer table"
+                )
             self.tables.append((ctypes.c_int64 * len(fields))(*fields))
 
     def run(
@@ -212,9 +220,16 @@ class DecodeLayers:
         addresses = [base + 2 * start for start in starts]
         rows, lengths = rows.contiguous(), lengths.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
-        step = (ctypes.c_int64 * kernels.DECODE_STEP_FIELDS)(
-            M, h.data_ptr(), rows.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(), *addresses
-        )
+        values = [
+            M,
+            h.data_ptr(),
+            rows.data_ptr(),
+            lengths.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            *addresses,
+        ]
+        step = (ctypes.c_int64 * self._step_fields)(*values)
         gate_up = scratch[starts[6] : starts[6] + sizes[6]].view(M, 2 * self.hidden)
         gate, up = gate_up[:, : self.hidden], gate_up[:, self.hidden :]
         activated = scratch[starts[7] : starts[7] + sizes[7]].view(M, self.hidden)

@@ -98,6 +98,7 @@ ENTRY_POINTS = {
     "codellama_rms_norm_bf16": [_PTR, _I64] * 4 + [_I64, _I64, _FLOAT, _INT, _INT],
     # A decoder layer of a decode step: the tables of decode_layer.h.
     "codellama_decode_layer": [_PTR, _PTR, _PTR, _INT, _INT],
+    "codellama_decode_table_fields": [_PTR, _I64],
 }
 
 

@@ -1310,9 +1310,13 @@ def rms_norm(
     return out
 
 
-# The int64 fields of a decode layer's and a decode step's tables (llama/csrc/decode_layer.h).
-DECODE_LAYER_FIELDS = 36
-DECODE_STEP_FIELDS = 14
+def decode_table_fields() -> Tuple[int, int]:
+    """The int64 fields of a decode layer's table and of a decode step's table, as the kernel
+    library reads them (llama/csrc/decode_layer.h). Needs `kernel_available()`."""
+    fields = (ctypes.c_int64 * 2)()
+    if _library.codellama_decode_table_fields(fields, 2) != 0:
+        raise RuntimeError("codellama_decode_table_fields refused its buffer")
+    return int(fields[0]), int(fields[1])
 
 
 def decode_layer(finish: Optional[ctypes.Array], layer: Optional[ctypes.Array], step: ctypes.Array) -> None:

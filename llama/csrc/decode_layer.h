@@ -129,6 +129,15 @@ static inline int write_new_token(const int64_t* layer, int64_t row, int64_t pos
   return STATUS_OK;
 }
 
+// The number of int64 fields of a layer's table and of a step's table, for the Python side to
+// check the tables it builds against: out[0] = DL_FIELDS, out[1] = DS_FIELDS.
+extern "C" int codellama_decode_table_fields(int64_t* out, int64_t out_len) {
+  if (out_len < 2) return STATUS_BAD_SIZES;
+  out[0] = DL_FIELDS;
+  out[1] = DS_FIELDS;
+  return STATUS_OK;
+}
+
 #define DECODE_CHECK(call)                 \
   do {                                     \
     const int status_ = (call);            \
