@@ -8,8 +8,8 @@ milliseconds a step on two cores, as much as reading a third of a 1B model's wei
 silu(gate) * up stays with torch, between one layer's call and the next.
 
 It takes a step only where the layer-by-layer step would call exactly those kernels: one model
-rank, bf16 activations and cache (dense or paged), weights the matrix-vector kernels read (bf16,
-or int8/int4 on the hand-written kernel), the RMSNorm, rotary and decode-attention kernels on,
+rank, bf16 activations, a bf16 or int8 cache (dense or paged), weights the matrix-vector kernels
+read (bf16, or int8/int4 on the hand-written kernel), the RMSNorm, rotary and decode-attention kernels on,
 and at most `kernels.MAX_ROWS` rows. Otherwise `DecodeLayers.applies` says no and the model runs
 its layers one by one.
 """
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the model imports this module
     from llama.model import Transformer
 
 _PROJECTION_KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+_CACHE_KINDS = {"bf16": 0, "int8": 1}
 # Buffers of a step are laid out in one allocation, each starting at a multiple of this many elements.
 _ALIGN = 64
 
@@ -130,7 +131,7 @@ class DecodeLayers:
         kinds = []
         for layer in model.layers:
             cache = layer.attention.kv_cache
-            if cache is None or cache.kv_cache_dtype is not None or cache.keys.dtype != torch.bfloat16:
+            if cache is None or cache.dtype != torch.bfloat16 or cache.kv_cache_dtype not in (None, "int8"):
                 return False
             if not cache.decode_kernel_applies(queries[:, 0]) or not kernels.rotary_applies(queries, angles):
                 return False
@@ -172,16 +173,24 @@ class DecodeLayers:
                 projection = _projection_table(weights, kind)
                 self._projections.append(projection)
                 fields += [_PROJECTION_KINDS[kind], group, ctypes.addressof(projection), len(weights)]
-            cache_len = min(
-                keys.untyped_storage().nbytes() // 2 - keys.storage_offset(),
-                values.untyped_storage().nbytes() // 2 - values.storage_offset(),
-            )
-            fields += [keys.data_ptr(), values.data_ptr(), cache_len, keys.shape[0], keys.shape[2]]
-            fields += [keys.stride(0), keys.stride(1)]
+            fields += [
+                keys.data_ptr(),
+                values.data_ptr(),
+                min(kernels.storage_elements(keys), kernels.storage_elements(values)),
+            ]
+            fields += [keys.shape[0], keys.shape[2], keys.stride(0), keys.stride(1)]
             if table is None:
                 fields += [0, 0, 0]
             else:
                 fields += [table.data_ptr(), table.numel(), table.shape[1]]
+            if cache.kv_cache_dtype == "int8":
+                key_scales, value_scales = cache.key_scales, cache.value_scales
+                self._held += [key_scales, value_scales]
+                fields += [_CACHE_KINDS["int8"], key_scales.data_ptr(), value_scales.data_ptr()]
+                fields += [min(kernels.storage_elements(key_scales), kernels.storage_elements(value_scales))]
+                fields += [key_scales.stride(0), key_scales.stride(1)]
+            else:
+                fields += [_CACHE_KINDS["bf16"], 0, 0, 0, 0, 0]
             if len(fields) != kernels.decode_table_fields()[0]:
                 raise RuntimeError(
                     "llama/csrc/decode_layer.h and llama.fused_decode disagree on the layer table"

@@ -183,8 +183,9 @@ def set_variant(name: str) -> None:
         _library, _variant, _available = library, name, True
 
 
-def _elements(t: torch.Tensor) -> int:
-    """Elements of t's storage from its first element to the end: what a kernel may touch."""
+def storage_elements(t: torch.Tensor) -> int:
+    """Elements of t's storage from its first element to the end: what a kernel may touch (the
+    length the entry points check each buffer's extent against)."""
     return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
@@ -222,11 +223,11 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _run(
         f"codellama_gemv_{_KERNEL_DTYPES[x.dtype]}",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         weight.data_ptr(),
-        _elements(weight),
+        storage_elements(weight),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         n_out,
         n_in,
@@ -343,8 +344,8 @@ def fused_table(
     values: List[int] = []
     for i, weight in enumerate(weights):
         scale = scales[i] if scales is not None else None
-        values += [weight.data_ptr(), _elements(weight), rows[i]]
-        values += [scale.data_ptr(), _elements(scale)] if scale is not None else [0, 0]
+        values += [weight.data_ptr(), storage_elements(weight), rows[i]]
+        values += [scale.data_ptr(), storage_elements(scale)] if scale is not None else [0, 0]
     return (ctypes.c_int64 * len(values))(*values)
 
 
@@ -362,11 +363,11 @@ def _fused_gemv(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
     _run(
         f"codellama_gemv_{_KERNEL_DTYPES[x.dtype]}_fused",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         fused_table(weights, sizes),
         len(weights),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         n_in,
         unsupported=f"{rows} rows and {len(weights)} weights",
@@ -442,14 +443,14 @@ def _gemv_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> to
     _run(
         "codellama_gemv_int8",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         int(x.dtype == torch.bfloat16),
         codes.data_ptr(),
-        _elements(codes),
+        storage_elements(codes),
         scales.data_ptr(),
-        _elements(scales),
+        storage_elements(scales),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         n_out,
         n_in,
@@ -474,12 +475,12 @@ def _gemv_int4(x: torch.Tensor, packed: torch.Tensor, out_features: int, group_s
     _run(
         "codellama_gemv_int4",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         int(x.dtype == torch.bfloat16),
         packed.data_ptr(),
-        _elements(packed),
+        storage_elements(packed),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         out_features,
         n_in,
@@ -559,12 +560,12 @@ def _gemv_int8_fused(x: torch.Tensor, codes: List[torch.Tensor], scales: List[to
     _run(
         "codellama_gemv_int8_fused",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         int(x.dtype == torch.bfloat16),
         fused_table(codes, sizes, scales),
         len(codes),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         n_in,
         unsupported=f"{rows} rows and {len(codes)} weights",
@@ -592,12 +593,12 @@ def _gemv_int4_fused(
     _run(
         "codellama_gemv_int4_fused",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         int(x.dtype == torch.bfloat16),
         fused_table(packed, out_features),
         len(packed),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         rows,
         n_in,
         group_size,
@@ -698,9 +699,9 @@ def int4_dequantize(
     _run(
         "codellama_dequantize_int4",
         packed.data_ptr(),
-        _elements(packed),
+        storage_elements(packed),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         int(dtype == torch.bfloat16),
         out_features,
         in_features,
@@ -801,12 +802,12 @@ def _decode_attention(
     _run(
         f"codellama_decode_attention_{_KERNEL_DTYPES[q.dtype]}",
         q.data_ptr(),
-        _elements(q),
+        storage_elements(q),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
-        min(_elements(cache_k), _elements(cache_v)),
+        min(storage_elements(cache_k), storage_elements(cache_v)),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         lengths.data_ptr(),
         lengths.numel(),
         rows_ptr,
@@ -926,15 +927,15 @@ def _decode_attention_int8(
     _run(
         "codellama_decode_attention_int8",
         q.data_ptr(),
-        _elements(q),
+        storage_elements(q),
         codes_k.data_ptr(),
         codes_v.data_ptr(),
-        min(_elements(codes_k), _elements(codes_v)),
+        min(storage_elements(codes_k), storage_elements(codes_v)),
         scales_k.data_ptr(),
         scales_v.data_ptr(),
-        min(_elements(scales_k), _elements(scales_v)),
+        min(storage_elements(scales_k), storage_elements(scales_v)),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         lengths.data_ptr(),
         lengths.numel(),
         rows_ptr,
@@ -1070,12 +1071,12 @@ def prefill_attention(
     _run(
         f"codellama_prefill_attention_{_KERNEL_DTYPES[q.dtype]}",
         q.data_ptr(),
-        _elements(q),
+        storage_elements(q),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
-        min(_elements(cache_k), _elements(cache_v)),
+        min(storage_elements(cache_k), storage_elements(cache_v)),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         _pointer(table),
         0 if table is None else table.numel(),
         blocks,
@@ -1155,15 +1156,15 @@ def prefill_attention_int8(
     _run(
         "codellama_prefill_attention_int8",
         q.data_ptr(),
-        _elements(q),
+        storage_elements(q),
         codes_k.data_ptr(),
         codes_v.data_ptr(),
-        min(_elements(codes_k), _elements(codes_v)),
+        min(storage_elements(codes_k), storage_elements(codes_v)),
         scales_k.data_ptr(),
         scales_v.data_ptr(),
-        min(_elements(scales_k), _elements(scales_v)),
+        min(storage_elements(scales_k), storage_elements(scales_v)),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         _pointer(table),
         0 if table is None else table.numel(),
         blocks,
@@ -1208,12 +1209,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     _run(
         "codellama_rotary_bf16",
         x.data_ptr(),
-        _elements(x),
+        storage_elements(x),
         cos.data_ptr(),
         sin.data_ptr(),
-        min(_elements(cos), _elements(sin)),
+        min(storage_elements(cos), storage_elements(sin)),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         batch * seqlen,
         heads,
         head_dim,
@@ -1294,13 +1295,13 @@ def rms_norm(
     _run(
         "codellama_rms_norm_bf16",
         rows.data_ptr(),
-        _elements(rows),
+        storage_elements(rows),
         weight.data_ptr(),
-        _elements(weight),
+        storage_elements(weight),
         out.data_ptr(),
-        _elements(out),
+        storage_elements(out),
         None if normed is None else normed.data_ptr(),
-        0 if normed is None else _elements(normed),
+        0 if normed is None else storage_elements(normed),
         rows.numel() // max(x.shape[-1], 1),
         x.shape[-1],
         eps,

@@ -49,7 +49,8 @@ def count_layer_calls(monkeypatch) -> List[int]:
 @torch.inference_mode()
 def decode_run(model: Transformer) -> List[torch.Tensor]:
     """Prefill rows 0 and 2, then decode one row and then three rows (rows out of order, uneven
-    positions, one of them past a block boundary of 256): every step's logits, then the caches."""
+    positions, one of them past a block boundary of 256): every step's logits, then the caches as
+    stored."""
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(1, 255, (300,), generator=g)
     model.forward_segments(torch.cat([prompt[:255], prompt[:40]]), pack_segments([(0, 0, 255), (2, 0, 40)]))
@@ -59,22 +60,27 @@ def decode_run(model: Transformer) -> List[torch.Tensor]:
     for step in range(3):  # row 0 crosses from position 255 into its second block
         positions = torch.tensor([255 + step, 41 + step, 7 + step])
         steps.append(model.forward_decode(tokens + step, torch.tensor([0, 2, 1]), positions))
-    caches = []
+    stored = []  # the caches as stored (int8: codes and scales), blocks included
     for layer in model.layers:
-        keys, values = layer.attention.kv_cache.read(torch.tensor([0, 1, 2]), 258)
-        caches += [keys, values]
-    return steps + caches
+        cache = layer.attention.kv_cache
+        stored += [cache.keys, cache.values]
+        if cache.kv_cache_dtype == "int8":
+            stored += [cache.key_scales, cache.value_scales]
+    return steps + stored
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"], ids=["bf16 cache", "int8 cache"])
 @pytest.mark.parametrize("kv_cache_tokens", [None, 4 * 256], ids=["dense", "paged"])
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_one_call_per_layer_gives_the_layer_by_layer_logits_and_cache(
-    weights, kv_cache_tokens, monkeypatch, variant  # noqa: F811
+    weights, kv_cache_tokens, kv_cache_dtype, monkeypatch, variant  # noqa: F811
 ):
     calls = count_layer_calls(monkeypatch)
-    layer_by_layer = decode_run(model_of(weights, kv_cache_tokens, fused=False))
+    layer_by_layer = decode_run(
+        model_of(weights, kv_cache_tokens, fused=False, kv_cache_dtype=kv_cache_dtype)
+    )
     assert calls[0] == 0
-    model = model_of(weights, kv_cache_tokens, fused=True)
+    model = model_of(weights, kv_cache_tokens, fused=True, kv_cache_dtype=kv_cache_dtype)
     one_call = decode_run(model)
     # The fast path is taken (a failure here means a decode step fell back to the slow one): per
     # step one call per layer and one to finish the last.
@@ -84,12 +90,14 @@ def test_one_call_per_layer_gives_the_layer_by_layer_logits_and_cache(
 
 
 def test_steps_it_cannot_take_fall_back_to_the_layers(monkeypatch):
-    """An int8 cache, the kernels off, more rows than the kernels take, or autograd on: the layers
-    run one by one (and give their usual results)."""
+    """fp32 activations, the kernels off, more rows than the kernels take, or autograd on: the
+    layers run one by one (and give their usual results)."""
     calls = count_layer_calls(monkeypatch)
     args = (torch.tensor([3]), torch.tensor([0]), torch.tensor([0]))
     with torch.inference_mode():
-        model_of("bf16", None, fused=True, kv_cache_dtype="int8").forward_decode(*args)
+        fp32 = model_of("bf16", None, fused=True).to(torch.float32)
+        fp32.allocate_cache(torch.float32, CPU)
+        fp32.forward_decode(*args)
         assert calls[0] == 0
         model = model_of("bf16", None, fused=True)
         assert model._fused_decode_layers(kernels.MAX_ROWS + 1) is None

@@ -38,8 +38,15 @@ enum DecodeLayerField {
   DL_TABLE,  // a paged cache's block table (0: dense), its entries and entries per row
   DL_TABLE_LEN,
   DL_BLOCKS_PER_ROW,
+  DL_CACHE_KIND,  // CACHE_BF16, or CACHE_INT8: int8 codes and one fp32 scale per (block, kv head, position)
+  DL_KEY_SCALES,
+  DL_VALUE_SCALES,
+  DL_SCALES_LEN,
+  DL_SCALE_BLOCK_STRIDE,
+  DL_SCALE_HEAD_STRIDE,
   DL_FIELDS
 };
+enum { CACHE_BF16 = 0, CACHE_INT8 = 1 };
 
 // A projection: its kind, the int4 group size, and the fused table of its weights (common.h).
 enum { DL_PROJECTION_KIND, DL_PROJECTION_GROUP, DL_PROJECTION_TABLE, DL_PROJECTION_COUNT };
@@ -99,6 +106,20 @@ static inline void add_residual(uint16_t* h, const uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = to_bf16(bf16_to_float(h[i]) + bf16_to_float(y[i]));
 }
 
+// The int8 cache's form of a bf16 vector of D, as llama.kv_cache.quantize_int8 computes it: scale =
+// absmax / 127 in fp32, codes = round(x / scale) (half to even) clamped to -127..127; an all-zero
+// vector gets scale 0 and codes 0.
+static inline void quantize_int8_vector(const uint16_t* x, int64_t D, int8_t* codes, float* scale) {
+  float largest = 0.0f;
+  for (int64_t d = 0; d < D; ++d) largest = fmaxf(largest, fabsf(bf16_to_float(x[d])));
+  *scale = largest / 127.0f;
+  const float safe = *scale > 0.0f ? *scale : 1.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float code = nearbyintf(bf16_to_float(x[d]) / safe);
+    codes[d] = (int8_t)(code > 127.0f ? 127.0f : code < -127.0f ? -127.0f : code);
+  }
+}
+
 // Stores row m's new key (rotated) and value at its position, dense or through the block table;
 // STATUS_BAD_SIZES (nothing written) when the position is outside the row or the cache.
 static inline int write_new_token(const int64_t* layer, int64_t row, int64_t position, const uint16_t* key,
@@ -119,12 +140,25 @@ static inline int write_new_token(const int64_t* layer, int64_t row, int64_t pos
                                                checked_mul(KVH - 1, layer[DL_HEAD_STRIDE])),
                                    checked_mul(offset + 1, D));
   if (last < 0 || !fits(last, layer[DL_CACHE_LEN])) return STATUS_BAD_SIZES;
-  uint16_t* keys = field_pointer<uint16_t>(layer, DL_KEYS);
-  uint16_t* values = field_pointer<uint16_t>(layer, DL_VALUES);
+  const int int8 = layer[DL_CACHE_KIND] == CACHE_INT8;
+  if (int8) {
+    const int64_t last_scale = checked_add(checked_add(checked_mul(block, layer[DL_SCALE_BLOCK_STRIDE]),
+                                                       checked_mul(KVH - 1, layer[DL_SCALE_HEAD_STRIDE])),
+                                           offset + 1);
+    if (last_scale < 0 || !fits(last_scale, layer[DL_SCALES_LEN])) return STATUS_BAD_SIZES;
+  }
   for (int64_t g = 0; g < KVH; ++g) {
     const int64_t at = block * layer[DL_BLOCK_STRIDE] + g * layer[DL_HEAD_STRIDE] + offset * D;
-    memcpy(keys + at, key + g * D, D * sizeof(uint16_t));
-    memcpy(values + at, value + g * D, D * sizeof(uint16_t));
+    if (!int8) {
+      memcpy(field_pointer<uint16_t>(layer, DL_KEYS) + at, key + g * D, D * sizeof(uint16_t));
+      memcpy(field_pointer<uint16_t>(layer, DL_VALUES) + at, value + g * D, D * sizeof(uint16_t));
+      continue;
+    }
+    const int64_t scale_at = block * layer[DL_SCALE_BLOCK_STRIDE] + g * layer[DL_SCALE_HEAD_STRIDE] + offset;
+    quantize_int8_vector(key + g * D, D, field_pointer<int8_t>(layer, DL_KEYS) + at,
+                         field_pointer<float>(layer, DL_KEY_SCALES) + scale_at);
+    quantize_int8_vector(value + g * D, D, field_pointer<int8_t>(layer, DL_VALUES) + at,
+                         field_pointer<float>(layer, DL_VALUE_SCALES) + scale_at);
   }
   return STATUS_OK;
 }
@@ -187,11 +221,21 @@ extern "C" int codellama_decode_layer(const int64_t* finish, const int64_t* laye
                                        D, threads));
     DECODE_CHECK(write_new_token(layer, rows[m], lengths[m] - 1, new_keys + m * KVH * D, token + (H + KVH) * D));
   }
-  DECODE_CHECK(codellama_decode_attention_bf16(
-      queries, M * H * D, field_pointer<const uint16_t>(layer, DL_KEYS), field_pointer<const uint16_t>(layer, DL_VALUES),
-      layer[DL_CACHE_LEN], attended, M * H * D, lengths, M, rows, M, field_pointer<const int64_t>(layer, DL_TABLE),
-      layer[DL_TABLE_LEN], layer[DL_BLOCKS_PER_ROW], layer[DL_CACHE_BLOCKS], M, H, KVH, D, layer[DL_BLOCK_LEN],
-      layer[DL_BLOCK_STRIDE], layer[DL_HEAD_STRIDE], bits_to_float(layer[DL_SCALE]), threads));
+  if (layer[DL_CACHE_KIND] == CACHE_INT8)
+    DECODE_CHECK(codellama_decode_attention_int8(
+        queries, M * H * D, field_pointer<const int8_t>(layer, DL_KEYS), field_pointer<const int8_t>(layer, DL_VALUES),
+        layer[DL_CACHE_LEN], field_pointer<const float>(layer, DL_KEY_SCALES),
+        field_pointer<const float>(layer, DL_VALUE_SCALES), layer[DL_SCALES_LEN], attended, M * H * D, lengths, M,
+        rows, M, field_pointer<const int64_t>(layer, DL_TABLE), layer[DL_TABLE_LEN], layer[DL_BLOCKS_PER_ROW],
+        layer[DL_CACHE_BLOCKS], M, H, KVH, D, layer[DL_BLOCK_LEN], layer[DL_BLOCK_STRIDE], layer[DL_HEAD_STRIDE],
+        layer[DL_SCALE_BLOCK_STRIDE], layer[DL_SCALE_HEAD_STRIDE], bits_to_float(layer[DL_SCALE]), threads));
+  else
+    DECODE_CHECK(codellama_decode_attention_bf16(
+        queries, M * H * D, field_pointer<const uint16_t>(layer, DL_KEYS),
+        field_pointer<const uint16_t>(layer, DL_VALUES), layer[DL_CACHE_LEN], attended, M * H * D, lengths, M, rows, M,
+        field_pointer<const int64_t>(layer, DL_TABLE), layer[DL_TABLE_LEN], layer[DL_BLOCKS_PER_ROW],
+        layer[DL_CACHE_BLOCKS], M, H, KVH, D, layer[DL_BLOCK_LEN], layer[DL_BLOCK_STRIDE], layer[DL_HEAD_STRIDE],
+        bits_to_float(layer[DL_SCALE]), threads));
   DECODE_CHECK(decode_project(layer + DL_WO, attended, M, H * D, projected, dim, threads));
   add_residual(h, projected, M * dim);
   DECODE_CHECK(codellama_rms_norm_bf16(h, M * dim, field_pointer<const uint16_t>(layer, DL_FFN_NORM), dim, normed,
