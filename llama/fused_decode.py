@@ -68,8 +68,8 @@ def _projection_table(weights: Sequence[object], kind: str) -> ctypes.Array:
 
 
 class DecodeLayers:
-    """The tables of a model's layers for `kernels.decode_layer`, built once (`for_model`); `run`
-    takes a decode step's hidden states through every layer.
+    """The tables of a model's layers for `kernels.decode_layer`, built by the first `applies` that
+    finds a step may use them; `run` takes a decode step's hidden states through every layer.
 
     The tables hold the addresses of the weights and caches (and keep those tensors alive): the
     model drops them when it reallocates its cache (`Transformer.allocate_cache`) or moves or
@@ -82,7 +82,8 @@ class DecodeLayers:
         self.dim, self.heads, self.kv_heads = params.dim, params.n_heads, params.kv_heads
         self.head_dim, self.hidden = params.head_dim, params.ffn_hidden_dim
         self._applies: Dict[tuple, bool] = {}
-        self._kinds: Dict[int, List[Tuple[str, int]]] = {}
+        self._built_kinds: List[Tuple[str, int]] = []  # each projection's (kind, group size) in the tables
+        self._step_fields = 0
         self.tables: List[ctypes.Array] = []
         self._projections: List[ctypes.Array] = []  # the fused tables the layer tables point at
         # Every tensor whose address a table holds: kept alive while the tables are, so a table
@@ -110,8 +111,6 @@ class DecodeLayers:
         return self._applies[key]
 
     def _check(self, rows: int) -> bool:
-        from llama.model import norm_kernel_agrees  # the model imports this module
-
         model = self.model
         if (
             not 1 <= rows <= kernels.MAX_ROWS
@@ -135,11 +134,8 @@ class DecodeLayers:
                 return False
             if not cache.decode_kernel_applies(queries[:, 0]) or not kernels.rotary_applies(queries, angles):
                 return False
-            for norm in (layer.attention_norm, layer.ffn_norm):
-                if not kernels.rms_norm_applies(inputs[0], norm.weight):
-                    return False
-                if not norm_kernel_agrees(self.dim, norm.eps, kernels.variant()):
-                    return False
+            if not (layer.attention_norm.uses_kernel(inputs[0]) and layer.ffn_norm.uses_kernel(inputs[0])):
+                return False
             for weights, source in self._groups(layer):
                 kind = _projection_kind(weights, inputs[source])
                 if kind is None:
@@ -206,9 +202,25 @@ class DecodeLayers:
         (fp32). Check `applies(B)` first; the model has fitted a paged cache's blocks.
 
         Raises:
-            ValueError: if a row or position is outside the cache.
+            ValueError: if a row or position is outside the cache, or the tensors are not of the
+                dtypes and shapes above.
         """
         M = h.shape[0]
+        expected = {
+            "h": (h, torch.bfloat16, (M, self.dim)),
+            "rows": (rows, torch.int64, (M,)),
+            "lengths": (lengths, torch.int64, (M,)),
+            "cos": (cos, torch.float32, (M, self.head_dim // 2)),
+            "sin": (sin, torch.float32, (M, self.head_dim // 2)),
+        }
+        for name, (tensor, dtype, shape) in expected.items():
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_cpu:
+                raise ValueError(
+                    f"{name} must be a {dtype} CPU tensor of shape {shape}, "
+                    f"not {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+                )
+        if not h.is_contiguous():
+            raise ValueError("h must be contiguous (it is updated in place)")
         sizes = [
             M * self.dim,  # normed
             M * (self.heads + 2 * self.kv_heads) * self.head_dim,  # qkv

@@ -133,11 +133,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` runs `kernels.rms_norm`: bf16 on the CPU, where the kernel gives the
+        torch operations' bits (`norm_kernel_agrees`)."""
+        return kernels.rms_norm_applies(x, self.weight) and norm_kernel_agrees(
+            x.shape[-1], self.eps, kernels.variant()
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bf16 on the CPU: the same operations in one kernel pass per row, when it agrees here.
-        if kernels.rms_norm_applies(x, self.weight) and norm_kernel_agrees(
-            x.shape[-1], self.eps, kernels.variant()
-        ):
+        if self.uses_kernel(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         return normalize(x.float(), self.eps).type_as(x) * self.weight
 
@@ -678,7 +683,8 @@ class Transformer(nn.Module):
             decode_layers = self._fused_decode_layers(len(host_rows))
             if decode_layers is not None:
                 cos, sin = (angles.view(len(host_rows), -1) for angles in self._rotary(positions[:, None]))
-                h = decode_layers.run(self.tok_embeddings(tokens), rows.to(torch.int64), lengths, cos, sin)
+                embedded = self.tok_embeddings(tokens)
+                h = decode_layers.run(embedded, rows.to(torch.int64), lengths.to(torch.int64), cos, sin)
                 return self.output(self.norm(h[:, None])).float()[:, 0]
         mask = None  # each row attends over exactly its own positions: no mask needed
         if host_lengths is None or row_range is not None:

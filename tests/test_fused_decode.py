@@ -149,6 +149,8 @@ def test_the_kernel_refuses_a_position_outside_the_cache():
         layers.run(h, torch.tensor([0]), torch.tensor([513]), angles, angles)
     with pytest.raises(ValueError, match="do not fit"):
         layers.run(h, torch.tensor([3]), torch.tensor([1]), angles, angles)  # a row past the cache's 3
+    with pytest.raises(ValueError, match="lengths must be a torch.int64"):
+        layers.run(h, torch.tensor([0]), torch.tensor([1], dtype=torch.int32), angles, angles)
     assert torch.equal(model.layers[0].attention.kv_cache.keys, keys)
 
 
