@@ -20,7 +20,8 @@ time shows as "one call per layer".
 `--layer-by-layer` instead times every weight kind's steps with the layers in one kernel call each and
 run one by one from Python (`Transformer.fuse_decode_layers` off), alternating step by step on the same
 model (the order flipped every other step), and prints the medians and the median ratio of the pairs:
-what the one-call step saves, free of the machine's drift. Between the steps it also times a plain
+what the one-call step saves, free of the machine's drift (`--kv-cache-dtype int8`: over an int8 KV
+cache). Between the steps it also times a plain
 read (the sum of a 1 GiB fp32 tensor, as `bench.py` measures the bound), so each one-call step's
 weight bytes per second are set against the read rate of the same moment.
 `--placement` also times every weight kind with its weights left where torch allocated them
@@ -205,6 +206,9 @@ def main(argv: List[str] = None) -> None:
         "--layer-by-layer", action="store_true", help="also time the step layer by layer (see above)"
     )
     parser.add_argument(
+        "--kv-cache-dtype", default=None, choices=["int8"], help="with --layer-by-layer: an int8 KV cache"
+    )
+    parser.add_argument(
         "--placement", action="store_true", help="also time with weights off huge pages (see above)"
     )
     parser.add_argument(
@@ -309,6 +313,8 @@ def compare_layer_by_layer(opts: argparse.Namespace) -> None:
     models = {}
     for kind in kinds:
         model = build(opts.layers, opts.prompt + opts.steps * opts.repeats + 1, torch.bfloat16)
+        if opts.kv_cache_dtype:
+            model.allocate_cache(torch.bfloat16, "cpu", opts.kv_cache_dtype)
         models[kind] = model if kind == "bf16" else quantize_linears(model, kind)
     weight_bytes = {kind: streamed_bytes(model) for kind, model in models.items()}
     plain = torch.ones(2**28, dtype=torch.float32)
