@@ -3,14 +3,14 @@
 A decode step runs every layer's RMSNorm, projections, rotary embedding, cache write, attention
 and residual adds as one call of `kernels.decode_layer` (llama/csrc/decode_layer.h) instead of a
 dozen Python calls: the same kernels in the same order on the same values, so the logits are bit
-for bit those of the layer-by-layer step, without its Python and dispatch cost (several
-milliseconds a step on two cores, as much as reading a third of a 1B model's weights). Only
+for bit those of the layer-by-layer step, without its Python and dispatch cost (5-9 ms a step
+on two cores: a sixth of a bf16 step of a 1.1B model, a third of an int4 one). Only
 silu(gate) * up stays with torch, between one layer's call and the next.
 
 It takes a step only where the layer-by-layer step would call exactly those kernels: one model
 rank, bf16 activations, a bf16 or int8 cache (dense or paged), weights the matrix-vector kernels
-read (bf16, or int8/int4 on the hand-written kernel), the RMSNorm, rotary and decode-attention kernels on,
-and at most `kernels.MAX_ROWS` rows. Otherwise `DecodeLayers.applies` says no and the model runs
+read (bf16, or int8/int4 on the hand-written kernel), the RMSNorm, rotary and decode-attention
+kernels on, and at most `kernels.MAX_ROWS` rows. Otherwise `DecodeLayers.applies` says no and the model runs
 its layers one by one.
 """
 
