@@ -85,9 +85,9 @@ class DecodeLayers:
         self._built_kinds: List[Tuple[str, int]] = []  # each projection's (kind, group size) in the tables
         self._step_fields = 0
         self.tables: List[ctypes.Array] = []
-        self._projections: List[ctypes.Array] = []  # the fused tables the layer tables point at
-        # Every tensor whose address a table holds: kept alive while the tables are, so a table
-        # never points at freed memory, even if the model's tensors were replaced.
+        # Every tensor and fused table whose address a layer table holds: kept alive while the
+        # tables are, so a table never points at freed memory, even if the model's tensors were
+        # replaced.
         self._held: List[object] = []
 
     @staticmethod
@@ -167,7 +167,7 @@ class DecodeLayers:
                 self._held += list(weights)
                 kind, group = next(kinds_left)
                 projection = _projection_table(weights, kind)
-                self._projections.append(projection)
+                self._held.append(projection)
                 fields += [_PROJECTION_KINDS[kind], group, ctypes.addressof(projection), len(weights)]
             fields += [
                 keys.data_ptr(),

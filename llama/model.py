@@ -675,17 +675,17 @@ class Transformer(nn.Module):
             for row, length in zip(host_rows, host_lengths):
                 self._check_fits(range(row, row + 1), length - 1, length)
             self.fit_decode_rows(host_rows, host_lengths)
-            kv_len = max(host_lengths)
-            plan = DECODE_ATTENTION.get(tokens.device.type, DEFAULT_DECODE_ATTENTION)
-            first = host_rows[0] if host_rows else 0
-            if plan == "range" and host_rows == list(range(first, first + len(host_rows))):
-                row_range = slice(first, first + len(host_rows))
             decode_layers = self._fused_decode_layers(len(host_rows))
             if decode_layers is not None:
                 cos, sin = (angles.view(len(host_rows), -1) for angles in self._rotary(positions[:, None]))
                 embedded = self.tok_embeddings(tokens)
                 h = decode_layers.run(embedded, rows.to(torch.int64), lengths.to(torch.int64), cos, sin)
                 return self.output(self.norm(h[:, None])).float()[:, 0]
+            kv_len = max(host_lengths)
+            plan = DECODE_ATTENTION.get(tokens.device.type, DEFAULT_DECODE_ATTENTION)
+            first = host_rows[0] if host_rows else 0
+            if plan == "range" and host_rows == list(range(first, first + len(host_rows))):
+                row_range = slice(first, first + len(host_rows))
         mask = None  # each row attends over exactly its own positions: no mask needed
         if host_lengths is None or row_range is not None:
             keys = torch.arange(kv_len, device=tokens.device)

@@ -133,7 +133,10 @@ def test_a_new_cache_gets_new_tables(monkeypatch):
             got = model.forward_decode(args[0], args[1], positions)
             want = reference.forward_decode(args[0], args[1], positions)
             assert torch.equal(got, want)
-        assert model.layers[0].attention.kv_cache.blocks is model.kv_blocks
+        # The steps wrote the new cache (tables left on the old one would leave it zero).
+        for layer, same in zip(model.layers, reference.layers):
+            assert same.attention.kv_cache.keys.any()
+            assert torch.equal(layer.attention.kv_cache.keys, same.attention.kv_cache.keys)
 
 
 @torch.inference_mode()
@@ -178,14 +181,19 @@ def test_the_kernel_report_names_the_path_a_decode_step_takes(variant):  # noqa:
 
 def test_converting_the_model_drops_the_tables():
     """`Module.to` replaces every tensor the tables point at: the step after it builds new tables
-    and gives the logits of a model converted the same way, decoded layer by layer."""
+    and gives the logits of a model converted the same way, decoded layer by layer (changed
+    after the conversion, so tables left on the old tensors would give other logits)."""
     model, reference = model_of("bf16", None, fused=True), model_of("bf16", None, fused=False)
     args = (torch.tensor([3]), torch.tensor([0]), torch.tensor([0]))
     with torch.inference_mode():
         model.forward_decode(*args)
         old_tables = model._decode_layers
-        for m in (model, reference):
-            m.to(torch.float32).to(torch.bfloat16)
+    for m in (model, reference):
+        m.to(torch.float32).to(torch.bfloat16)
+        with torch.no_grad():
+            m.layers[0].feed_forward.w2.weight.mul_(2)
+            m.layers[1].attention.wq.weight.mul_(-1)
+    with torch.inference_mode():
         assert model._decode_layers is None
         assert torch.equal(model.forward_decode(*args), reference.forward_decode(*args))
         assert model._decode_layers is not None and model._decode_layers is not old_tables
