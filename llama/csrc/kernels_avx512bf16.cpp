@@ -344,11 +344,16 @@ extern "C" int codellama_rotary_bf16(const uint16_t* x, int64_t x_len, const flo
 // weights are read with plain loads.
 
 #define PASS 4
-// Bytes ahead of the int8 and int4 weight streams prefetched into L1: on the AMD EPYC these were
-// tuned on, the hardware prefetchers alone leave a single stream at 70-80% of what it reaches
-// with these (one thread, large matrices).
+// Bytes ahead of the int8 and int4 weight streams prefetched: on the AMD EPYCs these were tuned
+// on, the hardware prefetchers alone leave a single stream at 70-80% of what it reaches with
+// these (one thread, large matrices). The int8 stream is prefetched into L2 only: its three
+// digit rows of activations (3 K bytes, 17 KiB for K = 5632) must stay in L1, and 16 KiB of
+// weights prefetched there evict them (Zen 4: int8 decode matrices 1.8x faster into L2 than
+// into L1). The int4 activations are smaller, and its stream is fastest prefetched into L1.
 #define INT8_PF 16384
+#define INT8_PF_HINT _MM_HINT_T1
 #define INT4_PF 8192
+#define INT4_PF_HINT _MM_HINT_T0
 
 // (v >> shift) & 0xF, then XOR `bits` (0x4300 | flip): the bf16 weight 128 + nibble.
 static inline __m512bh nibble_weights(__m512i v, int shift, __m512i bits) {
@@ -383,7 +388,7 @@ static inline void int8_rows(const Int8Activations& xa, int64_t M_all, const int
   int64_t k = 0;
   for (; k + 128 <= Kr; k += 128)
     for (int u = 0; u < 2; ++u) {
-      if (INT8_PF) _mm_prefetch((const char*)(qr + k + 64 * u + INT8_PF), _MM_HINT_T0);
+      if (INT8_PF) _mm_prefetch((const char*)(qr + k + 64 * u + INT8_PF), INT8_PF_HINT);
       const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(qr + k + 64 * u), flip);
       for (int m = 0; m < M; ++m)
         for (int d = 0; d < 3; ++d) {
@@ -522,7 +527,7 @@ static inline void int4_rows(const Int4Activations& xa, const uint8_t* __restric
       for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
     const int64_t first = b * INT4_BLOCK_GROUPS * G;  // the block's activations
     for (int64_t c = 0; c < G / 8; ++c) {
-      if (INT4_PF) _mm_prefetch((const char*)(base + c * 64 + INT4_PF), _MM_HINT_T0);
+      if (INT4_PF) _mm_prefetch((const char*)(base + c * 64 + INT4_PF), INT4_PF_HINT);
       const __m512i v = L == 16 ? _mm512_loadu_si512(base + c * 64) : _mm512_maskz_loadu_epi16(words, base + c * 4 * L);
       for (int j = 0; j < 4; ++j) {
         const __m512bh w = nibble_weights(v, 4 * j, bits);
